@@ -1,0 +1,67 @@
+"""Accuracy on a task split and the alpha sweep (alpha is chosen on the validation split only)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from transport.data import Task
+from transport.functional import Classifier, encode, preprocess
+from transport.model import Model
+from transport.task_vector import TaskVector
+
+Tensor = torch.Tensor
+
+
+@torch.no_grad()
+def accuracy(model: Model, task: Task, split: str = "test", params: dict[str, Tensor] | None = None,
+             head: Classifier | None = None, batch_size: int = 512, device: str = "cpu") -> float:
+    """Top-1 accuracy (in [0, 1]) of ``params`` (default: the model's own) with the model's head."""
+    x, y = task.split(split)
+    if len(y) == 0:
+        return float("nan")
+    p = {k: v.to(device) for k, v in (params if params is not None else model.params).items()}
+    h = (head or model.classifier(task.classnames)).to(device)
+    correct = 0
+    for i in range(0, len(y), batch_size):
+        xb = preprocess(model.arch, x[i:i + batch_size].to(device))
+        correct += int((h(encode(p, model.arch, xb)).argmax(-1).cpu() == y[i:i + batch_size]).sum())
+    return correct / len(y)
+
+
+def default_alpha_grid() -> list[float]:
+    return [round(0.1 * i, 2) for i in range(0, 21)]
+
+
+def parse_alpha_grid(text: str) -> list[float]:
+    """``LO:HI:N`` -> N evenly spaced values from LO to HI."""
+    from transport.errors import TransportError
+
+    try:
+        lo, hi, n = text.split(":")
+        lo_f, hi_f, n_i = float(lo), float(hi), int(n)
+    except ValueError:
+        raise TransportError(f"--alpha-grid must be LO:HI:N, got '{text}'") from None
+    if n_i < 1 or n_i > 1000:
+        raise TransportError(f"--alpha-grid: N must be in 1..1000, got {n_i}")
+    return [lo_f] if n_i == 1 else [lo_f + (hi_f - lo_f) * i / (n_i - 1) for i in range(n_i)]
+
+
+@dataclass
+class AlphaSweep:
+    alphas: list[float]
+    val: list[float]
+    best_alpha: float
+    best_val: float
+
+    def to_dict(self) -> dict:
+        return {"alphas": self.alphas, "val": self.val, "best_alpha": self.best_alpha, "best_val": self.best_val}
+
+
+def sweep_alpha(target: Model, delta: TaskVector, task: Task, grid: list[float], device: str = "cpu",
+                split: str = "val") -> AlphaSweep:
+    """Validation accuracy of theta_B + alpha * delta for each alpha; best = highest (ties: smallest alpha)."""
+    head = target.classifier(task.classnames)
+    accs = [accuracy(target, task, split, delta.apply_to(target.params, a), head, device=device) for a in grid]
+    best = max(range(len(grid)), key=lambda i: (accs[i], -abs(grid[i])))
+    return AlphaSweep(list(grid), accs, grid[best], accs[best])

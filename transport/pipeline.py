@@ -1,0 +1,147 @@
+"""The end-to-end transfer both the CLI and the app run: prepare (cached) -> apply -> pick alpha -> evaluate."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from transport import __version__, cache
+from transport.data import Task
+from transport.errors import TransportError
+from transport.evaluate import AlphaSweep, accuracy, default_alpha_grid, sweep_alpha
+from transport.methods import (MethodInfo, Progress, TransportInputs, check_compatible, get_method, no_progress,
+                               resolve_device)
+from transport.model import Model
+from transport.task_vector import TaskVector
+
+
+@dataclass
+class Prepared:
+    """A method's alignment for one (source, target, data) plus where it came from."""
+
+    method: MethodInfo
+    alignment: Any
+    options: dict
+    key: str
+    cache_hit: bool
+    seconds: float
+
+
+def data_hash(task: Optional[Task], method: MethodInfo, shots: int, seed: int) -> Optional[str]:
+    if task is None or method.data == "none":
+        return None
+    x, y = task.split("train")
+    return cache.hash_tensors({"x": x, "y": y}) + f":{task.name}:{shots}:{seed}"
+
+
+def prepare(method: str | MethodInfo, inputs: TransportInputs, options: Optional[dict] = None,
+            progress: Progress = no_progress, use_cache: bool = True, cache_dir: Optional[Path] = None) -> Prepared:
+    """Run (or fetch from the content-hashed cache) a method's expensive ``prepare``."""
+    info = get_method(method) if isinstance(method, str) else method
+    check_compatible(info, inputs)
+    opts = {**info.options, **(options or {})}
+    unknown = [k for k in (options or {}) if k not in info.options]
+    if unknown:
+        raise TransportError(f"{info.name}: unknown option(s) {', '.join(unknown)} "
+                             f"(known: {', '.join(info.options) or 'none'})")
+    key = cache.alignment_key(info.name, opts, cache.hash_tensors(inputs.source.params),
+                              cache.hash_tensors(inputs.target.params),
+                              data_hash(inputs.task, info, inputs.shots, inputs.seed),
+                              {"shots": inputs.shots if info.data == "labelled" else None, "seed": inputs.seed})
+    t0 = time.perf_counter()
+    if use_cache:
+        hit = cache.load_cached(key, info.load_alignment, cache_dir)
+        if hit is not None:
+            progress(1.0, f"{info.name}: alignment loaded from cache")
+            return Prepared(info, hit, opts, key, True, time.perf_counter() - t0)
+    torch.manual_seed(inputs.seed)
+    alignment = info.prepare(inputs, opts, progress)
+    seconds = time.perf_counter() - t0
+    if use_cache:
+        cache.store(key, alignment, cache_dir)
+    return Prepared(info, alignment, opts, key, False, seconds)
+
+
+@dataclass
+class TransferResult:
+    """Everything a report, a table or a figure needs about one transfer."""
+
+    method: str
+    options: dict
+    transported: TaskVector  # the transported tau at alpha = 1, target canonical names
+    alpha: float
+    sweep: Optional[AlphaSweep]
+    accuracies: dict[str, float] = field(default_factory=dict)
+    naive_sweep: Optional[AlphaSweep] = None
+    timings: dict[str, float] = field(default_factory=dict)
+    diagnostics: dict = field(default_factory=dict)
+    cache_hit: bool = False
+    inputs: dict[str, str] = field(default_factory=dict)
+
+    def report(self) -> dict:
+        return {
+            "transport_version": __version__, "method": self.method, "options": self.options,
+            "inputs": self.inputs, "alpha": self.alpha,
+            "alpha_sweep": None if self.sweep is None else self.sweep.to_dict(),
+            "naive_alpha_sweep": None if self.naive_sweep is None else self.naive_sweep.to_dict(),
+            "accuracies": self.accuracies, "timings_s": self.timings, "cache_hit": self.cache_hit,
+            "diagnostics": self.diagnostics,
+        }
+
+
+def transfer(source_pre: Model, source_ft: Model, target: Model, method: str, task: Optional[Task] = None,
+             options: Optional[dict] = None, alpha: Optional[float] = None, alpha_grid: Optional[list[float]] = None,
+             shots: int = 2, seed: int = 0, device: str | None = "cpu", oracle: Optional[Model] = None,
+             progress: Progress = no_progress, use_cache: bool = True, cache_dir: Optional[Path] = None,
+             evaluate: bool = True) -> TransferResult:
+    """Transport tau = source_ft - source_pre onto ``target`` with ``method``; evaluate when a task is given.
+
+    alpha: fixed if given, else chosen on the task's validation split over ``alpha_grid``.
+    """
+    device = resolve_device(device)
+    if not source_pre.arch.same_shapes(source_ft.arch):
+        raise TransportError(f"{source_ft.ref} does not have the architecture of {source_pre.ref}")
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    tau = TaskVector.from_models(source_pre.params, source_ft.params, source_pre.arch)
+    inputs = TransportInputs(source_pre, target, task, shots, seed, device)
+    prep = prepare(method, inputs, options, lambda f, m: progress(0.7 * f, m), use_cache, cache_dir)
+    timings["prepare"] = prep.seconds
+    t1 = time.perf_counter()
+    transported = prep.method.apply(prep.alignment, tau, 1.0, prep.options)
+    timings["apply"] = time.perf_counter() - t1
+    result = TransferResult(method=prep.method.name, options=prep.options, transported=transported,
+                            alpha=1.0 if alpha is None else float(alpha), sweep=None, cache_hit=prep.cache_hit,
+                            diagnostics=prep.alignment.diagnostics(),
+                            inputs={"source_pre": source_pre.ref, "source_ft": source_ft.ref, "target": target.ref,
+                                    "task": task.name if task else "", "shots": str(shots), "seed": str(seed)})
+    if task is not None and evaluate:
+        progress(0.75, "evaluating")
+        t2 = time.perf_counter()
+        grid = alpha_grid or default_alpha_grid()
+        if alpha is None:
+            result.sweep = sweep_alpha(target, transported, task, grid, device)
+            result.alpha = result.sweep.best_alpha
+        acc = result.accuracies
+        acc["zero_shot_target"] = accuracy(target, task, "test", device=device)
+        acc[prep.method.name] = accuracy(target, task, "test", transported.apply_to(target.params, result.alpha),
+                                         device=device)
+        if prep.method.name != "naive" and source_pre.arch.same_shapes(target.arch):
+            if alpha is None:
+                result.naive_sweep = sweep_alpha(target, tau, task, grid, device)
+                a_naive = result.naive_sweep.best_alpha
+            else:
+                a_naive = float(alpha)
+            acc["naive"] = accuracy(target, task, "test", tau.apply_to(target.params, a_naive), device=device)
+        acc["source_finetuned"] = accuracy(source_ft, task, "test", device=device)
+        acc["source_zero_shot"] = accuracy(source_pre, task, "test", device=device)
+        if oracle is not None:
+            acc["oracle"] = accuracy(oracle, task, "test", device=device)
+        timings["evaluate"] = time.perf_counter() - t2
+    timings["total"] = time.perf_counter() - t0
+    result.timings = timings
+    progress(1.0, "done")
+    return result

@@ -1,0 +1,186 @@
+"""Task vectors tau = theta_ft - theta_pre over the canonical tensors of one architecture.
+
+They behave like tensors: ``tau1 + tau2``, ``tau1 - tau2``, ``-tau``, ``0.5 * tau``, ``sum([...])``.
+Saved as safetensors in the architecture's OWN family names (open_clip in_proj re-fused), with
+string metadata, so a saved file loads with plain ``safetensors`` and adds onto a standard model.
+"""
+from __future__ import annotations
+
+import json
+import numbers
+import os
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+
+from transport import __version__
+from transport.arch import ViTArch, check_params, from_canonical, param_axes, to_canonical
+from transport.errors import TransportError
+
+Tensor = torch.Tensor
+
+
+class TaskVector:
+    """A dict of canonical tensors (all of the architecture's, or a subset) bound to one :class:`ViTArch`."""
+
+    def __init__(self, arch: ViTArch, tensors: Mapping[str, Tensor], meta: Mapping[str, str] | None = None):
+        known = param_axes(arch)
+        bad = [k for k in tensors if k not in known]
+        if bad:
+            raise TransportError(f"task vector: unknown tensor names for {arch.name}: {', '.join(bad[:4])}")
+        for k, t in tensors.items():
+            if tuple(t.shape) != known[k].shape:
+                raise TransportError(f"task vector: shape mismatch for {k}: got {tuple(t.shape)}, "
+                                     f"{arch.name} needs {known[k].shape}")
+        self.arch = arch
+        self.tensors: dict[str, Tensor] = {k: tensors[k] for k in known if k in tensors}
+        self.meta: dict[str, str] = dict(meta or {})
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_models(cls, pretrained: Mapping[str, Tensor], finetuned: Mapping[str, Tensor], arch: ViTArch,
+                    meta: Mapping[str, str] | None = None) -> "TaskVector":
+        """tau = finetuned - pretrained over every canonical tensor of ``arch`` (both checked first)."""
+        check_params(dict(pretrained), arch, "pretrained model")
+        check_params(dict(finetuned), arch, "fine-tuned model")
+        return cls(arch, {k: finetuned[k].float() - pretrained[k].float() for k in param_axes(arch)}, meta)
+
+    @classmethod
+    def zeros_like(cls, arch: ViTArch) -> "TaskVector":
+        return cls(arch, {k: torch.zeros(v.shape) for k, v in param_axes(arch).items()})
+
+    # -- algebra ------------------------------------------------------------------------------
+    def _check(self, other: "TaskVector") -> None:
+        if not isinstance(other, TaskVector):
+            raise TypeError(f"cannot combine a TaskVector with {type(other).__name__}")
+        if not self.arch.same_shapes(other.arch) or set(self.tensors) != set(other.tensors):
+            raise TransportError(f"task vectors do not match: {self.arch.name} vs {other.arch.name}")
+
+    def _map(self, fn) -> "TaskVector":
+        return TaskVector(self.arch, {k: fn(k, v) for k, v in self.tensors.items()}, self.meta)
+
+    def __add__(self, other: "TaskVector") -> "TaskVector":
+        self._check(other)
+        return self._map(lambda k, v: v + other.tensors[k])
+
+    def __radd__(self, other):
+        if isinstance(other, numbers.Number) and other == 0:  # sum() starts from 0
+            return self
+        return self.__add__(other)
+
+    def __sub__(self, other: "TaskVector") -> "TaskVector":
+        self._check(other)
+        return self._map(lambda k, v: v - other.tensors[k])
+
+    def __neg__(self) -> "TaskVector":
+        return self._map(lambda k, v: -v)
+
+    def __mul__(self, c: float) -> "TaskVector":
+        if not isinstance(c, numbers.Real):
+            return NotImplemented
+        return self._map(lambda k, v: v * float(c))
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, c: float) -> "TaskVector":
+        return self * (1.0 / float(c))
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __getitem__(self, k: str) -> Tensor:
+        return self.tensors[k]
+
+    def items(self):
+        return self.tensors.items()
+
+    def keys(self):
+        return self.tensors.keys()
+
+    def norm(self) -> float:
+        return float(torch.sqrt(sum((v.double() ** 2).sum() for v in self.tensors.values())))
+
+    def dot(self, other: "TaskVector") -> float:
+        self._check(other)
+        return float(sum((v.double() * other.tensors[k].double()).sum() for k, v in self.tensors.items()))
+
+    def to(self, device: str | torch.device) -> "TaskVector":
+        return TaskVector(self.arch, {k: v.to(device) for k, v in self.tensors.items()}, self.meta)
+
+    def allclose(self, other: "TaskVector", atol: float = 0.0, rtol: float = 0.0) -> bool:
+        self._check(other)
+        return all(torch.allclose(v, other.tensors[k], atol=atol, rtol=rtol) for k, v in self.tensors.items())
+
+    # -- use ----------------------------------------------------------------------------------
+    def apply_to(self, params: Mapping[str, Tensor], alpha: float = 1.0) -> dict[str, Tensor]:
+        """theta + alpha * tau as a new canonical dict (``params`` untouched)."""
+        missing = [k for k in self.tensors if k not in params]
+        if missing:
+            raise TransportError(f"task vector does not fit the model: missing {', '.join(missing[:4])}")
+        out = dict(params)
+        for k, v in self.tensors.items():
+            if tuple(params[k].shape) != tuple(v.shape):
+                raise TransportError(f"task vector does not fit the model: {k} is {tuple(params[k].shape)}, "
+                                     f"tau has {tuple(v.shape)}")
+            out[k] = params[k] + alpha * v.to(params[k].device, params[k].dtype)
+        return out
+
+    # -- files --------------------------------------------------------------------------------
+    def family_state_dict(self) -> dict[str, Tensor]:
+        """Tensors in the architecture's own family names and shapes (open_clip q/k/v re-fused)."""
+        present = _family_keys_for(self.arch, set(self.tensors))
+        full = {k: self.tensors.get(k, torch.zeros(v.shape)) for k, v in param_axes(self.arch).items()}
+        return {k: v for k, v in from_canonical(full, self.arch).items() if k in present}
+
+    def save(self, path: str | os.PathLike, **meta: str) -> Path:
+        """Write atomically (temp file + rename); metadata: arch, version and any string fields given."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        md = {**self.meta, **{k: str(v) for k, v in meta.items()}, "arch": self.arch.to_json(),
+              "format": "transport.task_vector", "transport_version": __version__}
+        tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.family_state_dict().items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            save_file(tensors, str(tmp), metadata=md)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, arch: ViTArch | None = None) -> "TaskVector":
+        """Read a task vector saved by :meth:`save` (or family-named tensors plus an explicit ``arch``)."""
+        from transport.io import read_safetensors
+
+        tensors, md = read_safetensors(path)
+        if arch is None:
+            if "arch" not in md:
+                raise TransportError(f"{path}: no architecture in the file's metadata; pass --arch")
+            arch = ViTArch.from_json(md["arch"])
+        present = {k: v.float() for k, v in tensors.items()}
+        full_keys = set(from_canonical({k: torch.zeros(v.shape) for k, v in param_axes(arch).items()}, arch))
+        unknown = [k for k in present if k not in full_keys]
+        if unknown:
+            raise TransportError(f"{path}: unexpected keys for {arch.name}: {', '.join(unknown[:4])}")
+        missing = [k for k in full_keys if k not in present]
+        if missing:
+            raise TransportError(f"{path}: missing keys for {arch.name}: {', '.join(sorted(missing)[:4])}")
+        canon = to_canonical(present, arch, what=str(path))
+        return cls(arch, canon, {k: v for k, v in md.items() if k not in ("arch",)})
+
+
+def _family_keys_for(arch: ViTArch, canon: set[str]) -> set[str]:
+    """Family keys whose every canonical part is in ``canon``."""
+    from transport.arch import family
+
+    parts: dict[str, set[str]] = {}
+    for e in family(arch).table(arch):
+        parts.setdefault(e.key, set()).add(e.canon)
+    return {k for k, cs in parts.items() if cs <= canon}
