@@ -115,6 +115,27 @@ class TaskVector:
         self._check(other)
         return all(torch.allclose(v, other.tensors[k], atol=atol, rtol=rtol) for k, v in self.tensors.items())
 
+    def restrict(self, layers: set[int] | None = None, keep_global: bool = True) -> "TaskVector":
+        """A copy with tensors outside ``layers`` set to zero (embeddings / final LN / proj count as global).
+
+        Used to ask which layers carry (or destroy) a transfer: transport only layers [i..j], or all but one.
+        """
+        info = param_axes(self.arch)
+
+        def keep(k: str) -> bool:
+            layer = info[k].layer
+            return keep_global if layer < 0 else (layers is None or layer in layers)
+
+        return self._map(lambda k, v: v if keep(k) else torch.zeros_like(v))
+
+    def per_layer_norms(self) -> dict[int, float]:
+        """Frobenius norm of the update per layer (-1: embeddings, final LayerNorm, projection)."""
+        info = param_axes(self.arch)
+        acc: dict[int, float] = {}
+        for k, v in self.tensors.items():
+            acc[info[k].layer] = acc.get(info[k].layer, 0.0) + float((v.double() ** 2).sum())
+        return {l: a ** 0.5 for l, a in sorted(acc.items())}
+
     # -- use ----------------------------------------------------------------------------------
     def apply_to(self, params: Mapping[str, Tensor], alpha: float = 1.0) -> dict[str, Tensor]:
         """theta + alpha * tau as a new canonical dict (``params`` untouched)."""
