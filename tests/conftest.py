@@ -10,3 +10,21 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Every test gets its own alignment cache (nothing written to the user's cache)."""
     monkeypatch.setenv("TRANSPORT_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory):
+    """The test variant of the demo zoo, built once per session; TRANSPORT_ZOO_DIR points at it meanwhile."""
+    from transport import zoo
+
+    root = tmp_path_factory.mktemp("zoo")
+    zoo.build(root, variant="test", progress=False, workers=1)
+    old = os.environ.get("TRANSPORT_ZOO_DIR")
+    os.environ["TRANSPORT_ZOO_DIR"] = str(root)
+    try:
+        yield root
+    finally:
+        if old is None:
+            os.environ.pop("TRANSPORT_ZOO_DIR", None)
+        else:
+            os.environ["TRANSPORT_ZOO_DIR"] = old

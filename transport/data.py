@@ -51,11 +51,15 @@ class Task:
         i = torch.cat(idx)
         return x[i], y[i]
 
-    def calibration(self, n: int, seed: int = 0) -> Tensor:
-        """``n`` unlabelled train images (seeded): Theseus' calibration inputs."""
-        x, _ = self.split("train")
+    def calibration(self, n: int, seed: int = 0, with_labels: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """``n`` unlabelled train images (seeded): Theseus' calibration inputs.
+
+        ``with_labels`` also returns their labels (for colouring figures only; never used to fit anything).
+        """
+        x, y = self.split("train")
         g = torch.Generator().manual_seed(seed)
-        return x[torch.randperm(len(x), generator=g)[: min(n, len(x))]]
+        idx = torch.randperm(len(x), generator=g)[: min(n, len(x))]
+        return (x[idx], y[idx]) if with_labels else x[idx]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -53,6 +54,18 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[s
     return tensors, md
 
 
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """Only the string metadata of a safetensors file (no tensors read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise TransportError(f"{path}: not a readable safetensors file (truncated or another format): "
+                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
 def _looks_like_safetensors(path: Path) -> bool:
     try:
         with open(path, "rb") as f:
@@ -85,22 +98,40 @@ def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> tupl
     return strip_prefixes(_unwrap(obj, path)), {}
 
 
+def _first_sentence(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    if not text:
+        return type(e).__name__
+    cut = text.find(". ")
+    return text[:cut + 1] if 0 < cut < 200 else text[:200]
+
+
+_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        found = _GLOBAL.search(str(e))
+        if found is None:  # the weights-only unpickler choked on bytes that are not a pickle at all
+            raise TransportError(f"{path}: not a readable checkpoint (truncated, or neither safetensors nor "
+                                 f"a PyTorch file)") from None
         if not trust_pickle:
             raise TransportError(
-                f"{path}: refusing to unpickle arbitrary objects (it holds a pickled module, which can run "
-                f"code on load); re-save it as a state dict, or pass --trust-pickle if you trust its source"
+                f"{path}: refusing to unpickle {found.group(1)} (a pickled object can run code on load); "
+                f"re-save it as a state dict, or pass --trust-pickle if you trust its source"
             ) from None
         try:
             return torch.load(str(path), map_location="cpu", weights_only=False)
         except Exception as e2:  # noqa: BLE001 - any failure of a foreign pickle is the file's problem
-            raise TransportError(f"{path}: could not load even with --trust-pickle: {type(e2).__name__}: {e2}") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise TransportError(f"{path}: not a readable checkpoint (truncated or unknown format): {msg}") from None
+            raise TransportError(f"{path}: could not load even with --trust-pickle: {type(e2).__name__}: "
+                                 f"{_first_sentence(e2)}") from None
+    except (RuntimeError, OSError, EOFError) as e:  # torch's zip reader: cut or damaged archives
+        raise TransportError(f"{path}: not a readable checkpoint (truncated or damaged): {_first_sentence(e)}") from None
+    except Exception:  # noqa: BLE001 - garbage bytes make the unpickler fail in arbitrary ways (KeyError, ...)
+        raise TransportError(f"{path}: not a readable checkpoint (truncated, or neither safetensors nor "
+                             f"a PyTorch file)") from None
 
 
 def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:
@@ -139,6 +170,11 @@ def tower_state_dict(sd: Mapping[str, Tensor], arch: ViTArch) -> dict[str, Tenso
     """Keep the transported tower: a full CLIP dict (``visual.`` keys) gives its visual tower."""
     if arch.family == "open_clip" and any(k.startswith("visual.") for k in sd):
         return {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
+    if arch.family == "hf_clip" and not any(k.startswith("vision_model.") for k in sd) \
+            and any(k.startswith(("embeddings.", "encoder.layers.")) for k in sd):
+        # transformers >= 5 saves a CLIPVisionModel without its ``vision_model.`` wrapper
+        sd = {(k if k.startswith(("visual_projection.", "classifier.")) else f"vision_model.{k}"): v
+              for k, v in sd.items()}
     if arch.family == "hf_clip" and any(k.startswith("text_model.") for k in sd):
         return {k: v for k, v in sd.items() if k.startswith("vision_model.") or k.startswith("visual_projection.")
                 and arch.output_dim}
@@ -153,6 +189,34 @@ def strip_prefix_if_all(sd: Mapping[str, Tensor], prefix: str, keep: tuple[str, 
     if body and all(k.startswith(prefix) for k in body):
         return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in sd.items()}
     return dict(sd)
+
+
+def family_shapes(arch: ViTArch) -> dict[str, tuple[int, ...]]:
+    """The family's own tensor names and shapes for ``arch`` (computed on the meta device, no memory)."""
+    from transport.arch import from_canonical, param_axes
+
+    meta = {k: torch.empty(v.shape, device="meta") for k, v in param_axes(arch).items()}
+    return {k: tuple(v.shape) for k, v in from_canonical(meta, arch).items()}
+
+
+def check_family_tensors(tower: Mapping[str, Tensor], arch: ViTArch, what: str) -> None:
+    """Shape and NaN/Inf checks named by the checkpoint's OWN keys (missing/unexpected keys: ``to_canonical``)."""
+    from transport.arch import family
+
+    fam = family(arch)
+    alias = fam.alias or (lambda k: k)
+    want = family_shapes(arch)
+    for key, t in tower.items():
+        k = alias(key)
+        if k not in want:
+            continue
+        shape = want[k]
+        got = tuple(t.shape)
+        squeezable = fam.name == "hf_vit" and tuple(s for s in got if s != 1) == tuple(s for s in shape if s != 1)
+        if got != shape and not squeezable:
+            raise TransportError(f"{what}: shape mismatch for {key}: got {got}, {arch.name} needs {shape}")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise TransportError(f"{what}: tensor {key} contains NaN or Inf values")
 
 
 def _head_from_state(sd: Mapping[str, Tensor]) -> Classifier | None:
@@ -177,7 +241,15 @@ def parse_arch(name: str) -> ViTArch:
         from transport.hf import hf_arch
 
         return hf_arch(name)
-    raise TransportError(f"unknown architecture '{name}' (use open_clip:ARCH, zoo:NAME or hf:ORG/NAME)")
+    if Path(name).is_file():  # a model file that records its architecture, or the description as JSON
+        if Path(name).suffix == ".json":
+            return ViTArch.from_json(Path(name).read_text())
+        md = read_safetensors_metadata(name)
+        if "arch" not in md:
+            raise TransportError(f"{name}: the file does not record an architecture (no 'arch' metadata)")
+        return ViTArch.from_json(md["arch"])
+    raise TransportError(f"unknown architecture '{name}' (use open_clip:ARCH, zoo:NAME, hf:ORG/NAME, or a "
+                         "model file that records its architecture)")
 
 
 def load_model(ref: str, arch: ViTArch | str | None = None, trust_pickle: bool = False, seed: int = 0) -> Model:
@@ -211,6 +283,7 @@ def load_file_model(path: str, arch: ViTArch | None, trust_pickle: bool = False)
     if head is not None and "classnames" in md:
         head.classnames = json.loads(md["classnames"])
     tower = tower_state_dict(sd, arch)
+    check_family_tensors(tower, arch, str(path))
     params = {k: v.float() for k, v in to_canonical(tower, arch, what=str(path)).items()}
     return Model(arch, params, ref=str(path), head=head, meta=md)
 

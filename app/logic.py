@@ -1,0 +1,402 @@
+"""What the explorer does, without Streamlit: resolve inputs, run a transfer, re-apply cheaply, ablate layers.
+
+The pages call these functions; ``bench/app_interaction.py`` times them. Expensive objects (models,
+tasks, alignments) live in a process-wide :class:`MemoryCache` keyed by content hashes; everything a
+user selects lives in that user's session (the pages keep :class:`Run` objects in ``st.session_state``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from transport import cache as disk_cache
+from transport.data import Task, builtin_tasks, load_task
+from transport.errors import NotImplementedYet, TransportError
+from transport.evaluate import accuracy, parse_alpha_grid
+from transport.methods import METHOD_NAMES, MethodInfo, Progress, TransportInputs, check_compatible, get_method
+from transport.model import Model
+from transport.pipeline import Prepared, TransferResult, prepare, transfer
+from transport.task_vector import TaskVector
+
+# Options a method reads at apply time only: changing them re-applies, it never re-prepares.
+APPLY_OPTIONS: dict[str, tuple[str, ...]] = {"gradfix": ("variant", "mask_seed", "vote")}
+
+
+# ----------------------------------------------------------------------------------------------
+# where the app may write
+# ----------------------------------------------------------------------------------------------
+def output_dir() -> Path:
+    """``$TRANSPORT_APP_DIR``, else ``<system temp>/task-transport-app``: uploads go here, nowhere else."""
+    env = os.environ.get("TRANSPORT_APP_DIR")
+    return Path(env) if env else Path(tempfile.gettempdir()) / "task-transport-app"
+
+
+def save_upload(name: str, data: bytes) -> Path:
+    """Store an uploaded file under the app's output dir (content-addressed: never overwrites a user file)."""
+    if not data:
+        raise TransportError(f"{name}: the uploaded file is empty")
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name).lstrip(".") or "upload"
+    digest = hashlib.sha256(data).hexdigest()[:16]
+    d = output_dir() / "uploads" / digest
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / safe
+    if not path.exists():
+        tmp = d / f".{safe}.{uuid.uuid4().hex}"
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# a process-wide cache (the app wraps one in st.cache_resource)
+# ----------------------------------------------------------------------------------------------
+class MemoryCache:
+    """A small thread-safe LRU: ``get_or_make(key, make)`` computes once even when two sessions ask at once."""
+
+    def __init__(self, max_items: int = 24):
+        self.max_items = max_items
+        self._data: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self._key_locks: dict[str, threading.Lock] = {}
+
+    def get(self, key: str) -> Any:
+        with self._lock:
+            if key in self._data:
+                self._data.move_to_end(key)
+                return self._data[key]
+        return None
+
+    def get_or_make(self, key: str, make: Callable[[], Any]) -> Any:
+        hit = self.get(key)
+        if hit is not None:
+            return hit
+        with self._lock:
+            lock = self._key_locks.setdefault(key, threading.Lock())
+        with lock:
+            hit = self.get(key)
+            if hit is not None:
+                return hit
+            value = make()
+            with self._lock:
+                self._data[key] = value
+                self._data.move_to_end(key)
+                while len(self._data) > self.max_items:
+                    self._data.popitem(last=False)
+                self._key_locks.pop(key, None)
+            return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+
+
+DEFAULT_CACHE = MemoryCache()
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelRef:
+    """A model the user picked: a reference ``transport.io.load_model`` reads, plus an architecture for
+    files that do not record theirs. ``task_vector``: the file is a task vector (source fine-tuned side)."""
+
+    ref: str
+    arch: str = ""
+    task_vector: bool = False
+
+    def key(self) -> str:
+        """The reference plus a file's size and mtime, so an edited file is reloaded."""
+        p = Path(self.ref)
+        stat = ""
+        if not self.ref.startswith(("zoo:", "open_clip:", "hf:")) and p.exists():
+            s = p.stat()
+            stat = f"{s.st_size}:{s.st_mtime_ns}"
+        if self.ref.startswith("zoo:"):
+            stat = os.environ.get("TRANSPORT_ZOO_DIR", "")
+        return json.dumps([self.ref, self.arch, self.task_vector, stat])
+
+    @property
+    def short(self) -> str:
+        r = self.ref
+        if r.startswith("zoo:"):
+            return r[4:]
+        return Path(r).name if Path(r).exists() else r
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One transfer question: source pretrained + source fine-tuned -> target, on a task."""
+
+    source_pre: ModelRef
+    source_ft: ModelRef
+    target: ModelRef
+    task: str
+    oracle: Optional[ModelRef] = None
+    seed: int = 0
+    device: str = "cpu"
+    alpha_grid: str = ""  # 'LO:HI:N'; '' = the default grid
+
+    def signature(self) -> str:
+        parts = [self.source_pre.key(), self.source_ft.key(), self.target.key(), self.task,
+                 self.oracle.key() if self.oracle else "", self.seed, self.device, self.alpha_grid]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+    @property
+    def label(self) -> str:
+        return f"{self.source_ft.short} ({self.source_pre.short}) -> {self.target.short} on {self.task}"
+
+
+@dataclass
+class Loaded:
+    """The loaded inputs of a setup (shared, read-only objects from the cache) plus their content hashes."""
+
+    source_pre: Model
+    source_ft: Model
+    target: Model
+    oracle: Optional[Model]
+    task: Task
+    tau: TaskVector
+    hashes: dict[str, str]
+
+
+def _load_model(mref: ModelRef, cache: MemoryCache) -> tuple[Model, str]:
+    from transport.io import load_model
+
+    def make() -> tuple[Model, str]:
+        m = load_model(mref.ref, arch=mref.arch or None)
+        return m, disk_cache.hash_tensors(m.params)
+
+    return cache.get_or_make("model:" + mref.key(), make)
+
+
+def _load_task(name: str, image_size: int, cache: MemoryCache) -> tuple[Task, str]:
+    def make() -> tuple[Task, str]:
+        if not name or not name.strip():
+            raise TransportError("no task given: pick a built-in task or give an ImageFolder directory")
+        t = load_task(name.strip(), image_size=image_size)
+        x, y = t.split("train")
+        if len(y) == 0:
+            raise TransportError(f"task {name}: the train split is empty")
+        return t, disk_cache.hash_tensors({"x": x, "y": y})
+
+    return cache.get_or_make(f"task:{name}:{image_size}", make)
+
+
+def load_setup(setup: Setup, cache: MemoryCache = DEFAULT_CACHE, progress: Progress = lambda f, m: None) -> Loaded:
+    """Load (or fetch) the models and the task of ``setup``; a task-vector file gives source_ft = pre + tau."""
+    progress(0.0, f"loading source {setup.source_pre.short}")
+    pre, h_pre = _load_model(setup.source_pre, cache)
+    if setup.source_ft.task_vector:
+        progress(0.03, f"loading task vector {setup.source_ft.short}")
+
+        def make_ft() -> tuple[Model, str]:
+            tau = TaskVector.load(setup.source_ft.ref, arch=pre.arch if setup.source_ft.arch else None)
+            if not tau.arch.same_shapes(pre.arch):
+                raise TransportError(f"{setup.source_ft.ref}: task vector is for {tau.arch.name}, the source "
+                                     f"pretrained model {pre.ref} is {pre.arch.name}")
+            ft = pre.with_params(tau.apply_to(pre.params), ref=setup.source_ft.ref)
+            return ft, disk_cache.hash_tensors(ft.params)
+
+        ft, h_ft = cache.get_or_make("tv:" + setup.source_ft.key() + h_pre, make_ft)
+    else:
+        progress(0.03, f"loading fine-tuned source {setup.source_ft.short}")
+        ft, h_ft = _load_model(setup.source_ft, cache)
+    if not pre.arch.same_shapes(ft.arch):
+        raise TransportError(f"{ft.ref} ({ft.arch.name}) does not have the architecture of the source "
+                             f"pretrained model {pre.ref} ({pre.arch.name})")
+    progress(0.06, f"loading target {setup.target.short}")
+    tgt, h_tgt = _load_model(setup.target, cache)
+    oracle = None
+    if setup.oracle is not None:
+        oracle, _ = _load_model(setup.oracle, cache)
+        if not oracle.arch.same_shapes(tgt.arch):
+            raise TransportError(f"oracle {oracle.ref} ({oracle.arch.name}) does not have the target's "
+                                 f"architecture ({tgt.arch.name})")
+    progress(0.08, f"loading task {setup.task}")
+    task, h_task = _load_task(setup.task, max(pre.arch.image_size, tgt.arch.image_size), cache)
+    tau = cache.get_or_make(f"tau:{h_pre}:{h_ft}", lambda: TaskVector.from_models(pre.params, ft.params, pre.arch))
+    return Loaded(pre, ft, tgt, oracle, task, tau, {"source_pre": h_pre, "source_ft": h_ft, "target": h_tgt,
+                                                       "task": h_task})
+
+
+# ----------------------------------------------------------------------------------------------
+# methods
+# ----------------------------------------------------------------------------------------------
+def method_status(name: str) -> tuple[Optional[MethodInfo], str]:
+    """(MethodInfo, '') when the method is built, else (None, the one-line reason)."""
+    try:
+        return get_method(name), ""
+    except NotImplementedYet as e:
+        return None, str(e)
+
+
+def built_methods() -> list[str]:
+    return [n for n in METHOD_NAMES if method_status(n)[0] is not None]
+
+
+def incompatibility(name: str, loaded: Loaded) -> str:
+    """'' when ``name`` can run on the loaded pair and task, else the one-line reason."""
+    info, why = method_status(name)
+    if info is None:
+        return why
+    try:
+        check_compatible(info, TransportInputs(loaded.source_pre, loaded.target, loaded.task))
+    except TransportError as e:
+        return str(e)
+    return ""
+
+
+# ----------------------------------------------------------------------------------------------
+# a run
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """One transfer in one session: inputs, the cached alignment and the evaluated result."""
+
+    id: str
+    setup: Setup
+    method: str
+    options: dict
+    shots: int
+    loaded: Loaded
+    prepared: Prepared
+    result: TransferResult
+    seconds: float
+    ablation: dict = field(default_factory=dict)  # (alpha, split) -> ablation table
+
+    @property
+    def info(self) -> MethodInfo:
+        return self.prepared.method
+
+    @property
+    def arch(self):
+        return self.loaded.target.arch
+
+    def apply(self, alpha: float, **override: Any) -> TaskVector:
+        """alpha * (transported tau) through the method's cheap ``apply`` (options may override apply-time ones)."""
+        opts = {**self.prepared.options, **override}
+        if self.method == "gradfix" and opts.get("variant") == "oracle":
+            opts["oracle_tau"] = oracle_tau(self)
+        return self.info.apply(self.prepared.alignment, self.loaded.tau, float(alpha), opts)
+
+    def accuracy(self, delta: Optional[TaskVector], split: str = "test") -> float:
+        t = self.loaded.target
+        params = t.params if delta is None else delta.apply_to(t.params, 1.0)
+        return accuracy(t, self.loaded.task, split, params, device=self.setup.device)
+
+
+def oracle_tau(run: Run) -> TaskVector:
+    if run.loaded.oracle is None:
+        raise TransportError("the oracle variant needs the target's own fine-tuned model (an oracle)")
+    o, t = run.loaded.oracle, run.loaded.target
+    return TaskVector.from_models(t.params, o.params, t.arch)
+
+
+def _prepare_key(method: str, options: dict, loaded: Loaded, shots: int, seed: int, device: str) -> str:
+    return json.dumps(["prepare", method, sorted((k, str(v)) for k, v in options.items()),
+                       loaded.hashes["source_pre"], loaded.hashes["target"], loaded.hashes["task"], shots, seed,
+                       device])
+
+
+def run_transfer(setup: Setup, method: str, options: Optional[dict] = None, shots: int = 2,
+                 progress: Progress = lambda f, m: None, cache: MemoryCache = DEFAULT_CACHE,
+                 alpha: Optional[float] = None) -> Run:
+    """Load, prepare (memory cache, then the on-disk content-hashed cache), apply, pick alpha on validation,
+    evaluate on test. Progress: loading 0-10 %, prepare 10-60 %, evaluation 60-100 %."""
+    t0 = time.perf_counter()
+    info = get_method(method)
+    loaded = load_setup(setup, cache, lambda f, m: progress(f, m))
+    opts = {**info.options, **(options or {})}
+    check_compatible(info, TransportInputs(loaded.source_pre, loaded.target, loaded.task))
+    inputs = TransportInputs(loaded.source_pre, loaded.target, loaded.task, shots, setup.seed, setup.device)
+    # the same options as transfer() below, so its own prepare is a hit in the on-disk cache
+    prepared: Prepared = cache.get_or_make(
+        _prepare_key(method, opts, loaded, shots, setup.seed, setup.device),
+        lambda: prepare(info, inputs, opts, lambda f, m: progress(0.1 + 0.5 * f, m)))
+    grid = parse_alpha_grid(setup.alpha_grid) if setup.alpha_grid.strip() else None
+    progress(0.6, "applying and choosing alpha on the validation split")
+    result = transfer(loaded.source_pre, loaded.source_ft, loaded.target, method, loaded.task,
+                      options=opts, alpha=alpha, shots=shots, seed=setup.seed, alpha_grid=grid,
+                      device=setup.device, oracle=loaded.oracle,
+                      progress=lambda f, m: progress(0.6 + 0.4 * f, m), use_cache=True)
+    progress(1.0, "done")
+    return Run(uuid.uuid4().hex[:12], setup, method, opts, shots, loaded, prepared, result,
+               time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------------------------
+# cheap interactions
+# ----------------------------------------------------------------------------------------------
+def accuracy_at_alpha(run: Run, alpha: float, split: str = "test", **override: Any) -> tuple[TaskVector, float]:
+    """Re-apply at ``alpha`` (no prepare) and measure accuracy on ``split``."""
+    delta = run.apply(alpha, **override)
+    return delta, run.accuracy(delta, split)
+
+
+def layer_groups(run: Run) -> list[int]:
+    """Layer indices of the target, then -1 for the global tensors (embeddings, final norm, projection)."""
+    return list(range(run.arch.layers)) + [-1]
+
+
+def restricted(delta: TaskVector, layers: set[int], with_global: bool) -> TaskVector:
+    return delta.restrict(layers, keep_global=with_global)
+
+
+def range_accuracy(run: Run, first: int, last: int, alpha: float, with_global: bool = True,
+                   split: str = "val") -> float:
+    """Accuracy when only layers first..last (and optionally the global tensors) are transported."""
+    delta = run.apply(alpha)
+    return run.accuracy(restricted(delta, set(range(first, last + 1)), with_global), split)
+
+
+def layer_ablation(run: Run, alpha: float, split: str = "val") -> dict:
+    """Per layer group: accuracy with ONLY that group transported and with ALL BUT that group; plus the
+    full transfer and none (zero-shot). Cached on the run per (alpha, split)."""
+    key = f"{alpha:.6g}:{split}"
+    if key in run.ablation:
+        return run.ablation[key]
+    delta = run.apply(alpha)
+    all_layers = set(range(run.arch.layers))
+    only, without = [], []
+    groups = layer_groups(run)
+    for g in groups:
+        if g < 0:
+            only.append(run.accuracy(restricted(delta, set(), True), split))
+            without.append(run.accuracy(restricted(delta, all_layers, False), split))
+        else:
+            only.append(run.accuracy(restricted(delta, {g}, False), split))
+            without.append(run.accuracy(restricted(delta, all_layers - {g}, True), split))
+    out = {"layers": groups, "only": only, "without": without, "full": run.accuracy(delta, split),
+           "zero_shot": run.accuracy(None, split), "split": split, "alpha": alpha}
+    run.ablation[key] = out
+    return out
+
+
+def diagnostics(run: Run, **override: Any) -> dict:
+    """The alignment's diagnostics for this run's tau (GradFix's depend on tau and the apply options)."""
+    a = run.prepared.alignment
+    if run.method == "gradfix" and hasattr(a, "agreement"):
+        opts = {**run.prepared.options, **override}
+        if opts.get("variant") == "oracle":
+            opts["oracle_tau"] = oracle_tau(run)
+        return a.agreement(run.loaded.tau, opts)
+    if run.result.diagnostics:
+        return run.result.diagnostics
+    return a.diagnostics()
+
+
+def builtin_task_names() -> list[str]:
+    return builtin_tasks()

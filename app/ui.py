@@ -1,0 +1,108 @@
+"""Streamlit building blocks shared by the pages: error guard, figures with export, tables, option widgets."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from typing import Any, Iterator, Optional
+
+import plotly.graph_objects as go
+import streamlit as st
+
+from transport.errors import NotImplementedYet, TransportError
+from viz import export
+from viz.results import accuracy_rows
+
+log = logging.getLogger("transport.app")
+
+PNG_HINT = "PNG: use the camera icon in the chart's toolbar (top right of the chart)."
+
+
+class Stop(Exception):
+    """Raised by a page to end its own rendering quietly (after it showed an error or a notice)."""
+
+
+@contextlib.contextmanager
+def guarded() -> Iterator[None]:
+    """Show a TransportError as one ``st.error`` line (never a traceback); the session keeps working.
+
+    Unexpected exceptions are logged with their traceback on the server and shown as one line too.
+    Streamlit's own control-flow exceptions (rerun, stop) pass through.
+    """
+    try:
+        yield
+    except Stop:
+        pass
+    except NotImplementedYet as e:
+        st.info(f"Not available yet: {e}")
+    except TransportError as e:
+        st.error(str(e))
+    except Exception as e:  # noqa: BLE001 - the page must survive any failure of a computation
+        if type(e).__module__.startswith("streamlit"):
+            raise
+        log.exception("unexpected error in the app")
+        first = (str(e).splitlines() or [""])[0]
+        st.error(f"Unexpected error ({type(e).__name__}): {first}")
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:60] or "figure"
+
+
+def figure(fig: go.Figure, key: str, caption: str, filename: Optional[str] = None) -> None:
+    """Draw ``fig`` with a one-or-two-sentence caption, an HTML download and the modebar's PNG camera."""
+    name = filename or slug(key)
+    st.plotly_chart(fig, key=f"fig-{key}", config=export.png_config(name))
+    c1, c2 = st.columns([4, 1])
+    c1.caption(f"{caption} {PNG_HINT}")
+    c2.download_button("HTML", data=lambda f=fig: export.figure_html(f), file_name=f"{name}.html",
+                       mime="text/html", key=f"dl-{key}", on_click="ignore", help="the figure as a standalone HTML page")
+
+
+def accuracy_table(accuracies: dict, key: str) -> None:
+    rows = accuracy_rows(accuracies)
+    if not rows:
+        st.info("No accuracies (no task was evaluated).")
+        return
+    st.dataframe([{"model": r["model"], "test accuracy (%)": r["test accuracy (%)"]} for r in rows],
+                 hide_index=True, key=f"tbl-{key}", width="content")
+
+
+def not_available(method: str, reason: str) -> None:
+    st.info(f"**{method}** is not available yet: {reason}. This page lights up as soon as the method is built; "
+            "nothing here is simulated.")
+
+
+def option_widgets(method: str, defaults: dict, choices: dict[str, tuple], key: str,
+                   hidden: tuple[str, ...] = ()) -> dict:
+    """One widget per method option, typed from its default; ``choices`` turn a string option into a select."""
+    out: dict[str, Any] = {}
+    for name, default in defaults.items():
+        if name in hidden:
+            continue
+        k = f"{key}-{method}-{name}"
+        label = name.replace("_", " ")
+        if name in choices:
+            opts = list(choices[name])
+            out[name] = st.selectbox(label, opts, index=opts.index(default) if default in opts else 0, key=k)
+        elif isinstance(default, bool):
+            out[name] = st.checkbox(label, value=default, key=k)
+        elif isinstance(default, int):
+            out[name] = int(st.number_input(label, value=int(default), min_value=0, step=1, key=k))
+        elif isinstance(default, float):
+            out[name] = float(st.number_input(label, value=float(default), key=k, format="%.4g"))
+        elif isinstance(default, str):
+            out[name] = st.text_input(label, value=default, key=k)
+    return out
+
+
+def option_choices(method: str) -> dict[str, tuple]:
+    """Allowed values of a method's string options, read from the method module's own tuples."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(f"transport.methods.{method}")
+    except ModuleNotFoundError:
+        return {}
+    found = {"vote": "VOTES", "variant": "VARIANTS", "matching": "MATCHINGS", "centering": "CENTERINGS"}
+    return {opt: tuple(getattr(mod, const)) for opt, const in found.items() if hasattr(mod, const)}

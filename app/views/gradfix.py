@@ -1,0 +1,80 @@
+"""GradFix page: where tau's signs agree with the target's own few-shot gradient vote."""
+from __future__ import annotations
+
+import streamlit as st
+
+from app import common, logic, state, ui
+from transport.arch import param_axes
+from viz import gradfix as vg
+
+
+def _has(run, row: str, block: str) -> bool:
+    layer = -1 if row == "global" else int(row)
+    return any(p.layer == layer and p.block == block for p in param_axes(run.arch).values())
+
+st.title("GradFix: keep the part of tau the target agrees with")
+st.caption("On a few labelled examples, each weight of the target votes whether it should go up or down. GradFix "
+           "keeps only the entries of tau whose sign matches that vote, so the update starts downhill for the "
+           "target.")
+
+with ui.guarded():
+    setup = common.need_setup()
+    info = common.need_method("gradfix")
+    options, _, pressed = common.run_controls(setup, "gradfix", info, "gf", hidden=("variant",),
+                                                 shots_widget=False)
+    prev = state.current_run(setup, "gradfix")
+    shots = st.slider("K: labelled samples per class used for the vote", 1, 16,
+                      value=prev.shots if prev else 2, key="gf-k")
+    # once a vote exists, moving K re-runs it (each K is cached separately)
+    if prev is not None and not pressed and shots != prev.shots:
+        pressed = True
+        options = {**prev.options, **{k: v for k, v in options.items() if k != "variant"}}
+    run = common.run_or_notice(setup, "gradfix", pressed, options, shots)
+    common.summary(run)
+
+    variants = [v for v in ui.option_choices("gradfix").get("variant", ("normal",))
+                if v != "oracle" or run.loaded.oracle is not None]
+    variant = st.radio("Mask variant (re-applies the cached vote)", variants, horizontal=True, key=f"gf-var-{run.id}",
+                       help="normal: keep agreeing entries; force: |tau| with the vote's sign; random: a random "
+                            "mask with the same keep-rate (control); oracle: signs of the target's own fine-tune")
+    delta, acc_v = logic.accuracy_at_alpha(run, run.result.alpha, "test", variant=variant)
+    st.metric(f"test accuracy, variant {variant}, alpha = {run.result.alpha:.2f}", f"{100 * acc_v:.1f}%")
+    diag = logic.diagnostics(run, variant=variant)
+
+    st.subheader("Sign agreement per layer and block")
+    stat = st.radio("Show", list(vg.STATS), horizontal=True, key=f"gf-stat-{run.id}",
+                    format_func=lambda s: vg.STATS[s])
+    ui.figure(vg.agreement_heatmap(diag, stat), f"gf-heat-{run.id}-{stat}-{variant}",
+              "Each cell is one weight block of one layer. Agreement = share of its entries where tau and the "
+              "target's vote point the same way (0.5 = chance); keep-rate = share of tau the mask keeps.",
+              filename=f"gradfix-{stat}")
+
+    st.subheader("Drill into one weight matrix")
+    rows, cols, _, _ = vg.block_table(diag, "agreement")
+    c1, c2, c3 = st.columns(3)
+    row = c1.selectbox("Layer", rows, key=f"gf-row-{run.id}")
+    col = c2.selectbox("Block", [c for c in cols if _has(run, row, c)], key=f"gf-col-{run.id}")
+    layer = -1 if row == "global" else int(row)
+    names = [k for k, p in param_axes(run.arch).items() if p.layer == layer and p.block == col
+             and k in run.prepared.alignment.counts]
+    names.sort(key=lambda k: (param_axes(run.arch)[k].is_bias, k))
+    if names:
+        name = c3.selectbox("Tensor", names, key=f"gf-tensor-{run.id}")
+        entries = run.prepared.alignment.entry_map(name, run.loaded.tau, diag.get("vote"))
+        ui.figure(vg.entry_map_image(entries, name), f"gf-entry-{run.id}-{name}",
+                  "Every entry of this tensor: blue where tau's sign agrees with the vote (kept), red where it "
+                  "disagrees (dropped), grey where the vote is tied. Large matrices are averaged over tiles.",
+                  filename=f"gradfix-entries-{name}")
+    else:
+        st.info("No vote for this block (the loss does not reach it).")
+
+    c1, c2 = st.columns(2)
+    with c1:
+        ui.figure(vg.margin_histogram(diag), f"gf-margin-{run.id}",
+                  "How unanimous the K samples were per entry: at 1 every sample wanted the same direction, near 0 "
+                  "the vote was split and its sign is noise.", filename="gradfix-margin")
+    with c2:
+        ui.figure(vg.keep_rate_per_layer(diag), f"gf-keep-{run.id}-{variant}",
+                  "Per layer: how much of tau survives the mask, and the first-order change of the target's "
+                  "loss along the masked update (negative = the loss goes down).", filename="gradfix-keep-rate")
+

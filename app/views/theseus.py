@@ -1,0 +1,57 @@
+"""Theseus page: do the source's activations, rotated by the Procrustes map, land on the target's?"""
+from __future__ import annotations
+
+import streamlit as st
+
+from app import common, ui
+from viz import theseus as vth
+
+st.title("Theseus: mapping activations across models (and widths)")
+st.caption("Theseus shows both pretrained models the same images and finds, for every layer, the rotation T "
+           "that best lines up the source's activations X_A with the target's X_B (a Procrustes problem). The "
+           "same rotations carry tau into the target, even when the target is wider.")
+
+with ui.guarded():
+    setup = common.need_setup()
+    info = common.need_method("theseus")
+    options, shots, pressed = common.run_controls(setup, "theseus", info, "th")
+    run = common.run_or_notice(setup, "theseus", pressed, options, shots)
+    common.summary(run)
+    diag = run.result.diagnostics or run.prepared.alignment.diagnostics()
+    alignment = run.prepared.alignment
+
+    ui.figure(vth.procrustes_residual(diag), f"th-res-{run.id}",
+              "How far the mapped source activations are from the target's, relative to their size, per activation "
+              "space: grey before alignment (the source copied as is, zero-padded or cut to the target width), "
+              "green after the map. Lower is better.", filename="theseus-residual")
+
+    samples = getattr(alignment, "pca_sample", None) or {}
+    spaces = [m["space"] for m in diag.get("maps") or [] if m["space"] in samples] or list(samples)
+    if not spaces:
+        st.info("This alignment holds no activation sample to draw.")
+        raise ui.Stop
+    st.subheader("Activations before and after the map")
+    c1, c2 = st.columns([3, 1])
+    space = c1.selectbox("Activation space (layer)", spaces, key=f"th-space-{run.id}")
+    dims = c2.radio("PCA", [2, 3], horizontal=True, format_func=lambda d: f"{d}-D", key=f"th-dims-{run.id}")
+    sample = samples[space]
+    mapped = alignment.mapped_sample(space)
+    ui.figure(vth.pca_figure(sample["target"], sample["source"], mapped, sample["labels"],
+                             run.loaded.task.classnames, dims=int(dims), space=space),
+              f"th-pca-{run.id}-{space}-{dims}",
+              "Each point is one image's activation, coloured by its class: circles from the target, crosses from "
+              "the source. Both panels use the target's main directions (PCA); after the map the crosses should "
+              "sit on the circles of the same colour.", filename=f"theseus-pca-{space}")
+    c1, c2 = st.columns(2)
+    with c1:
+        ui.figure(vth.singular_values(diag, space), f"th-sv-{run.id}-{space}",
+                  "Singular values of the cross-covariance between the two models' activations in this space; a "
+                  "steep drop means only a few directions are shared.", filename=f"theseus-sv-{space}")
+    with c2:
+        ui.figure(vth.update_norms(diag), f"th-norms-{run.id}",
+                  "Size of each weight update before (source) and after the map (target). A rotation keeps "
+                  "sizes, so points near the diagonal are expected; below it, part of the update was cut off.",
+                  filename="theseus-update-norms")
+    zeroed = diag.get("zeroed") or []
+    if zeroed:
+        st.caption("Not transported (set to zero, their spaces cannot be mapped): " + ", ".join(zeroed))

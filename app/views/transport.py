@@ -1,0 +1,81 @@
+"""Transport page: pick a method, run it on the sidebar's setup, read the accuracies, move alpha, export."""
+from __future__ import annotations
+
+import streamlit as st
+
+from app import common, logic, state, ui
+from transport.methods import METHOD_NAMES
+from viz import export, results
+
+st.title("Transport a task vector")
+st.caption("A task vector tau = theta_ft - theta_pre is what fine-tuning changed. Transport moves it from the "
+           "source model onto a different target model; a method decides how, and alpha how much of it to add.")
+
+with ui.guarded():
+    setup = common.need_setup()
+    built = logic.built_methods()
+    default = next((m for m in ("transfusion", "theseus", "gradfix", "naive") if m in built), METHOD_NAMES[0])
+    left, right = st.columns([1, 2])
+    with left:
+        method = st.selectbox("Method", METHOD_NAMES, index=METHOD_NAMES.index(default), key="tp-method",
+                              format_func=lambda n: n if n in built else f"{n} (not available yet)")
+        info = common.need_method(method)
+        st.caption(info.summary)
+        alpha_mode = st.radio("alpha", ["choose on validation", "fixed"], horizontal=True, key="tp-alpha-mode")
+        fixed = None
+        if alpha_mode == "fixed":
+            fixed = float(st.number_input("fixed alpha", value=1.0, step=0.1, key="tp-alpha-fixed"))
+        options, shots, pressed = common.run_controls(setup, method, info, "tp", label="Run transport")
+    with right:
+        if pressed:
+            state.execute(setup, method, options, shots, alpha=fixed)
+        run = state.current_run(setup, method)
+        if run is None:
+            st.info("Press **Run transport**. The first run on a pair aligns it (seconds on the demo zoo); "
+                    "later runs and every slider reuse the cached alignment.")
+            raise ui.Stop
+        common.summary(run, per_row=3)
+        acc = run.result.accuracies
+        st.subheader("Accuracy")
+        ui.accuracy_table(acc, f"tp-{run.id}")
+        st.caption("Test accuracy of the target before transport (zero-shot), after adding the untouched tau "
+                   "(naive), after the method, and of the source fine-tuned model and the oracle (the target "
+                   "fine-tuned on the task itself) as ceilings.")
+
+    sweep = run.result.sweep
+    grid = list(sweep.alphas) if sweep else [round(0.05 * i, 2) for i in range(41)]
+    st.subheader("Move alpha")
+    alpha = st.select_slider("alpha (re-applies the cached alignment; no re-alignment)", options=grid,
+                             value=min(grid, key=lambda a: abs(a - run.result.alpha)), key=f"tp-alpha-{run.id}")
+    delta, test_acc = logic.accuracy_at_alpha(run, float(alpha), "test")
+    c1, c2 = st.columns(2)
+    c1.metric(f"test accuracy at alpha = {alpha:.2f}", f"{100 * test_acc:.1f}%",
+              f"{100 * (test_acc - acc.get('zero_shot_target', test_acc)):+.1f} vs zero-shot")
+    c2.metric("||alpha * transported tau||", f"{delta.norm():.3g}")
+    sweeps = {run.method: sweep} if sweep else {}
+    if run.result.naive_sweep is not None:
+        sweeps["naive"] = run.result.naive_sweep
+    fig = results.alpha_curves(sweeps, chosen={run.method: float(alpha)},
+                               picked=run.result.alpha if sweep else None)
+    ui.figure(fig, f"tp-alpha-{run.id}", "Validation accuracy of the target with alpha times the transported task "
+              "vector added (alpha = 0 is the untouched target). The star is your slider; the dotted line is "
+              "the alpha picked on validation.", filename=f"alpha-{run.method}")
+    ui.figure(results.accuracy_bars(acc), f"tp-bars-{run.id}", "The accuracy table as bars: the method should "
+              "sit between the target zero-shot floor and the fine-tuned ceilings.", filename=f"accuracy-{run.method}")
+
+    st.subheader("Export")
+    e1, e2, e3 = st.columns(3)
+    e1.download_button("transported tau (.safetensors)",
+                       data=lambda: export.task_vector_bytes(run.apply(float(alpha)), alpha=str(alpha),
+                                                             method=run.method, target=run.loaded.target.ref),
+                       file_name=f"tau-{run.method}-alpha{alpha:.2f}.safetensors",
+                       mime="application/octet-stream", on_click="ignore", key=f"dl-tau-{run.id}")
+    report = {**run.result.report(), "app_alpha": float(alpha), "app_test_accuracy_at_alpha": test_acc}
+    e2.download_button("report (.json)", data=export.report_json(report), file_name=f"report-{run.method}.json",
+                       mime="application/json", on_click="ignore", key=f"dl-json-{run.id}")
+    e3.download_button("accuracies (.csv)", data=export.accuracies_csv(acc, run.result.alpha, run.method),
+                       file_name=f"accuracies-{run.method}.csv", mime="text/csv", on_click="ignore",
+                       key=f"dl-csv-{run.id}")
+    st.caption("The task vector file holds alpha times the transported tau in the target family's own tensor "
+               "names, so theta_B + file is a standard model of that family. Figures: HTML buttons under each "
+               "figure; " + ui.PNG_HINT)

@@ -1,0 +1,118 @@
+"""GradFix ``prepare`` cost vs the bare forward + backward pass it needs.
+
+Random-init ViT-B-16 visual tower (open_clip config), 10 classes x K = 2 = 20 random 224px images,
+a random normalised 10-way head. Each measurement runs in its own process so peak memory (RSS on
+CPU, allocated memory on CUDA) belongs to that measurement alone.
+
+    python -m bench.gradfix [--device cpu|cuda] [--threads N] [--micro-batch 0 2 4] [--repeat 1]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def _setup(arch_name: str, classes: int, shots: int, device: str):
+    from transport.arch import build_open_clip_tower, open_clip_arch, to_canonical
+    from transport.data import Task
+    from transport.functional import Classifier
+    from transport.model import Model
+
+    arch = open_clip_arch(arch_name)
+    torch.manual_seed(0)
+    tower = build_open_clip_tower(arch)
+    params = {k: v.detach().float().clone() for k, v in to_canonical(tower.state_dict(), arch).items()}
+    del tower
+    g = torch.Generator().manual_seed(1)
+    head = Classifier(torch.nn.functional.normalize(torch.randn(classes, arch.feature_dim, generator=g), dim=-1),
+                      normalize=True, logit_scale=100.0, classnames=[f"class{i}" for i in range(classes)])
+    n = classes * shots
+    x = torch.rand(n, 3, arch.image_size, arch.image_size, generator=g)
+    y = torch.arange(classes).repeat(shots)
+    task = Task("random", list(head.classnames), {"train": (x, y), "val": (x[:1], y[:1]), "test": (x[:1], y[:1])})
+    return arch, Model(arch, params, f"random:{arch_name}", head=head), task
+
+
+def _peak_bytes(device: str) -> int:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def worker(mode: str, arch_name: str, classes: int, shots: int, device: str, micro_batch: int) -> dict:
+    from transport.functional import preprocess
+    from transport.losses import task_loss
+    from transport.methods import TransportInputs
+    from transport.methods.gradfix import prepare
+
+    arch, model, task = _setup(arch_name, classes, shots, device)
+    base = _peak_bytes(device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    if mode == "bare":  # one batched forward + backward of the same samples, gradients kept (what an optimizer needs)
+        x, y = task.shots(shots, 0)
+        loss_fn, _ = task_loss(model, task, device)
+        p = {k: v.to(device).requires_grad_(True) for k, v in model.params.items()}
+        loss = loss_fn(p, preprocess(arch, x.to(device)), y.to(device)).mean()
+        grads = torch.autograd.grad(loss, list(p.values()))
+        float(grads[0].sum())
+        extra = {}
+    else:
+        al = prepare(TransportInputs(model, model, task, shots, 0, device), {"micro_batch": micro_batch})
+        extra = {"micro_batch_used": al.micro_batch, "n": al.n_samples}
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    return {"mode": mode, "seconds": seconds, "peak_bytes": _peak_bytes(device), "base_bytes": base, **extra}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="ViT-B-16")
+    ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--shots", type=int, default=2)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--micro-batch", type=int, nargs="+", default=[0], help="0 = automatic")
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.worker:
+        mode, mb = a.worker.split(":")
+        print(json.dumps(worker(mode, a.arch, a.classes, a.shots, a.device, int(mb))))
+        return
+    runs = [("bare", 0)] + [("prepare", mb) for mb in a.micro_batch]
+    rows = []
+    for _ in range(a.repeat):
+        for mode, mb in runs:
+            cmd = [sys.executable, "-m", "bench.gradfix", "--worker", f"{mode}:{mb}", "--arch", a.arch,
+                   "--classes", str(a.classes), "--shots", str(a.shots), "--device", a.device,
+                   "--threads", str(a.threads)]
+            out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+            if out.returncode:
+                raise SystemExit(f"worker {mode}:{mb} failed:\n{out.stderr}")
+            rows.append({**json.loads(out.stdout.strip().splitlines()[-1]), "requested_mb": mb})
+    bare = min(r["seconds"] for r in rows if r["mode"] == "bare")
+    print(f"GradFix prepare vs bare forward+backward: {a.arch}, {a.classes} classes x K={a.shots} "
+          f"= {a.classes * a.shots} images, device {a.device}, threads {torch.get_num_threads()}")
+    print(f"{'run':<22}{'seconds':>9}{'x bare':>8}{'peak GiB':>10}{'base GiB':>10}")
+    for r in rows:
+        name = "bare fwd+bwd (batch)" if r["mode"] == "bare" else \
+            f"prepare mb={r['micro_batch_used']}" + (" (auto)" if r["requested_mb"] == 0 else "")
+        print(f"{name:<22}{r['seconds']:>9.2f}{r['seconds'] / bare:>8.2f}{r['peak_bytes'] / 2**30:>10.2f}"
+              f"{r['base_bytes'] / 2**30:>10.2f}")
+    print("peak: process max RSS (cpu) or max allocated (cuda); base: the same right after building the model")
+
+
+if __name__ == "__main__":
+    main()

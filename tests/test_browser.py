@@ -1,0 +1,185 @@
+"""The app in a real browser: Streamlit on a free localhost port, driven by headless Chromium (playwright).
+
+Runs a transport on the test zoo, opens every page, checks its key text and that a plotly chart
+rendered, and saves a screenshot of each page into ``$SCREENSHOT_DIR`` (default: a temp dir).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+ROOT = Path(__file__).resolve().parents[1]
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(request, tmp_path_factory):
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing (install the chromium package to run the browser test)")
+    from transport import zoo
+
+    given = os.environ.get("TRANSPORT_TEST_ZOO_DIR")
+    zoo_dir = Path(given) if given and zoo.is_built(given) else Path(request.getfixturevalue("tiny_zoo"))
+    port = _free_port()
+    env = {**os.environ, "TRANSPORT_ZOO_DIR": str(zoo_dir),
+           "TRANSPORT_CACHE_DIR": str(tmp_path_factory.mktemp("browser-cache")),
+           "TRANSPORT_APP_DIR": str(tmp_path_factory.mktemp("browser-app")), "OMP_NUM_THREADS": "2"}
+    log = tmp_path_factory.mktemp("browser-log") / "streamlit.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", str(ROOT / "app" / "main.py"), "--server.headless", "true",
+             "--server.address", "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false",
+             "--server.fileWatcherType", "none"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                    if r.read().strip() == b"ok":
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"streamlit did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def shots_dir() -> Path:
+    d = Path(os.environ.get("SCREENSHOT_DIR") or tempfile.mkdtemp(prefix="app-screenshots-"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _idle(page, timeout: float = 180_000) -> None:
+    """Wait until Streamlit's script run is over (the app root reports its script state)."""
+    page.wait_for_timeout(300)
+    page.wait_for_function(
+        "() => { const a = document.querySelector('[data-testid=\"stApp\"]');"
+        " return a && a.getAttribute('data-test-script-state') === 'notRunning'; }", timeout=timeout)
+
+
+def _shot(page, path: Path) -> None:
+    """A screenshot of the whole page: the viewport grows to the main area's scroll height first."""
+    h = page.evaluate("() => { const m = document.querySelector('[data-testid=\"stMain\"]');"
+                      " return m ? m.scrollHeight : document.body.scrollHeight; }")
+    size = page.viewport_size
+    page.set_viewport_size({"width": size["width"], "height": max(size["height"], min(int(h) + 40, 8000))})
+    page.wait_for_timeout(800)  # let plotly re-layout to the new size
+    page.screenshot(path=str(path), full_page=True)
+    page.set_viewport_size(size)
+
+
+def _plotly(page, at_least: int = 1) -> int:
+    page.wait_for_function(f"() => document.querySelectorAll('.js-plotly-plot .main-svg').length >= {at_least}",
+                           timeout=60_000)
+    return page.locator(".js-plotly-plot").count()
+
+
+def _no_error(page) -> None:
+    errors = page.locator('[data-testid="stAlertContentError"]')
+    assert errors.count() == 0, errors.first.inner_text()
+    assert page.locator('[data-testid="stException"]').count() == 0
+
+
+def _open(page, title: str) -> None:
+    page.locator('[data-testid="stSidebarNav"] a', has_text=title).first.click()
+    _idle(page)
+
+
+def _run(page, label: str) -> None:
+    page.get_by_role("button", name=label, exact=True).click()
+    _idle(page)
+
+
+def test_pages_in_a_real_browser(server, shots_dir):
+    from playwright.sync_api import sync_playwright
+
+    from app.logic import built_methods
+
+    methods = built_methods()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(server, wait_until="networkidle")
+            page.get_by_text("Transport a task vector").wait_for(timeout=60_000)
+            _idle(page)
+            _no_error(page)
+
+            # Transport: run the default method on the default zoo pair
+            _run(page, "Run transport")
+            page.get_by_text("Accuracy", exact=True).wait_for(timeout=180_000)
+            _no_error(page)
+            assert page.get_by_text("target zero-shot").first.is_visible()
+            assert _plotly(page, 2) >= 2
+            page.get_by_text("Accuracy vs alpha").first.wait_for()
+            _shot(page, shots_dir / "01-transport.png")
+
+            expect = {"TransFusion": ("transfusion", "Run transfusion", "head assignment"),
+                      "GradFix": ("gradfix", "Run gradfix", "Sign agreement per layer and block"),
+                      "Theseus": ("theseus", "Run theseus", "Procrustes residual per activation space")}
+            for i, (title, (method, button, text)) in enumerate(expect.items(), start=2):
+                _open(page, title)
+                if method not in methods:
+                    page.get_by_text("not available yet").first.wait_for(timeout=30_000)
+                    assert page.locator(".js-plotly-plot").count() == 0
+                else:
+                    if method == "theseus":  # a cross-width pair shows what Theseus is for
+                        _pick_pair(page, "Wider release grown from A")
+                    _run(page, button)
+                    _no_error(page)
+                    page.get_by_text(text).first.wait_for(timeout=180_000)
+                    assert _plotly(page, 2) >= 2
+                    if method == "theseus":
+                        _pick_pair(page, "Control: A with its units shuffled")
+                _shot(page, shots_dir / f"0{i}-{method}.png")
+
+            _open(page, "Compare")
+            _run(page, "Run the selected methods")
+            page.get_by_text("Agreement between methods").first.wait_for(timeout=180_000)
+            assert _plotly(page, 2) >= 2
+            _shot(page, shots_dir / "05-compare.png")
+
+            _open(page, "Debug a transfer")
+            page.get_by_text("Which layers carry the transfer").first.wait_for(timeout=120_000)
+            _no_error(page)
+            assert _plotly(page, 1) >= 1
+            _shot(page, shots_dir / "06-debug.png")
+        finally:
+            browser.close()
+    assert len(list(shots_dir.glob("0*.png"))) == 6
+
+
+def _pick_pair(page, title: str) -> None:
+    box = page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]', has_text="Pair").first
+    box.click()
+    page.get_by_role("option", name=title).click()
+    _idle(page)

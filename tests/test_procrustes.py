@@ -1,0 +1,180 @@
+"""Procrustes maps and the streaming moments behind them (spec invariants 1-3, residual formula, resizing)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from transport.procrustes import (CrossCovariance, naive_map, polar, procrustes_map, resize_tokens,
+                                  resize_tokens_adjoint)
+
+MODES = ("svd", "eigh", "eigh32")
+TOL = {"svd": 1e-9, "eigh": 1e-9, "eigh32": 2e-4}
+
+
+def rand_orth(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """rows x cols with orthonormal rows (rows <= cols) or columns (rows > cols)."""
+    g = torch.Generator().manual_seed(seed)
+    M = torch.randn(max(rows, cols), min(rows, cols), generator=g, dtype=torch.float64)
+    Q, R = torch.linalg.qr(M)
+    Q = Q * torch.sign(torch.diagonal(R))
+    return Q.t() if rows <= cols else Q
+
+
+def data(n: int, d: int, seed: int, cond: float = 10.0) -> torch.Tensor:
+    """n x d, full column rank, singular values spread over ``cond``."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    return X * torch.logspace(0, -math.log10(cond), d, dtype=torch.float64)
+
+
+def moments(xa: torch.Tensor, xb: torch.Tensor, chunk: int = 37, **kw) -> CrossCovariance:
+    cc = CrossCovariance(xa.shape[1], xb.shape[1], **kw)
+    for i in range(0, len(xa), chunk):
+        cc.update(xa[i:i + chunk], xb[i:i + chunk])
+    return cc
+
+
+def eye_err(M: torch.Tensor) -> float:
+    return float((M.double() - torch.eye(M.shape[0], dtype=torch.float64)).abs().max())
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", [(12, 20), (20, 12), (16, 16)])
+def test_orthogonality(mode, shape):
+    d_a, d_b = shape
+    C = torch.randn(d_a, d_b, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    C[:, 0] = 0  # rank deficient too
+    T, S = polar(C, mode)
+    assert T.shape == (d_a, d_b)
+    tol = 1e-5 if mode == "eigh32" else 1e-12
+    if d_a <= d_b:
+        assert eye_err(T @ T.t()) < tol
+    else:
+        assert eye_err(T.t() @ T) < tol
+    assert torch.all(S[:-1] >= S[1:] - 1e-6 * S[0])
+    assert torch.allclose(S, torch.linalg.svdvals(C), atol=1e-3 * float(S[0]) if mode == "eigh32" else 1e-9)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_planted_rotation_recovered(mode):
+    xa = data(300, 24, 0)
+    R = rand_orth(24, 24, 1)
+    T = procrustes_map(moments(xa, xa @ R).C, mode)
+    assert (T.double() - R).abs().max() < TOL[mode]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_planted_widening_embedding_recovered(mode):
+    xa = data(300, 16, 2)
+    E = rand_orth(16, 40, 3)
+    assert eye_err(E @ E.t()) < 1e-12
+    T = procrustes_map(moments(xa, xa @ E).C, mode)
+    assert (T.double() - E).abs().max() < TOL[mode]
+    assert not torch.allclose(T.double(), naive_map(16, 40), atol=0.1)
+
+
+def test_shrinking_is_a_projection_that_maximises_the_trace():
+    """No exact recovery is claimed when shrinking; T is the trace maximiser over orthonormal-column maps."""
+    xa = data(400, 30, 4, cond=100)
+    P = rand_orth(30, 12, 5)  # P^T P = I
+    cc = moments(xa, xa @ P, gram_a=True)
+    T = procrustes_map(cc.C, "eigh")
+    assert eye_err(T.t() @ T) < 1e-12
+    for seed in range(5):
+        other = rand_orth(30, 12, 100 + seed)
+        assert float((T * cc.C).sum()) >= float((other * cc.C).sum())
+    assert float((T * cc.C).sum()) >= float((P * cc.C).sum()) - 1e-9
+    # with whitened source data (orthonormal columns) the planted projection is recovered
+    q, _ = torch.linalg.qr(xa)
+    Tw = procrustes_map(moments(q, q @ P).C, "eigh")
+    assert (Tw - P).abs().max() < 1e-10
+
+
+def test_equal_data_gives_identity_even_when_rank_deficient():
+    x = data(50, 20, 6)
+    x[:, 5] = 0.0  # a dead unit
+    x[:, 7] = x[:, 8]  # and a duplicated one
+    for mode in MODES:
+        T = procrustes_map(moments(x, x).C, mode)
+        assert eye_err(T) < (2e-3 if mode == "eigh32" else 1e-6), mode
+
+
+def test_equivariance_under_target_rotations():
+    xa, xb = data(200, 10, 7), data(200, 14, 8)
+    Q = rand_orth(14, 14, 9)
+    T = procrustes_map(moments(xa, xb).C, "eigh")
+    TQ = procrustes_map(moments(xa, xb @ Q).C, "eigh")
+    assert (TQ - T @ Q).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("center", [False, True])
+@pytest.mark.parametrize("shape", [(9, 13), (13, 9)])
+def test_residuals_from_moments_match_stored_activations(center, shape):
+    d_a, d_b = shape
+    xa, xb = data(120, d_a, 10) + 0.3, data(120, d_b, 11) - 0.2
+    cc = moments(xa, xb, gram_a=True)
+    T = procrustes_map(cc.cross(center), "eigh")
+    if center:
+        xa, xb = xa - xa.mean(0), xb - xb.mean(0)
+    direct = float(torch.linalg.norm(xa @ T - xb) / torch.linalg.norm(xb))
+    assert cc.residual(T, center) == pytest.approx(direct, rel=1e-9)
+    naive = float(torch.linalg.norm(xa @ naive_map(d_a, d_b) - xb) / torch.linalg.norm(xb))
+    assert cc.residual_naive(center) == pytest.approx(naive, rel=1e-9)
+    if d_a <= d_b:  # an isometric embedding: Procrustes beats any other one, the zero padding included
+        assert cc.residual(T, center) <= cc.residual_naive(center)
+
+
+def test_centering_recovers_a_rotation_under_an_offset():
+    xa = data(300, 12, 12) + torch.linspace(-2, 2, 12, dtype=torch.float64)
+    R = rand_orth(12, 12, 13)
+    xb = (xa - xa.mean(0)) @ R + torch.linspace(1, 3, 12, dtype=torch.float64)
+    assert (procrustes_map(moments(xa, xb).cross(True), "eigh") - R).abs().max() < 1e-10
+    assert (procrustes_map(moments(xa, xb).cross(False), "eigh") - R).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("p", [0.25, 0.5])
+def test_whitening_keeps_a_planted_rotation(p):
+    xa = data(300, 12, 14, cond=30)
+    R = rand_orth(12, 12, 15)
+    cc = moments(xa, xa @ R, gram_a=True, gram_b=True)
+    C0 = cc.target_matrix(whiten=0.0)
+    Cw = cc.target_matrix(whiten=p, eps=1e-12)
+    assert torch.equal(C0, cc.C)
+    assert not torch.allclose(Cw, cc.C)
+    assert (procrustes_map(Cw, "eigh") - R).abs().max() < 1e-8
+
+
+def test_streaming_equals_one_shot_and_cross_factors():
+    xa, xb = data(90, 7, 16), data(90, 5, 17)
+    one = CrossCovariance(7, 5)
+    one.update(xa, xb)
+    many = moments(xa, xb, chunk=8)
+    assert torch.allclose(one.C, many.C, atol=1e-12) and torch.allclose(one.C, xa.t() @ xb, atol=1e-12)
+    assert many.n == 90
+    # a factorised cross product replaces the plain one
+    g = CrossCovariance(7, 5)
+    W = torch.randn(90, 90, dtype=torch.float64)
+    g.update(W @ xa, xb, cross=(xa, W.t() @ xb))
+    assert torch.allclose(g.C, (W @ xa).t() @ xb, atol=1e-10)
+
+
+@pytest.mark.parametrize("g_from,g_to", [(14, 15), (15, 14), (4, 7)])
+def test_token_resize_is_bilinear_and_adjoint(g_from, g_to):
+    x = torch.randn(3, 1 + g_from ** 2, 5, dtype=torch.float64)
+    y = resize_tokens(x, g_to)
+    grid = x[:, 1:].reshape(3, g_from, g_from, 5).permute(0, 3, 1, 2)
+    ref = F.interpolate(grid, size=(g_to, g_to), mode="bilinear", align_corners=False)
+    assert torch.allclose(y[:, 1:], ref.permute(0, 2, 3, 1).reshape(3, g_to ** 2, 5), atol=1e-12)
+    assert torch.equal(y[:, 0], x[:, 0])  # class token apart
+    z = torch.randn(3, 1 + g_to ** 2, 5, dtype=torch.float64)
+    assert float((y * z).sum()) == pytest.approx(float((x * resize_tokens_adjoint(z, g_from)).sum()), rel=1e-12)
+
+
+def test_polar_rejects_bad_input():
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        polar(torch.tensor([[1.0, float("nan")]]))
+    with pytest.raises(ValueError, match="unknown mode"):
+        polar(torch.eye(2), "qr")
+    T, S = polar(torch.zeros(3, 5))  # nothing measured: the reference map
+    assert torch.equal(T, naive_map(3, 5)) and torch.all(S == 0)

@@ -1,0 +1,224 @@
+"""The demo zoo: exact shuffles and widenings, deterministic training, loading, and the phenomenon."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from transport import zoo
+from transport.arch import param_axes, tiny_arch
+from transport.data import digits_task
+from transport.errors import TransportError
+from transport.functional import encode, preprocess
+from transport.io import read_safetensors
+from transport.task_vector import TaskVector
+from transport.train import Augment, TrainConfig, init_head, init_params, train
+
+ARCH = tiny_arch(width=32, layers=2, heads=4, output_dim=16)
+
+
+def _pixels(arch, n=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return preprocess(arch, torch.rand(n, 1, arch.image_size, arch.image_size, generator=g))
+
+
+def _randomized(arch, seed=0):
+    """open_clip init plus noise on every tensor (so biases and LayerNorms are not trivially 0 / 1)."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in init_params(arch, seed).items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# shuffles and widening (no zoo needed)
+# ----------------------------------------------------------------------------------------------
+def test_shuffle_is_exactly_function_preserving_and_moves_units():
+    params = _randomized(ARCH)
+    perm = zoo.random_unit_permutation(ARCH, seed=3)
+    shuffled = zoo.permute_params(params, ARCH, perm)
+    x = _pixels(ARCH)
+    torch.testing.assert_close(encode(shuffled, ARCH, x), encode(params, ARCH, x), atol=1e-5, rtol=0)
+    # it really moved things: every matrix differs, and most entries of the big ones changed place
+    for k, info in param_axes(ARCH).items():
+        if len(info.shape) == 2 and info.block in ("Q", "K", "V", "O", "fc1", "fc2"):
+            assert (shuffled[k] != params[k]).float().mean() > 0.8, k
+    for l in range(ARCH.layers):  # qk and vo share the head move but shuffle within heads independently
+        dh = ARCH.head_dim
+        assert torch.equal(perm.qk[l][::dh] // dh, perm.heads[l]) and torch.equal(perm.vo[l][::dh] // dh, perm.heads[l])
+        assert not torch.equal(perm.qk[l], perm.vo[l])
+    back = zoo.permute_params(shuffled, ARCH, zoo.invert_permutation(perm))
+    assert all(torch.equal(back[k], params[k]) for k in params)
+
+
+def test_inconsistent_shuffle_changes_the_function():
+    """The check above can fail: moving Q's rows but not K's breaks q.k, moving fc1 alone breaks the MLP."""
+    params = _randomized(ARCH)
+    perm = zoo.random_unit_permutation(ARCH, seed=3)
+    x = _pixels(ARCH)
+    ref = encode(params, ARCH, x)
+    bad = dict(params)
+    bad["blocks.0.attn.q.weight"] = params["blocks.0.attn.q.weight"][perm.qk[0]]
+    assert (encode(bad, ARCH, x) - ref).abs().max() > 1e-3
+    bad = dict(params)
+    bad["blocks.1.mlp.fc1.weight"] = params["blocks.1.mlp.fc1.weight"][perm.mlp[1]]
+    assert (encode(bad, ARCH, x) - ref).abs().max() > 1e-3
+
+
+def test_widening_is_function_preserving_and_linear():
+    wide = tiny_arch(width=64, layers=2, heads=8, output_dim=16)
+    assert wide.head_dim == ARCH.head_dim
+    params = _randomized(ARCH, seed=1)
+    grown = zoo.grow_params(params, ARCH, wide)
+    assert {k: tuple(v.shape) for k, v in grown.items()} == {k: i.shape for k, i in param_axes(wide).items()}
+    x = _pixels(ARCH)
+    torch.testing.assert_close(encode(grown, wide, x), encode(params, ARCH, x), atol=1e-5, rtol=0)
+    tau = {k: 0.01 * torch.randn(v.shape, generator=torch.Generator().manual_seed(2)) for k, v in params.items()}
+    lhs = zoo.grow_params({k: params[k] + tau[k] for k in params}, ARCH, wide)
+    rhs = zoo.grow_params(tau, ARCH, wide)
+    assert all(torch.allclose(lhs[k], grown[k] + rhs[k], atol=1e-7) for k in lhs)
+    # noise breaks the equality: the comparison is sharp enough to notice a change
+    noisy = {k: v + 0.01 * torch.randn(v.shape) for k, v in grown.items()}
+    assert (encode(noisy, wide, x) - encode(params, ARCH, x)).abs().max() > 1e-4
+    with pytest.raises(TransportError, match="cannot grow .* need 2x width"):
+        zoo.grow_params(params, ARCH, tiny_arch(width=64, layers=2, heads=4, output_dim=16))
+
+
+def test_training_is_deterministic():
+    x, y = digits_task("digits").split("train")
+    cfg = TrainConfig(steps=6, batch_size=32, augment=Augment(shift=1, noise=0.1, cutout=2), seed=5)
+    head = init_head(ARCH, 10, 0)
+    a = train(init_params(ARCH, 0), head, ARCH, x, y, cfg)
+    b = train(init_params(ARCH, 0), head, ARCH, x, y, cfg)
+    c = train(init_params(ARCH, 0), head, ARCH, x, y, cfg.with_seed(6))
+    assert all(torch.equal(a.params[k], b.params[k]) for k in a.params)
+    assert torch.equal(a.head.weight, b.head.weight)
+    assert any(not torch.equal(a.params[k], c.params[k]) for k in a.params)  # the data seed matters
+
+
+def test_not_built_and_bad_variant(tmp_path):
+    assert not zoo.is_built(tmp_path)
+    with pytest.raises(TransportError, match=r"not built at .*python -m transport zoo build"):
+        zoo.load("A", root=tmp_path)
+    with pytest.raises(TransportError, match="unknown zoo variant 'huge'"):
+        zoo.build(tmp_path, variant="huge")
+
+
+def test_summary_statistics():
+    rows = [{"pair": "control", "target": "B_control", "task": "rot90", "seed": s, "zero_shot_target": z,
+             "naive": n, "true_map": None, "source_finetuned": 0.9, "oracle": 0.9}
+            for s, z, n in ((0, 0.1, 0.1), (1, 0.2, 0.3))]
+    (s,) = zoo.summarize(rows)
+    assert s["seeds"] == 2 and s["naive"] == pytest.approx(0.2) and s["naive_std"] == pytest.approx(0.1)
+    assert s["true_map"] is None and s["oracle_std"] == 0.0
+    assert "20.0 +- 10.0" in zoo.format_table(rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# the built test zoo
+# ----------------------------------------------------------------------------------------------
+def test_list_load_arch_round_trip(tiny_zoo):
+    assert zoo.is_built() and zoo.zoo_root() == tiny_zoo
+    assert zoo.seeds() == [0] and zoo.tasks() == ["rot90", "invert"]
+    entries = zoo.list_models()
+    names = {e.name for e in entries}
+    for base in zoo.PRETRAINED:
+        assert base in names
+    for p in zoo.pairs():
+        assert p.source == "A" and p.target in names and p.expected
+        for t in zoo.tasks():
+            assert f"{p.target}+{t}" in names
+    for e in entries:
+        m = zoo.load(e.ref)
+        assert m.arch == zoo.arch_of(e.ref) and m.arch.name == e.arch
+        assert m.ref == f"zoo:{e.ref}" and m.head is not None and m.head.num_classes == 10
+        assert (e.kind == "finetuned") == (e.task is not None)
+        if e.base:
+            assert zoo.load(e.base).arch == m.arch
+    a, a0 = zoo.load("A"), zoo.load("A@0")
+    assert all(torch.equal(a.params[k], a0.params[k]) for k in a.params)
+    wide = zoo.arch_of("W_grown")
+    assert wide.width == 2 * a.arch.width and wide.heads == 2 * a.arch.heads and wide.head_dim == a.arch.head_dim
+    # the file is an open_clip state dict (fused in_proj) plus the frozen head
+    tensors, md = read_safetensors(tiny_zoo / "seed0" / "A.safetensors")
+    assert "transformer.resblocks.0.attn.in_proj_weight" in tensors and "classifier.weight" in tensors
+    assert json.loads(md["classnames"])[0] == "zero"
+
+
+def test_unknown_names(tiny_zoo):
+    with pytest.raises(TransportError, match=r"zoo has no model 'C' \(known: A, B_control, B_next,"):
+        zoo.load("C")
+    with pytest.raises(TransportError, match="zoo has no model 'A\\+hflip'"):
+        zoo.load("A+hflip")  # not a task of the test zoo
+    with pytest.raises(TransportError, match=r"zoo model 'A@7': no seed 7 \(seeds: 0\)"):
+        zoo.arch_of("A@7")
+    with pytest.raises(TransportError, match="only B_control and B_next are"):
+        zoo.true_permutation("A")
+
+
+def test_shuffled_releases_are_exact_relabellings(tiny_zoo):
+    A, Bc = zoo.load("A"), zoo.load("B_control")
+    perm = zoo.true_permutation("B_control")
+    shuffled = zoo.permute_params(A.params, A.arch, perm)
+    assert all(torch.equal(shuffled[k], Bc.params[k]) for k in A.params)
+    assert torch.equal(A.head.weight, Bc.head.weight)
+    x = preprocess(A.arch, digits_task("digits").split("test")[0][:64])
+    torch.testing.assert_close(encode(Bc.params, A.arch, x), encode(A.params, A.arch, x), atol=1e-5, rtol=0)
+    for t in zoo.tasks():  # the control oracle is A's fine-tune shuffled alike
+        ft = zoo.permute_params(zoo.load(f"A+{t}").params, A.arch, perm)
+        assert all(torch.equal(ft[k], zoo.load(f"B_control+{t}").params[k]) for k in ft)
+    Bn, Bu = zoo.load("B_next"), zoo.load("B_next_unshuffled")
+    renamed = zoo.permute_params(Bu.params, A.arch, zoo.true_permutation("B_next"))
+    assert all(torch.equal(renamed[k], Bn.params[k]) for k in renamed)
+    assert any(not torch.equal(Bn.params[k], A.params[k]) for k in A.params)
+
+
+def test_source_is_reproducible_from_its_config(tiny_zoo):
+    cfg = zoo.VARIANTS["test"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the build trains single-threaded
+    try:
+        res = zoo.pretrain_source(cfg, 0)
+    finally:
+        torch.set_num_threads(threads)
+    A = zoo.load("A")
+    assert all(torch.equal(res.params[k], A.params[k]) for k in A.params)
+    assert torch.equal(res.head.weight, A.head.weight)
+
+
+def test_phenomenon_on_test_variant(tiny_zoo):
+    table = zoo.phenomenon_table()
+    assert {(r["pair"], r["task"]) for r in table} == {(p.key, t) for p in zoo.pairs() for t in zoo.tasks()}
+    for r in (r for r in table if r["pair"] == "control"):
+        # the source fine-tune is good and the exactly shuffled one is the same function ...
+        assert r["source_finetuned"] > r["zero_shot_target"] + 0.25
+        assert r["oracle"] == r["source_finetuned"] == r["true_map"]
+        # ... but naive addition of tau onto the shuffled weights recovers little of that gain
+        gain = (r["naive"] - r["zero_shot_target"]) / (r["oracle"] - r["zero_shot_target"])
+        assert gain < 0.3, r
+    for r in table:
+        assert (r["naive"] is None) == r["pair"].startswith("wide")
+    # the stored table agrees with the stored models
+    from transport.evaluate import accuracy
+
+    r = next(r for r in table if r["pair"] == "next" and r["task"] == "rot90")
+    task = digits_task("rot90")
+    assert accuracy(zoo.load("B_next+rot90"), task) == r["oracle"]
+    Bn, A, Aft = zoo.load("B_next"), zoo.load("A"), zoo.load("A+rot90")
+    tau = TaskVector.from_models(A.params, Aft.params, A.arch)
+    assert accuracy(Bn, task, "test", tau.apply_to(Bn.params, r["naive_alpha"])) == r["naive"]
+
+
+def test_build_skips_when_built_and_refuses_other_configs(tiny_zoo):
+    info = zoo.build(tiny_zoo, variant="test", progress=False)
+    assert info["skipped"] and info["variant"] == "test" and info["build_seconds"] > 0
+    assert set(info["model_seconds"]) >= {"A@0", "W_indep+rot90@0"}
+    with pytest.raises(TransportError, match="another configuration"):
+        zoo.build(tiny_zoo, variant="full", progress=False)
+
+
+def test_module_cli_lists_models(tiny_zoo, capsys):
+    assert zoo._main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "B_next+invert@0" in out and "finetuned" in out
+    assert zoo._main(["list", "--root", str(tiny_zoo / "nowhere")]) == 2
+    assert "python -m transport zoo build" in capsys.readouterr().err

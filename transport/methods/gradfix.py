@@ -1,0 +1,404 @@
+"""GradFix: gradient-sign masking of a task vector (same architecture, a few labelled target samples).
+
+``prepare`` takes per-sample gradients of the target's own classification loss on K labelled
+samples per class (train split) with ``torch.func.vmap(grad(...))`` in micro-batches, and keeps a
+vote per parameter entry: the sum of the per-sample signs of the descent direction -grad l_n (majority
+vote) and the mean gradient g (mean vote, first-order diagnostics). Nothing is updated.
+
+``apply`` keeps the entries of tau whose sign agrees with the vote s (sign_mask m_i = 1 iff
+sign(tau_i) == s_i, ties s_i = 0 dropped): delta = m ⊙ tau. With s = sign(-g) this is a descent
+direction, <g, delta> = -sum_i m_i |g_i| |tau_i| <= 0. Variants: ``force`` (|tau| ⊙ s), ``random``
+(same keep-rate per tensor, a control) and ``oracle`` (s = sign of the target's own task vector).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from transport.arch import ViTArch, param_axes
+from transport.errors import TransportError
+from transport.functional import preprocess
+from transport.losses import LossFn, task_loss
+from transport.methods import MethodInfo, Progress, TransportInputs, no_progress
+from transport.task_vector import TaskVector
+
+Tensor = torch.Tensor
+
+VOTES = ("majority", "mean")
+VARIANTS = ("normal", "force", "random", "oracle")
+DEFAULT_OPTIONS = {"vote": "majority", "variant": "normal", "micro_batch": 0, "mask_seed": 0}
+VOTES_FILE, META_FILE = "votes.safetensors", "alignment.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# per-sample gradients and the vote
+# ----------------------------------------------------------------------------------------------
+def per_sample_grads(loss_fn: LossFn, params: dict[str, Tensor], pixels: Tensor, labels: Tensor,
+                     names: Optional[list[str]] = None) -> tuple[dict[str, Tensor], Tensor]:
+    """Gradients of each sample's loss w.r.t. ``params[names]`` ([n, *shape] each) and the losses [n]."""
+    names = list(params) if names is None else names
+    frozen = {k: v for k, v in params.items() if k not in set(names)}
+
+    def one(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return loss_fn({**frozen, **p}, x.unsqueeze(0), y.unsqueeze(0)).sum()
+
+    grad_fn = torch.func.vmap(torch.func.grad_and_value(one), in_dims=(None, 0, 0))
+    grads, losses = grad_fn({k: params[k] for k in names}, pixels, labels)
+    return grads, losses
+
+
+def invariant_tensors(arch: ViTArch) -> list[str]:
+    """Tensors no loss depends on: the key bias adds q·b_k to every logit of a query, which softmax ignores.
+
+    Their gradient is rounding noise, so they take no vote and pass through ``apply`` unmasked.
+    """
+    return [k for k, i in param_axes(arch).items() if i.block == "K" and i.is_bias]
+
+
+def count_dtype(n: int) -> torch.dtype:
+    """Smallest signed integer type holding a vote sum in [-n, n]."""
+    return torch.int8 if n <= 127 else torch.int16 if n <= 32767 else torch.int32
+
+
+def _is_oom(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in text or "can't allocate" in text
+
+
+def auto_micro_batch(params: dict[str, Tensor], names: list[str], pixels: Tensor,
+                     arch: Optional[ViTArch] = None) -> int:
+    """Samples per vmap call: per-sample gradients plus activations must fit a memory budget."""
+    dev = pixels.device
+    item = params[names[0]].element_size() if names else 4
+    grads = item * sum(params[k].numel() for k in names)
+    acts = grads
+    if arch is not None:  # saved activations of one sample, per block: ~10 d-wide and 2 m-wide rows per token
+        t, d, m = arch.tokens, arch.width, arch.mlp_width
+        acts = item * arch.layers * (t * (10 * d + 2 * m) + 2 * arch.heads * t * t)
+    if dev.type == "cuda":
+        budget = 0.5 * torch.cuda.mem_get_info(dev)[0]
+    else:
+        budget = 1.25 * 2**30  # keeps ViT-B/16 under ~3 GiB in total
+    return max(1, min(len(pixels), int(budget // max(grads + acts, 1))))
+
+
+@dataclass
+class Votes:
+    """sum_n sign(-grad l_n) per entry (integers), the mean gradient, and what produced them."""
+
+    counts: dict[str, Tensor]
+    grad: dict[str, Tensor]
+    n: int
+    mean_loss: float
+    micro_batch: int
+    no_grad: list[str]  # tensors with an identically zero gradient on every sample: the loss does not reach them
+
+
+def collect_votes(loss_fn: LossFn, params: dict[str, Tensor], pixels: Tensor, labels: Tensor,
+                  names: Optional[list[str]] = None, micro_batch: int = 0, arch: Optional[ViTArch] = None,
+                  progress: Progress = no_progress) -> Votes:
+    """Per-sample gradient signs summed chunk by chunk (peak memory: one micro-batch of gradients).
+
+    ``micro_batch`` 0 picks one from a memory budget; a chunk that runs out of memory is retried
+    with half as many samples. ``params`` are only read.
+    """
+    names = [k for k, v in params.items() if v.is_floating_point()] if names is None else list(names)
+    n = len(labels)
+    if n == 0:
+        raise TransportError("gradfix: no labelled samples to take gradients on")
+    cdtype = count_dtype(n)
+    counts = {k: torch.zeros(params[k].shape, dtype=cdtype, device=params[k].device) for k in names}
+    gsum = {k: torch.zeros_like(params[k]) for k in names}
+    b = micro_batch if micro_batch > 0 else auto_micro_batch(params, names, pixels, arch)
+    b_used, i, loss_sum = b, 0, 0.0
+    while i < n:
+        j = min(n, i + b)
+        try:
+            grads, losses = per_sample_grads(loss_fn, params, pixels[i:j], labels[i:j], names)
+        except RuntimeError as e:
+            if not _is_oom(e) or b == 1:
+                raise
+            b = max(1, b // 2)
+            b_used = min(b_used, b)
+            if pixels.device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        if not bool(torch.isfinite(losses).all()):
+            raise TransportError("gradfix: the loss is not finite on the labelled samples (NaN/Inf in the "
+                                 "images or the model)")
+        loss_sum += float(losses.double().sum())
+        for k in names:
+            g = grads.pop(k)
+            gsum[k] += g.sum(0)
+            g = g.sign_() if g.is_contiguous() else g.sign()
+            counts[k] -= g.sum(0).to(cdtype)  # sum_n sign(-g_n)
+            del g
+        i = j
+        progress(i / n, f"gradfix: gradients of {i}/{n} samples")
+    grad = {}
+    for k in names:
+        if not bool(torch.isfinite(gsum[k]).all()):
+            raise TransportError(f"gradfix: the gradient of {k} is not finite")
+        grad[k] = (gsum[k] / n).cpu()
+    counts = {k: v.cpu() for k, v in counts.items()}
+    no_grad = [k for k in names if not counts[k].any() and not grad[k].any()]
+    return Votes(counts, grad, n, loss_sum / n, b_used, no_grad)
+
+
+# ----------------------------------------------------------------------------------------------
+# the alignment: the vote, and how a task vector is masked by it
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class GradFixAlignment:
+    """The sign vote of the target's task loss on a few labelled samples.
+
+    ``counts[k]`` = sum_n sign(-grad l_n) (integers), ``grad[k]`` = mean gradient g over the N samples.
+    ``no_grad``: tensors the loss does not reach (they pass through ``apply`` unmasked).
+    """
+
+    arch: ViTArch
+    counts: dict[str, Tensor]
+    grad: dict[str, Tensor]
+    n_samples: int
+    vote: str = "majority"
+    shots: int = 0
+    no_grad: list[str] = field(default_factory=list)
+    mean_loss: float = float("nan")
+    micro_batch: int = 0
+    last: Optional[dict] = None  # tau-dependent part of the last apply
+
+    def __post_init__(self) -> None:
+        if self.vote not in VOTES:
+            raise TransportError(f"gradfix: unknown vote '{self.vote}' (use {' or '.join(VOTES)})")
+
+    # -- the vote ---------------------------------------------------------------------------
+    def sign(self, name: str, vote: Optional[str] = None) -> Tensor:
+        """s in {-1, 0, +1} (int8): sign of the vote sum (majority) or of -g (mean)."""
+        vote = vote or self.vote
+        if vote == "majority":
+            return torch.sign(self.counts[name]).to(torch.int8)
+        if vote == "mean":
+            return torch.sign(-self.grad[name]).to(torch.int8)
+        raise TransportError(f"gradfix: unknown vote '{vote}' (use {' or '.join(VOTES)})")
+
+    def margin(self, name: str) -> Tensor:
+        """Vote margin |sum_n sign(-g_n)| / N in [0, 1]: the confidence of each entry's sign."""
+        return self.counts[name].abs().float() / self.n_samples
+
+    def entry_map(self, name: str, tau: TaskVector, vote: Optional[str] = None) -> Tensor:
+        """+1 where sign(tau) agrees with the vote, 0 on ties (s = 0), -1 elsewhere (int8, tensor's shape)."""
+        if name not in self.counts:
+            raise TransportError(f"gradfix: no vote for tensor '{name}'")
+        if name not in tau.tensors:
+            raise TransportError(f"gradfix: the task vector has no tensor '{name}'")
+        s = self.sign(name, vote)
+        agree = torch.sign(tau[name]).to(torch.int8) == s
+        return torch.where(s == 0, torch.zeros_like(s), torch.where(agree, torch.ones_like(s), -torch.ones_like(s)))
+
+    def margin_hist(self) -> dict:
+        """Distribution of the vote margin over all voted entries: one bin per possible value k/N."""
+        n = self.n_samples
+        bins = torch.zeros(n + 1, dtype=torch.long)
+        for k, c in self.counts.items():
+            if k not in self.no_grad:
+                bins += torch.bincount(c.abs().flatten().long(), minlength=n + 1)[: n + 1]
+        edges = [0.0] + [(k + 0.5) / n for k in range(n)] + [1.0]
+        return {"edges": edges, "counts": bins.tolist()}
+
+    # -- transport ---------------------------------------------------------------------------
+    def transport(self, tau: TaskVector, options: Optional[dict] = None) -> tuple[dict[str, Tensor], dict]:
+        """delta at alpha 1 for ``options['variant']`` and its tau-dependent statistics."""
+        opts = {**DEFAULT_OPTIONS, **(options or {})}
+        variant, vote = opts["variant"], (options or {}).get("vote") or self.vote
+        if variant not in VARIANTS:
+            raise TransportError(f"gradfix: unknown variant '{variant}' (use {', '.join(VARIANTS)})")
+        if vote not in VOTES:
+            raise TransportError(f"gradfix: unknown vote '{vote}' (use {' or '.join(VOTES)})")
+        if not tau.arch.same_shapes(self.arch):
+            raise TransportError(f"gradfix: the task vector is for {tau.arch.name}, the vote was taken on "
+                                 f"{self.arch.name} (shapes differ)")
+        oracle = opts.get("oracle_tau")
+        if variant == "oracle":
+            if not isinstance(oracle, TaskVector):
+                raise TransportError("gradfix: variant 'oracle' needs options['oracle_tau'], the target's own "
+                                     "task vector")
+            if not oracle.arch.same_shapes(self.arch):
+                raise TransportError(f"gradfix: oracle task vector is for {oracle.arch.name}, not {self.arch.name}")
+        gen = torch.Generator().manual_seed(int(opts["mask_seed"]))
+        info = param_axes(self.arch)
+        delta: dict[str, Tensor] = {}
+        rows: dict[tuple[int, str], dict[str, float]] = {}
+        passed: list[str] = []
+        for k, t in tau.items():
+            key = (info[k].layer, info[k].block)
+            r = rows.setdefault(key, {"numel": 0, "agree": 0, "voted": 0, "kept": 0, "ties": 0, "fo": 0.0})
+            r["numel"] += t.numel()
+            if (k not in self.counts or k in self.no_grad) and not (variant == "oracle" and k in oracle.tensors):
+                delta[k] = t.clone()
+                r["kept"] += t.numel()
+                passed.append(k)
+                continue
+            st = torch.sign(t).to(torch.int8)
+            voted = k in self.counts and k not in self.no_grad
+            s = self.sign(k, vote).to(t.device) if voted else torch.zeros_like(st)
+            agree = (st == s) & (s != 0)
+            n_agree = int(agree.sum())
+            n_ties = int((s == 0).sum()) if voted else 0
+            if variant == "normal":
+                keep, kept = agree, n_agree
+            elif variant == "oracle":
+                so = torch.sign(oracle[k]).to(torch.int8).to(t.device) if k in oracle.tensors else st
+                keep = (st == so) & (so != 0)
+                kept = int(keep.sum())
+            elif variant == "random":  # same number kept per tensor as the normal mask, positions at random
+                keep = torch.zeros(t.numel(), dtype=torch.bool)
+                keep[torch.randperm(t.numel(), generator=gen)[:n_agree]] = True
+                keep = keep.view(t.shape).to(t.device)
+                kept = n_agree
+            else:  # force
+                keep = None
+                kept = int(((s != 0) & (t != 0)).sum())
+            d = t.abs() * s.to(t.dtype) if keep is None else torch.where(keep, t, torch.zeros_like(t))
+            delta[k] = d
+            r["kept"] += kept
+            if not voted:
+                passed.append(k)  # only the oracle masks it
+                continue
+            r["agree"] += n_agree
+            r["voted"] += t.numel() - n_ties
+            r["ties"] += n_ties
+            r["fo"] += float((self.grad[k].to(d.device, torch.float64) * d.double()).sum())
+        blocks = [{"layer": l, "block": b, "numel": int(r["numel"]),
+                   "agreement": r["agree"] / r["voted"] if r["voted"] else None,
+                   "keep_rate": r["kept"] / r["numel"] if r["numel"] else None,
+                   "ties": int(r["ties"]), "first_order": r["fo"]} for (l, b), r in rows.items()]
+        tot = {x: sum(r[x] for r in rows.values()) for x in ("numel", "agree", "voted", "kept", "fo")}
+        stats = {"vote": vote, "variant": variant, "blocks": blocks, "first_order_total": tot["fo"],
+                 "keep_rate_total": tot["kept"] / tot["numel"] if tot["numel"] else None,
+                 "agreement_total": tot["agree"] / tot["voted"] if tot["voted"] else None,
+                 "passed_unmasked": passed}
+        return delta, stats
+
+    def agreement(self, tau: TaskVector, options: Optional[dict] = None) -> dict:
+        """The full diagnostics for ``tau`` (agreement, keep-rate, first-order decrease per layer x block)."""
+        _, stats = self.transport(tau, options)
+        return self._diagnostics(stats)
+
+    # -- pipeline-facing -------------------------------------------------------------------------
+    def diagnostics(self) -> dict:
+        """JSON-able summary; tau-dependent fields come from the last ``apply`` (None before one ran)."""
+        return self._diagnostics(self.last)
+
+    def _diagnostics(self, stats: Optional[dict]) -> dict:
+        info = param_axes(self.arch)
+        if stats is None:
+            rows: dict[tuple[int, str], dict] = {}
+            for k, i in info.items():
+                r = rows.setdefault((i.layer, i.block), {"numel": 0, "ties": 0})
+                r["numel"] += math.prod(i.shape)
+                if k in self.counts and k not in self.no_grad:
+                    r["ties"] += int((self.sign(k) == 0).sum())
+            blocks = [{"layer": l, "block": b, "numel": r["numel"], "agreement": None, "keep_rate": None,
+                       "ties": r["ties"], "first_order": None} for (l, b), r in rows.items()]
+            stats = {"vote": self.vote, "variant": "normal", "blocks": blocks, "first_order_total": None,
+                     "keep_rate_total": None, "agreement_total": None, "passed_unmasked": []}
+        no_grad = list(dict.fromkeys(list(self.no_grad) + list(stats["passed_unmasked"])))
+        return {"method": "gradfix", "vote": stats["vote"], "n_samples": self.n_samples, "shots": self.shots,
+                "variant": stats["variant"], "blocks": stats["blocks"], "margin_hist": self.margin_hist(),
+                "first_order_total": stats["first_order_total"], "keep_rate_total": stats["keep_rate_total"],
+                "agreement_total": stats["agreement_total"], "no_grad": no_grad}
+
+    def save(self, directory) -> None:
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        tensors = {f"counts/{k}": v.contiguous() for k, v in self.counts.items()}
+        tensors.update({f"grad/{k}": v.contiguous() for k, v in self.grad.items()})
+        save_file(tensors, str(d / VOTES_FILE))
+        meta = {"method": "gradfix", "arch": self.arch.to_json(), "n_samples": self.n_samples, "vote": self.vote,
+                "shots": self.shots, "no_grad": self.no_grad, "mean_loss": self.mean_loss,
+                "micro_batch": self.micro_batch, "last": self.last, "order": list(self.counts)}
+        (d / META_FILE).write_text(json.dumps(meta))
+
+    @classmethod
+    def load(cls, directory) -> "GradFixAlignment":
+        from transport.io import read_safetensors
+
+        d = Path(directory)
+        try:
+            meta = json.loads((d / META_FILE).read_text())
+        except (OSError, ValueError) as e:
+            raise TransportError(f"{d / META_FILE}: not a readable gradfix alignment ({type(e).__name__})") from None
+        if meta.get("method") != "gradfix":
+            raise TransportError(f"{d / META_FILE}: not a gradfix alignment")
+        tensors, _ = read_safetensors(d / VOTES_FILE)
+        order = meta["order"]
+        try:
+            counts = {k: tensors[f"counts/{k}"] for k in order}
+            grad = {k: tensors[f"grad/{k}"] for k in order}
+        except KeyError as e:
+            raise TransportError(f"{d / VOTES_FILE}: missing tensor {e}") from None
+        return cls(ViTArch.from_json(meta["arch"]), counts, grad, int(meta["n_samples"]), meta["vote"],
+                   int(meta["shots"]), list(meta["no_grad"]), float(meta["mean_loss"]), int(meta["micro_batch"]),
+                   meta.get("last"))
+
+
+# ----------------------------------------------------------------------------------------------
+# the method
+# ----------------------------------------------------------------------------------------------
+def _check_options(opts: dict) -> None:
+    if opts["vote"] not in VOTES:
+        raise TransportError(f"gradfix: unknown vote '{opts['vote']}' (use {' or '.join(VOTES)})")
+    if opts["variant"] not in VARIANTS:
+        raise TransportError(f"gradfix: unknown variant '{opts['variant']}' (use {', '.join(VARIANTS)})")
+    if not isinstance(opts["micro_batch"], int) or opts["micro_batch"] < 0:
+        raise TransportError(f"gradfix: micro_batch must be an integer >= 0 (0 = automatic), got {opts['micro_batch']!r}")
+
+
+def prepare(inputs: TransportInputs, options: dict, progress: Progress = no_progress) -> GradFixAlignment:
+    """Vote of the target's loss on K labelled samples per class of the task's TRAIN split."""
+    opts = {**DEFAULT_OPTIONS, **(options or {})}
+    _check_options(opts)
+    if inputs.task is None:
+        raise TransportError("gradfix needs labelled data: give a task (K samples per class of its train split)")
+    target, task = inputs.target, inputs.task
+    x, y = task.shots(inputs.shots, inputs.seed)
+    loss_fn, _ = task_loss(target, task, inputs.device)
+    params = {k: v.detach().to(inputs.device) for k, v in target.params.items()}
+    dtype = next(iter(params.values())).dtype
+    pixels = preprocess(target.arch, x.to(inputs.device)).to(dtype)
+    progress(0.0, f"gradfix: per-sample gradients of {len(y)} samples on {inputs.device}")
+    skip = set(invariant_tensors(target.arch))
+    names = [k for k in params if k not in skip]
+    votes = collect_votes(loss_fn, params, pixels, y.to(inputs.device), names=names,
+                          micro_batch=int(opts["micro_batch"]), arch=target.arch, progress=progress)
+    progress(1.0, "gradfix: vote collected")
+    no_grad = [k for k in params if k in skip or k in votes.no_grad]
+    return GradFixAlignment(target.arch, votes.counts, votes.grad, votes.n, opts["vote"], inputs.shots,
+                            no_grad, votes.mean_loss, votes.micro_batch)
+
+
+def apply(alignment: GradFixAlignment, tau: TaskVector, alpha: float = 1.0,
+          options: Optional[dict] = None) -> TaskVector:
+    """alpha * (m ⊙ tau) (or the chosen variant) in the target's names; records the agreement statistics.
+
+    ``tau`` may be any task vector of the target's shapes, e.g. another method's transported tau.
+    """
+    delta, stats = alignment.transport(tau, options)
+    alignment.last = stats
+    return TaskVector(alignment.arch, delta, tau.meta) * alpha
+
+
+def load_alignment(directory: Any) -> GradFixAlignment:
+    return GradFixAlignment.load(directory)
+
+
+METHOD = MethodInfo(name="gradfix", summary="keep the entries of tau whose sign agrees with the target's few-shot "
+                    "gradient-sign vote", same_arch=True, data="labelled", prepare=prepare, apply=apply,
+                    load_alignment=load_alignment, options=dict(DEFAULT_OPTIONS))

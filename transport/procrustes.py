@@ -1,0 +1,277 @@
+"""Rectangular orthogonal Procrustes maps between two models' activation spaces.
+
+Convention: activations are row vectors. ``X_A`` (n x d_A) and ``X_B`` (n x d_B) hold the same n inputs
+(tokens) seen by two models. The map ``T`` (d_A x d_B) sends A's coordinates to B's, ``X_A T ~ X_B``.
+With the cross-covariance ``C = X_A^T X_B = U S V^T`` (thin SVD), the Procrustes map is the polar
+factor ``T = U V^T``: an isometric embedding (``T T^T = I``) when d_A <= d_B, a projection with
+orthonormal columns (``T^T T = I``) when d_A > d_B. It maximises ``tr(T^T C)``; when d_A <= d_B it
+therefore minimises ``||X_A T - X_B||_F`` over all isometric embeddings.
+
+:class:`CrossCovariance` accumulates ``C`` (and whatever second moments the options need) in float64,
+streaming over batches, so activations never have to be stored. :func:`polar` computes the polar
+factor either by a thin SVD or, faster, from the eigendecomposition of the smaller Gram matrix.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+Tensor = torch.Tensor
+
+#: largest side for which the eigendecomposition runs in float64 (larger: float32, still orthogonal)
+EIGH_FLOAT64_MAX = 1024
+#: largest side for which the per-batch products X_A^T X_B run in float64 on a CPU (always on a GPU)
+PRODUCT_FLOAT64_MAX = 512
+
+
+def naive_map(d_a: int, d_b: int, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu") -> Tensor:
+    """The map with no alignment: zero padding when d_A <= d_B, truncation otherwise (``eye(d_A, d_B)``)."""
+    return torch.eye(d_a, d_b, dtype=dtype, device=device)
+
+
+def polar(C: Tensor, mode: str = "auto", reference: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Polar factor ``T = U V^T`` of ``C = U S V^T`` (d_A x d_B) and the singular values ``S`` (descending).
+
+    mode: ``'svd'`` (thin SVD in float64), ``'eigh'`` (eigendecomposition of the smaller Gram matrix in
+    float64), ``'eigh32'`` (the same in float32) or ``'auto'`` (``'eigh'`` when the smaller side is at
+    most :data:`EIGH_FLOAT64_MAX`, else ``'eigh32'``).
+
+    Where C is (numerically) rank deficient the polar factor is not unique: directions whose singular
+    value is below :data:`NULL_TOL` (relative) follow ``reference`` (default: :func:`naive_map`), made
+    orthogonal to the determined ones (so ``T == I`` when A == B, whatever the rank). T is float64
+    except for ``'eigh32'`` (float32); it has orthonormal rows or columns to working precision.
+    """
+    if C.dim() != 2:
+        raise ValueError(f"polar: C must be a matrix, got shape {tuple(C.shape)}")
+    d_a, d_b = C.shape
+    if mode == "auto":
+        mode = "eigh" if min(d_a, d_b) <= EIGH_FLOAT64_MAX else "eigh32"
+    if mode not in ("svd", "eigh", "eigh32"):
+        raise ValueError(f"polar: unknown mode '{mode}' (svd, eigh, eigh32, auto)")
+    wd = torch.float32 if mode == "eigh32" else torch.float64
+    C = C.to(torch.float64)
+    ref = naive_map(d_a, d_b, torch.float64, C.device) if reference is None else reference.to(torch.float64)
+    if not bool(torch.isfinite(C).all()):
+        raise ValueError("polar: C contains NaN or Inf values")
+    if mode == "svd":
+        U, S, Vh = torch.linalg.svd(C, full_matrices=False)
+        null = S <= NULL_TOL["svd"] * (S[0] if len(S) else 0)
+        if bool(null.any()):  # free directions: follow the reference
+            Vt = Vh.clone()
+            Vt[null] = U[:, null].t() @ ref
+            Q, R = torch.linalg.qr(Vt.t())
+            Vh = (Q * _signs(R)).t()
+        return U @ Vh, S
+    if d_a > d_b:  # work on the transpose so that the Gram matrix is the smaller one
+        T, S = _polar_eigh(C.t().to(wd), ref.t().to(wd))
+        return T.t().contiguous(), S
+    return _polar_eigh(C.to(wd), ref.to(wd))
+
+
+#: singular values below this fraction of the largest are treated as zero (the map follows the reference there)
+NULL_TOL = {"svd": 1e-10, torch.float64: 1e-7, torch.float32: 1e-3}
+
+
+def _signs(R: Tensor) -> Tensor:
+    s = torch.sign(torch.diagonal(R))
+    s[s == 0] = 1
+    return s
+
+
+def _polar_eigh(C: Tensor, ref: Tensor) -> tuple[Tensor, Tensor]:
+    """Polar factor of C (d_a <= d_b) from ``C C^T = U S^2 U^T``.
+
+    ``W = U^T C = S V^T`` up to rounding; the rows of W that belong to small singular values are
+    polluted by the large ones (eigenvector error ~ eps ||C||^2 / gap). A QR factorisation of W^T,
+    taken in descending order of S, removes exactly that pollution (Gram-Schmidt against the accurate
+    leading rows) and returns orthonormal V; ``T = U V^T`` is then orthogonal to working precision.
+    """
+    G = C @ C.t()
+    G = 0.5 * (G + G.t())
+    lam, U = torch.linalg.eigh(G)
+    lam, U = lam.flip(0), U.flip(1)  # descending
+    S = torch.sqrt(lam.clamp_min(0)).to(torch.float64)
+    W = U.t() @ C  # [d_a, d_b], row i ~ s_i v_i^T
+    null = S <= NULL_TOL[C.dtype] * S[0]
+    if bool(null.any()):  # unresolved directions follow the reference (after the resolved ones)
+        W[null] = U[:, null].t() @ ref
+    Q, R = torch.linalg.qr(W.t())  # W^T = Q R, Q [d_b, d_a] orthonormal, Gram-Schmidt in order of S
+    T = U @ (Q * _signs(R)).t()
+    return T, S
+
+
+def procrustes_map(C: Tensor, mode: str = "auto", reference: Optional[Tensor] = None) -> Tensor:
+    """The Procrustes map ``T = U V^T`` of a cross-covariance ``C = X_A^T X_B`` (see :func:`polar`)."""
+    return polar(C, mode, reference)[0]
+
+
+def matrix_power_sym(G: Tensor, p: float, eps: float) -> Tensor:
+    """``(G + eps' I)^p`` for a symmetric PSD G; ``eps' = eps * tr(G) / dim`` (relative regulariser)."""
+    d = G.shape[0]
+    lam, V = torch.linalg.eigh(0.5 * (G + G.t()))
+    reg = eps * float(torch.trace(G)) / max(d, 1)
+    lam = lam.clamp_min(0) + max(reg, torch.finfo(G.dtype).tiny)
+    return (V * lam.pow(p)) @ V.t()
+
+
+def grid_resize_matrix(g_from: int, g_to: int, dtype: torch.dtype = torch.float32,
+                       device: str | torch.device = "cpu") -> Tensor:
+    """M [g_from, g_to] with ``x @ M`` = 1-D linear resize of x (as ``F.interpolate(..., align_corners=False)``).
+
+    Bilinear resizing of a g x g grid is separable: ``Y[i', j'] = sum M[i, i'] M[j, j'] X[i, j]``.
+    """
+    eye = torch.eye(g_from, dtype=torch.float64, device=device).unsqueeze(1)  # [g_from, 1, g_from]
+    M = torch.nn.functional.interpolate(eye, size=g_to, mode="linear", align_corners=False)[:, 0, :]
+    return M.to(dtype)
+
+
+def resize_tokens(x: Tensor, g_to: int) -> Tensor:
+    """[N, 1 + g*g, d] -> [N, 1 + g_to^2, d]: the patch grid resized bilinearly, the class token kept apart."""
+    n, t, d = x.shape
+    g = math.isqrt(t - 1)
+    if g * g != t - 1:
+        raise ValueError(f"resize_tokens: {t - 1} patch tokens do not form a square grid")
+    if g == g_to:
+        return x
+    M = grid_resize_matrix(g, g_to, x.dtype, x.device)
+    grid = x[:, 1:].reshape(n, g, g, d)
+    out = torch.einsum("nijd,ia,jb->nabd", grid, M, M).reshape(n, g_to * g_to, d)
+    return torch.cat([x[:, :1], out], 1)
+
+
+def resize_tokens_adjoint(y: Tensor, g_from: int) -> Tensor:
+    """The transpose of :func:`resize_tokens` (from g_from): ``<resize(x), y> == <x, adjoint(y)>``.
+
+    ``resize(X_A)^T X_B == X_A^T adjoint(X_B)``: the cross-covariance needs no upsampled copy of X_A.
+    """
+    n, t, d = y.shape
+    g_to = math.isqrt(t - 1)
+    if g_to == g_from:
+        return y
+    M = grid_resize_matrix(g_from, g_to, y.dtype, y.device)
+    grid = y[:, 1:].reshape(n, g_to, g_to, d)
+    out = torch.einsum("nabd,ia,jb->nijd", grid, M, M).reshape(n, g_from * g_from, d)
+    return torch.cat([y[:, :1], out], 1)
+
+
+@dataclass
+class CrossCovariance:
+    """Streaming second moments of paired activations (float64): ``C = X_A^T X_B``, column sums and
+    squared norms; the Gram matrices ``X_A^T X_A`` / ``X_B^T X_B`` only when asked (shrinking maps and
+    whitening need them)."""
+
+    d_a: int
+    d_b: int
+    gram_a: bool = False
+    gram_b: bool = False
+    device: str | torch.device = "cpu"
+    n: int = 0
+    C: Tensor = field(init=False)
+    sum_a: Tensor = field(init=False)
+    sum_b: Tensor = field(init=False)
+    sq_a: Tensor = field(init=False)  # diagonal of X_A^T X_A
+    sq_b: Tensor = field(init=False)
+    G_a: Optional[Tensor] = field(init=False, default=None)
+    G_b: Optional[Tensor] = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        z = dict(dtype=torch.float64, device=self.device)
+        self.C = torch.zeros(self.d_a, self.d_b, **z)
+        self.sum_a, self.sum_b = torch.zeros(self.d_a, **z), torch.zeros(self.d_b, **z)
+        self.sq_a, self.sq_b = torch.zeros(self.d_a, **z), torch.zeros(self.d_b, **z)
+        if self.gram_a:
+            self.G_a = torch.zeros(self.d_a, self.d_a, **z)
+        if self.gram_b:
+            self.G_b = torch.zeros(self.d_b, self.d_b, **z)
+
+    def _product_dtype(self, t: Tensor) -> torch.dtype:
+        if t.device.type != "cpu" or max(self.d_a, self.d_b) <= PRODUCT_FLOAT64_MAX or t.dtype == torch.float64:
+            return torch.float64
+        return torch.float32
+
+    def update(self, xa: Tensor, xb: Tensor, cross: Optional[tuple[Tensor, Tensor]] = None) -> None:
+        """Add rows ``xa`` [n, d_A], ``xb`` [n, d_B] (row i of both = the same input).
+
+        ``cross = (fa, fb)`` with ``fa^T fb == xa^T xb`` replaces the product for C (used to avoid
+        materialising resized token grids).
+        """
+        if xa.shape[0] != xb.shape[0] or xa.shape[1] != self.d_a or xb.shape[1] != self.d_b:
+            raise ValueError(f"CrossCovariance.update: shapes {tuple(xa.shape)} and {tuple(xb.shape)} "
+                             f"do not fit ({self.d_a}, {self.d_b})")
+        pd = self._product_dtype(xa)
+        fa, fb = cross if cross is not None else (xa, xb)
+        self.C += (fa.to(pd).t() @ fb.to(pd)).to(torch.float64)
+        xa64, xb64 = xa.to(torch.float64), xb.to(torch.float64)
+        self.sum_a += xa64.sum(0)
+        self.sum_b += xb64.sum(0)
+        self.sq_a += (xa64 * xa64).sum(0)
+        self.sq_b += (xb64 * xb64).sum(0)
+        if self.G_a is not None:
+            self.G_a += (xa.to(pd).t() @ xa.to(pd)).to(torch.float64)
+        if self.G_b is not None:
+            self.G_b += (xb.to(pd).t() @ xb.to(pd)).to(torch.float64)
+        self.n += xa.shape[0]
+
+    # -- moments (optionally centred) ---------------------------------------------------------
+    def cross(self, center: bool = False) -> Tensor:
+        if center and self.n:
+            return self.C - torch.outer(self.sum_a, self.sum_b) / self.n
+        return self.C
+
+    def gram(self, side: str, center: bool = False) -> Tensor:
+        G = self.G_a if side == "a" else self.G_b
+        if G is None:
+            raise ValueError(f"CrossCovariance: Gram matrix of side {side} was not accumulated")
+        s = self.sum_a if side == "a" else self.sum_b
+        return G - torch.outer(s, s) / self.n if center and self.n else G
+
+    def sqnorms(self, side: str, center: bool = False) -> Tensor:
+        """Per-column squared norms of X_A (side 'a') or X_B ('b')."""
+        sq, s = (self.sq_a, self.sum_a) if side == "a" else (self.sq_b, self.sum_b)
+        return sq - s * s / self.n if center and self.n else sq
+
+    def target_matrix(self, center: bool = False, whiten: float = 0.0, eps: float = 1e-6) -> Tensor:
+        """The matrix whose polar factor is the map: ``C``, or ``(G_A+eps)^-p C (G_B+eps)^-p`` when whitening."""
+        C = self.cross(center)
+        if whiten:
+            C = matrix_power_sym(self.gram("a", center), -whiten, eps) @ C @ matrix_power_sym(
+                self.gram("b", center), -whiten, eps)
+        return C
+
+    def residual(self, T: Tensor, center: bool = False, isometry: bool = True) -> float:
+        """``||X_A T - X_B||_F / ||X_B||_F`` from the accumulated moments (no stored activations).
+
+        ``||X_A T - X_B||^2 = tr(T^T X_A^T X_A T) - 2 tr(T^T C) + ||X_B||^2``; when d_A <= d_B and T is an
+        isometric embedding (``isometry``: T T^T = I) the first term is ``||X_A||^2``, else it needs the
+        Gram matrix of side a.
+        """
+        T = T.to(torch.float64).to(self.C.device)
+        nb = float(self.sqnorms("b", center).sum())
+        if nb <= 0:
+            return float("nan")
+        d_a, d_b = T.shape
+        if d_a <= d_b and isometry:
+            na = float(self.sqnorms("a", center).sum())
+        elif self.G_a is not None:
+            na = float(torch.sum((self.gram("a", center) @ T) * T))
+        else:
+            raise ValueError("CrossCovariance.residual: this map needs the Gram matrix of side a")
+        cross = float(torch.sum(self.cross(center) * T))
+        return math.sqrt(max(na - 2 * cross + nb, 0.0) / nb)
+
+    def residual_naive(self, center: bool = False) -> float:
+        """The residual of :func:`naive_map` (zero padding / truncation of X_A to d_B columns)."""
+        nb = float(self.sqnorms("b", center).sum())
+        if nb <= 0:
+            return float("nan")
+        k = min(self.d_a, self.d_b)
+        na = float(self.sqnorms("a", center)[:k].sum())
+        cross = float(torch.diagonal(self.cross(center)[:k, :k]).sum())
+        return math.sqrt(max(na - 2 * cross + nb, 0.0) / nb)
+
+
+__all__ = ["CrossCovariance", "polar", "procrustes_map", "naive_map", "matrix_power_sym", "resize_tokens",
+           "resize_tokens_adjoint", "grid_resize_matrix", "EIGH_FLOAT64_MAX", "PRODUCT_FLOAT64_MAX"]

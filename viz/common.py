@@ -1,0 +1,98 @@
+"""Shared look of every figure: one template, one colour per method, names for accuracy rows."""
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+
+TEMPLATE = "plotly_white"
+
+METHOD_COLORS: dict[str, str] = {
+    "naive": "#7f7f7f",
+    "transfusion": "#1f77b4",
+    "gradfix": "#d62728",
+    "theseus": "#2ca02c",
+    "zero_shot_target": "#bcbd22",
+    "source_finetuned": "#9467bd",
+    "source_zero_shot": "#c5b0d5",
+    "oracle": "#ff7f0e",
+}
+
+ACCURACY_LABELS: dict[str, str] = {
+    "zero_shot_target": "target zero-shot",
+    "naive": "naive (theta_B + alpha tau)",
+    "transfusion": "TransFusion",
+    "gradfix": "GradFix",
+    "theseus": "Theseus",
+    "source_finetuned": "source fine-tuned",
+    "source_zero_shot": "source zero-shot",
+    "oracle": "oracle (target fine-tuned)",
+}
+
+# Rows of an accuracy table, in reading order: the floor, the baseline, the methods, the ceilings.
+ACCURACY_ORDER = ("zero_shot_target", "naive", "transfusion", "gradfix", "theseus", "source_finetuned",
+                  "source_zero_shot", "oracle")
+
+# Agreement maps: +1 agree (blue), 0 tie (grey), -1 disagree (red).
+AGREE_SCALE = [[0.0, "#d62728"], [0.5, "#e6e6e6"], [1.0, "#1f77b4"]]
+
+
+def color_of(name: str, i: int = 0) -> str:
+    base = name.split("+")[0].split(":")[0]
+    if base in METHOD_COLORS:
+        return METHOD_COLORS[base]
+    palette = ("#17becf", "#8c564b", "#e377c2", "#393b79", "#637939", "#8c6d31")
+    return palette[i % len(palette)]
+
+
+def label_of(name: str) -> str:
+    return ACCURACY_LABELS.get(name, name)
+
+
+def ordered(names) -> list[str]:
+    """Accuracy / method names in the table order; unknown names after the known ones, as given."""
+    names = list(names)
+    known = [n for n in ACCURACY_ORDER if n in names]
+    return known + [n for n in names if n not in known]
+
+
+def finish(fig: go.Figure, title: str, x: str | None = None, y: str | None = None, height: int | None = None) -> go.Figure:
+    """Template, title and axis titles (every figure names its axes)."""
+    fig.update_layout(template=TEMPLATE, title=dict(text=title, x=0.0, xanchor="left"),
+                      margin=dict(l=60, r=20, t=60, b=50))
+    if x is not None:
+        fig.update_xaxes(title_text=x)
+    if y is not None:
+        fig.update_yaxes(title_text=y)
+    if height is not None:
+        fig.update_layout(height=height)
+    return fig
+
+
+def empty_figure(message: str, title: str = "") -> go.Figure:
+    """A figure that says why there is nothing to draw (never fake data)."""
+    fig = go.Figure()
+    fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper",
+                       font=dict(size=14))
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return finish(fig, title, height=240)
+
+
+def block_mean(a: np.ndarray, max_side: int) -> tuple[np.ndarray, int, int]:
+    """Average ``a`` [R, C] over k_r x k_c blocks so neither side exceeds ``max_side``; returns (image, k_r, k_c).
+
+    Edge blocks that do not fill a whole k x k tile are averaged over what they hold (NaN-padding), so a
+    downsampled agreement map keeps each entry's weight equal.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    if a.ndim != 2:
+        raise ValueError(f"expected a 2-D array, got shape {a.shape}")
+    r, c = a.shape
+    kr, kc = max(1, -(-r // max_side)), max(1, -(-c // max_side))
+    if kr == 1 and kc == 1:
+        return a, 1, 1
+    rr, cc = -(-r // kr) * kr, -(-c // kc) * kc
+    pad = np.full((rr, cc), np.nan)
+    pad[:r, :c] = a
+    tiles = pad.reshape(rr // kr, kr, cc // kc, kc)
+    return np.nanmean(tiles, axis=(1, 3)), kr, kc

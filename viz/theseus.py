@@ -1,0 +1,152 @@
+"""Theseus figures: target activations vs source activations before and after the Procrustes map (PCA),
+the Procrustes residual per layer, singular values of a cross-covariance, and update norms."""
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from viz.common import empty_figure, finish
+
+CLASS_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+                "#bcbd22", "#17becf")
+
+
+def _np(x) -> np.ndarray:
+    return np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x, dtype=np.float64)
+
+
+def fit_to_width(x: np.ndarray, d: int) -> np.ndarray:
+    """Zero-pad or truncate the columns of ``x`` [n, d_A] to ``d``: the map the naive baseline assumes."""
+    if x.shape[1] == d:
+        return x
+    if x.shape[1] > d:
+        return x[:, :d]
+    return np.concatenate([x, np.zeros((x.shape[0], d - x.shape[1]))], axis=1)
+
+
+def pca_basis(target: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mean [d], top-k principal directions [d, k]) of the target activations; a sign convention makes it
+    deterministic (largest-|.| entry of each direction positive)."""
+    mu = target.mean(0)
+    _, _, vt = np.linalg.svd(target - mu, full_matrices=False)
+    v = vt[:k].T
+    if v.shape[1] < k:  # fewer samples / dims than requested components
+        v = np.concatenate([v, np.zeros((v.shape[0], k - v.shape[1]))], axis=1)
+    idx = np.abs(v).argmax(0)
+    signs = np.sign(v[idx, np.arange(v.shape[1])])
+    signs[signs == 0] = 1
+    return mu, v * signs
+
+
+def pca_figure(target, source, mapped, labels: Sequence[int], classnames: Optional[Sequence[str]] = None,
+               dims: int = 2, space: str = "") -> go.Figure:
+    """Target activations (circles) and source activations (crosses), coloured by class, in the target's
+    principal axes: left, source zero-padded / truncated to the target width (before alignment); right, the
+    mapped source X_A T (after). Overlapping clouds per class = the map lines the two models up.
+
+    target [n, d_B], source [n, d_A], mapped [n, d_B]; one trace per (panel, model, class).
+    """
+    if dims not in (2, 3):
+        raise ValueError("dims must be 2 or 3")
+    xb, xa, xm = _np(target), _np(source), _np(mapped)
+    y = np.asarray(labels).astype(int)
+    if len(xb) == 0:
+        return empty_figure("no activation sample", "PCA of activations")
+    mu, v = pca_basis(xb, dims)
+    panels = {"before: source zero-padded/truncated": fit_to_width(xa, xb.shape[1]), "after: mapped source X_A T": xm}
+    proj_t = (xb - mu) @ v
+    spec = {"type": "scene"} if dims == 3 else {}
+    fig = make_subplots(rows=1, cols=2, subplot_titles=list(panels), specs=[[spec, spec]], horizontal_spacing=0.06)
+    classes = sorted(set(y.tolist()))
+    names = list(classnames) if classnames else []
+    for col, (panel, xs) in enumerate(panels.items(), start=1):
+        proj_s = (xs - mu) @ v
+        for who, pts, symbol in (("target", proj_t, "circle"), ("source", proj_s, "x")):
+            for c in classes:
+                m = y == c
+                cname = names[c] if c < len(names) else str(c)
+                common = dict(name=f"{cname} ({who})", legendgroup=f"{c}-{who}", showlegend=(col == 1),
+                              mode="markers", hovertemplate=f"{who}, class {cname}<extra></extra>")
+                marker = dict(color=CLASS_COLORS[c % len(CLASS_COLORS)], symbol=symbol,
+                              size=(4 if dims == 3 else 7), opacity=0.75,
+                              line=dict(width=0.5, color="white") if symbol == "circle" else None)
+                if dims == 3:
+                    fig.add_trace(go.Scatter3d(x=pts[m, 0], y=pts[m, 1], z=pts[m, 2], marker=marker, **common),
+                                  row=1, col=col)
+                else:
+                    fig.add_trace(go.Scatter(x=pts[m, 0], y=pts[m, 1], marker=marker, **common), row=1, col=col)
+    if dims == 3:
+        for s in ("scene", "scene2"):
+            fig.layout[s].update(xaxis_title="PC 1", yaxis_title="PC 2", zaxis_title="PC 3")
+    else:
+        fig.update_xaxes(title_text="PC 1 of target activations")
+        fig.update_yaxes(title_text="PC 2 of target activations")
+    title = f"PCA of activations{f' at {space}' if space else ''}: target (o) vs source (x)"
+    return finish(fig, title, height=520)
+
+
+def _space_order(space: str) -> tuple:
+    """Order residual/heads/mlp spaces by layer, then position inside the layer."""
+    if ":" not in space:
+        return (10**6, 0, space)
+    kind, where = space.split(":", 1)
+    digits = "".join(ch for ch in where if ch.isdigit())
+    l = int(digits) if digits else -1
+    pos = {"res": 0, "heads": 1, "mlp": 2}.get(kind, 3)
+    suffix = where[len(digits):]
+    return (l, pos * 2 + (1 if suffix == "m" else 0), space)
+
+
+def procrustes_residual(diag: Mapping) -> go.Figure:
+    """Per activation space, ||X_A T - X_B|| / ||X_B|| before (zero-pad/truncate) and after the Procrustes map."""
+    maps = list(diag.get("maps") or [])
+    if not maps:
+        return empty_figure("this alignment has no maps", "Procrustes residual")
+    maps = sorted(maps, key=lambda m: _space_order(str(m["space"])))
+    x = [str(m["space"]) for m in maps]
+    fig = go.Figure()
+    for key, name, color in (("residual_before", "before (identity / zero-pad)", "#7f7f7f"),
+                             ("residual_after", "after Procrustes map T", "#2ca02c")):
+        ys = [m.get(key) for m in maps]
+        if all(v is None for v in ys):
+            continue
+        fig.add_trace(go.Scatter(x=x, y=[np.nan if v is None else float(v) for v in ys], mode="lines+markers",
+                                 name=name, line=dict(color=color),
+                                 hovertemplate="%{x}: %{y:.3f}<extra>" + name + "</extra>"))
+    fig.update_xaxes(type="category", tickangle=-45)
+    fig.update_yaxes(rangemode="tozero")
+    return finish(fig, "Procrustes residual per activation space", "activation space (in layer order)",
+                  "||X_A T - X_B|| / ||X_B||", height=380)
+
+
+def singular_values(diag: Mapping, space: str) -> go.Figure:
+    """Singular values of the cross-covariance X_A^T X_B of one space (a flat spectrum = well-conditioned map)."""
+    m = next((m for m in diag.get("maps") or [] if str(m["space"]) == space), None)
+    sv = [] if m is None else list(m.get("singular_values") or [])
+    if not sv:
+        return empty_figure(f"no singular values for {space}", "Cross-covariance spectrum")
+    fig = go.Figure(go.Scatter(x=list(range(1, len(sv) + 1)), y=sv, mode="lines", line=dict(color="#2ca02c"),
+                               name=space, hovertemplate="#%{x}: %{y:.4g}<extra></extra>"))
+    fig.update_yaxes(type="log")
+    return finish(fig, f"Cross-covariance singular values at {space}", "index", "singular value", height=320)
+
+
+def update_norms(diag: Mapping) -> go.Figure:
+    """||dW_A|| (source update) vs ||dW_B|| (mapped update) per tensor; on the diagonal = norm preserved."""
+    ups = list(diag.get("updates") or [])
+    if not ups:
+        return empty_figure("no updates recorded", "Update norms")
+    a = [float(u.get("norm_source") or 0) for u in ups]
+    b = [float(u.get("norm_target") or 0) for u in ups]
+    names = [str(u.get("name")) for u in ups]
+    hi = max(a + b + [1e-12])
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=[0, hi], y=[0, hi], mode="lines", line=dict(color="#aaaaaa", dash="dot"),
+                             name="norm preserved", hoverinfo="skip"))
+    fig.add_trace(go.Scatter(x=a, y=b, mode="markers", text=names, name="tensors", marker=dict(color="#2ca02c"),
+                             hovertemplate="%{text}<br>source %{x:.3g} -> target %{y:.3g}<extra></extra>"))
+    return finish(fig, "Update norms before and after the map", "||dW_A|| (source)", "||dW_B|| (mapped)",
+                  height=380)
