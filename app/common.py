@@ -56,7 +56,8 @@ def run_or_notice(setup: Setup, method: str, pressed: bool, options: dict, shots
 def summary(run: Run, per_row: int = 5) -> None:
     """One row (or rows of ``per_row``) of headline numbers for a run."""
     acc = run.result.accuracies
-    m, z, n = acc.get(run.method), acc.get("zero_shot_target"), acc.get("naive")
+    m, z = acc.get(run.method), acc.get("zero_shot_target")
+    n = acc.get("naive", acc.get("naive_resize"))
     prep = run.prepared
     items = [
         (f"{run.method} (test)", "-" if m is None else f"{100 * m:.1f}%",
@@ -64,7 +65,7 @@ def summary(run: Run, per_row: int = 5) -> None:
          "arrow compares it with the target's zero-shot accuracy"),
         ("zero-shot target", "-" if z is None else f"{100 * z:.1f}%", None, "the target before any transport"),
         ("naive", "-" if n is None else f"{100 * n:.1f}%", None, "theta_B + alpha * tau without alignment "
-         "(only when the shapes match)"),
+         "(across widths: tau zero-padded / truncated to the target's shapes)"),
         ("alpha", f"{run.result.alpha:.2f}", None, "picked on the validation split" if run.result.sweep else
          "fixed by you"),
         ("prepare", "cached" if prep.cache_hit else f"{prep.seconds:.1f} s", None,

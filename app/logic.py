@@ -24,7 +24,7 @@ import torch
 from transport import cache as disk_cache
 from transport.data import Task, builtin_tasks, load_task
 from transport.errors import NotImplementedYet, TransportError
-from transport.evaluate import accuracy, parse_alpha_grid
+from transport.evaluate import accuracy, default_alpha_grid, parse_alpha_grid, sweep_alpha
 from transport.methods import METHOD_NAMES, MethodInfo, Progress, TransportInputs, check_compatible, get_method
 from transport.model import Model
 from transport.pipeline import Prepared, TransferResult, prepare, transfer
@@ -276,6 +276,17 @@ class Run:
     result: TransferResult
     seconds: float
     ablation: dict = field(default_factory=dict)  # (alpha, split) -> ablation table
+    baselines: dict = field(default_factory=dict)  # extra baseline name -> AlphaSweep (cross-width naive)
+
+    def sweeps(self) -> dict:
+        """Every alpha sweep of this run: the method's, the naive baseline's (same shapes or zero-padded)."""
+        out = {}
+        if self.result.sweep is not None:
+            out[self.method] = self.result.sweep
+        if self.result.naive_sweep is not None:
+            out["naive"] = self.result.naive_sweep
+        out.update({k: v for k, v in self.baselines.items() if v is not None})
+        return out
 
     @property
     def info(self) -> MethodInfo:
@@ -332,9 +343,28 @@ def run_transfer(setup: Setup, method: str, options: Optional[dict] = None, shot
                       options=opts, alpha=alpha, shots=shots, seed=setup.seed, alpha_grid=grid,
                       device=setup.device, oracle=loaded.oracle,
                       progress=lambda f, m: progress(0.6 + 0.4 * f, m), use_cache=True)
+    baselines = _cross_width_baseline(loaded, result, grid, alpha, setup.device)
     progress(1.0, "done")
     return Run(uuid.uuid4().hex[:12], setup, method, opts, shots, loaded, prepared, result,
-               time.perf_counter() - t0)
+               time.perf_counter() - t0, baselines=baselines)
+
+
+def _cross_width_baseline(loaded: Loaded, result: TransferResult, grid: Optional[list[float]],
+                          alpha: Optional[float], device: str) -> dict:
+    """Across widths theta_B + alpha * tau does not exist; the baseline is tau zero-padded / truncated to the
+    target's shapes (Theseus' ``naive_resize``), alpha picked on validation like every other row."""
+    if loaded.source_pre.arch.same_shapes(loaded.target.arch) or loaded.task is None:
+        return {}
+    try:
+        from transport.methods.theseus import naive_resize
+    except ImportError:
+        return {}
+    t, task = loaded.target, loaded.task
+    delta = naive_resize(loaded.tau, t.arch)
+    sweep = sweep_alpha(t, delta, task, grid or default_alpha_grid(), device) if alpha is None else None
+    a = sweep.best_alpha if sweep is not None else float(alpha)
+    result.accuracies["naive_resize"] = accuracy(t, task, "test", delta.apply_to(t.params, a), device=device)
+    return {"naive_resize": sweep}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -104,5 +104,6 @@ def option_choices(method: str) -> dict[str, tuple]:
         mod = importlib.import_module(f"transport.methods.{method}")
     except ModuleNotFoundError:
         return {}
-    found = {"vote": "VOTES", "variant": "VARIANTS", "matching": "MATCHINGS", "centering": "CENTERINGS"}
+    found = {"vote": "VOTES", "variant": "VARIANTS", "matching": "MATCHINGS", "out_maps": "OUT_MAPS",
+             "hidden": "HIDDEN"}
     return {opt: tuple(getattr(mod, const)) for opt, const in found.items() if hasattr(mod, const)}

@@ -9,6 +9,7 @@ CPU, allocated memory on CUDA) belongs to that measurement alone.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -40,10 +41,34 @@ def _setup(arch_name: str, classes: int, shots: int, device: str):
     return arch, Model(arch, params, f"random:{arch_name}", head=head), task
 
 
+def _reset_peak(device: str) -> None:
+    """Start a new high-water mark: CUDA peak stats, or the process's VmHWM (Linux: /proc/self/clear_refs)."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def _peak_bytes(device: str) -> int:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated()
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def worker(mode: str, arch_name: str, classes: int, shots: int, device: str, micro_batch: int) -> dict:
@@ -53,10 +78,10 @@ def worker(mode: str, arch_name: str, classes: int, shots: int, device: str, mic
     from transport.methods.gradfix import prepare
 
     arch, model, task = _setup(arch_name, classes, shots, device)
+    gc.collect()
+    _reset_peak(device)
     base = _peak_bytes(device)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_seconds()
     if mode == "bare":  # one batched forward + backward of the same samples, gradients kept (what an optimizer needs)
         x, y = task.shots(shots, 0)
         loss_fn, _ = task_loss(model, task, device)
@@ -70,8 +95,9 @@ def worker(mode: str, arch_name: str, classes: int, shots: int, device: str, mic
         extra = {"micro_batch_used": al.micro_batch, "n": al.n_samples}
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    return {"mode": mode, "seconds": seconds, "peak_bytes": _peak_bytes(device), "base_bytes": base, **extra}
+    seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+    return {"mode": mode, "seconds": seconds, "cpu_seconds": cpu, "peak_bytes": _peak_bytes(device),
+            "base_bytes": base, **extra}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         mode, mb = a.worker.split(":")
         print(json.dumps(worker(mode, a.arch, a.classes, a.shots, a.device, int(mb))))
         return
+    load0 = os.getloadavg()[0]
     runs = [("bare", 0)] + [("prepare", mb) for mb in a.micro_batch]
     rows = []
     for _ in range(a.repeat):
@@ -103,15 +130,18 @@ def main(argv: list[str] | None = None) -> None:
                 raise SystemExit(f"worker {mode}:{mb} failed:\n{out.stderr}")
             rows.append({**json.loads(out.stdout.strip().splitlines()[-1]), "requested_mb": mb})
     bare = min(r["seconds"] for r in rows if r["mode"] == "bare")
+    bare_cpu = min(r["cpu_seconds"] for r in rows if r["mode"] == "bare")
     print(f"GradFix prepare vs bare forward+backward: {a.arch}, {a.classes} classes x K={a.shots} "
-          f"= {a.classes * a.shots} images, device {a.device}, threads {torch.get_num_threads()}")
-    print(f"{'run':<22}{'seconds':>9}{'x bare':>8}{'peak GiB':>10}{'base GiB':>10}")
+          f"= {a.classes * a.shots} images, device {a.device}, threads {a.threads or torch.get_num_threads()}, "
+          f"load average at start {load0:.1f}")
+    print(f"{'run':<22}{'wall s':>8}{'x bare':>8}{'cpu s':>8}{'x bare':>8}{'peak GiB':>10}{'base GiB':>10}")
     for r in rows:
         name = "bare fwd+bwd (batch)" if r["mode"] == "bare" else \
             f"prepare mb={r['micro_batch_used']}" + (" (auto)" if r["requested_mb"] == 0 else "")
-        print(f"{name:<22}{r['seconds']:>9.2f}{r['seconds'] / bare:>8.2f}{r['peak_bytes'] / 2**30:>10.2f}"
-              f"{r['base_bytes'] / 2**30:>10.2f}")
-    print("peak: process max RSS (cpu) or max allocated (cuda); base: the same right after building the model")
+        print(f"{name:<22}{r['seconds']:>8.2f}{r['seconds'] / bare:>8.2f}{r['cpu_seconds']:>8.2f}"
+              f"{r['cpu_seconds'] / bare_cpu:>8.2f}{r['peak_bytes'] / 2**30:>10.2f}{r['base_bytes'] / 2**30:>10.2f}")
+    print("wall: elapsed; cpu: process user+system time (robust when other work shares the CPU); peak: the "
+          "process's peak RSS during the run (cpu) or peak allocated memory (cuda); base: resident before the run")
 
 
 if __name__ == "__main__":

@@ -28,8 +28,8 @@ from transport.methods import gradfix
 from transport.model import Model
 from transport.task_vector import TaskVector
 
-FT_LRS = (3e-4, 1e-3, 3e-3)
-FT_STEPS = (5, 10, 20, 40, 80)
+FT_LRS = (1e-3, 3e-3)
+FT_STEPS = (5, 10, 20, 40, 80, 160, 320)
 METHODS = ("zero-shot B", "naive", "TransFusion", "few-shot FT", "GradFix", "GradFix mean", "GradFix on TF",
            "random mask", "oracle mask", "B fine-tuned")
 
@@ -75,12 +75,14 @@ def run_one(A: Model, A_ft: Model, B: Model, B_ft: Model, task: Task, shots: lis
     fx["zero-shot B"] = accuracy(B, task, "test", device=device)
     fx["naive"] = tuned(B, tau, task, grid, device)[0]
     fx["B fine-tuned"] = accuracy(B_ft, task, "test", device=device)
+    fx["cos_tau_tauB"] = tau.dot(tau_B) / max(tau.norm() * tau_B.norm(), 1e-30)
     tau_tf = None
     if transfusion:
         tf = get_method("transfusion")
         al_tf = tf.prepare(TransportInputs(A, B, task, 1, seed, device), dict(tf.options), no_progress)
         tau_tf = tf.apply(al_tf, tau, 1.0, dict(tf.options))
         fx["TransFusion"] = tuned(B, tau_tf, task, grid, device)[0]
+        fx["cos_tftau_tauB"] = tau_tf.dot(tau_B) / max(tau_tf.norm() * tau_B.norm(), 1e-30)
     for k in shots:
         r: dict = {}
         t0 = time.perf_counter()
@@ -90,6 +92,8 @@ def run_one(A: Model, A_ft: Model, B: Model, B_ft: Model, task: Task, shots: lis
         d = al.diagnostics()
         r["agreement"], r["keep_rate"], r["first_order"] = d["agreement_total"], d["keep_rate_total"], \
             d["first_order_total"]
+        # how often the few-shot vote has the sign of B's own full fine-tuning (0.5: no information)
+        r["vote_vs_tauB"] = al.agreement(tau_B)["agreement_total"]
         r["GradFix mean"] = tuned(B, gradfix.apply(al, tau, 1.0, {"vote": "mean"}), task, grid, device)[0]
         r["random mask"] = tuned(B, gradfix.apply(al, tau, 1.0, {"variant": "random", "mask_seed": seed}), task,
                                  grid, device)[0]
@@ -118,7 +122,7 @@ def summarize(results: list[dict], methods: list[str]) -> tuple[str, list[dict]]
             groups.setdefault((r["pair"], r["task"], int(k)), []).append({**r["fixed"], **rk})
     w = 10
     head = f"{'pair':<6}{'task':<7}{'K':>2} " + "".join(f"{m[:w]:>{w + 1}}" for m in methods) + \
-        f"{'keep':>6}{'agree':>6}  naive<FT<GF"
+        f"{'keep':>6}{'agree':>6}{'voteB':>6}{'cos':>6}  naive<FT<GF"
     lines, checks = [head, "-" * len(head)], []
     for (pair, task, k), rows in sorted(groups.items()):
         mean = {m: statistics.fmean([x[m] for x in rows if m in x]) for m in methods if any(m in x for x in rows)}
@@ -127,7 +131,9 @@ def summarize(results: list[dict], methods: list[str]) -> tuple[str, list[dict]]
         lines.append(f"{pair:<6}{task:<7}{k:>2} " + "".join(
             f"{_cell([x[m] for x in rows if m in x]):>{w + 1}}" for m in methods)
             + f"{100 * statistics.fmean([x['keep_rate'] for x in rows]):6.1f}"
-            + f"{100 * statistics.fmean([x['agreement'] for x in rows]):6.1f}  {'yes' if ok else 'no'}")
+            + f"{100 * statistics.fmean([x['agreement'] for x in rows]):6.1f}"
+            + f"{100 * statistics.fmean([x['vote_vs_tauB'] for x in rows]):6.1f}"
+            + f"{statistics.fmean([x['cos_tau_tauB'] for x in rows]):6.2f}  {'yes' if ok else 'no'}")
     return "\n".join(lines), checks
 
 
@@ -176,6 +182,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(table)
     held = sum(c["ordering"] for c in checks)
     print(f"naive < few-shot FT < GradFix holds in {held}/{len(checks)} (pair, task, K) rows (on seed means)")
+    print("keep: GradFix keep-rate; agree: sign(tau) vs the vote; voteB: sign(tau_B) (B's own full fine-tune) vs "
+          "the vote, 50 = no information; cos: cosine(tau, tau_B); all in % except cos")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"results": results, "checks": checks}, f, indent=1, default=str)

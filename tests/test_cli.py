@@ -371,3 +371,26 @@ def test_progress_bar_follows_the_pipeline(files, tmp_path, capsys):
     assert rc == 0
     assert "naive: nothing to prepare" in err and "evaluating" in err  # the phases the pipeline reported
     assert err.count("\n") == 0  # the bar clears itself: nothing left between the user and the next line
+
+
+def test_cross_width_method_writes_the_targets_names_and_shapes(files, tmp_path, capsys):
+    try:
+        info = methods.get_method("theseus")
+    except methods.NotImplementedYet:
+        pytest.skip("theseus is not built yet")
+    if info.same_arch or "calib_size" not in info.options:
+        pytest.skip("theseus does not take cross-width pairs / calib_size")
+    out = tmp_path / "t"
+    args = _base(files, out, **{"--target": files["W"], "--method": "theseus", "--task": "rot90",
+                                "--calib-size": "16", "--alpha-grid": "0:1:2"})
+    rc, _, err = _run(args, capsys)
+    assert rc == 0, err
+    tensors, md = _family_tensors(out / "task_vector.safetensors")
+    want = {k: tuple(v.shape) for k, v in from_canonical(_params(WIDE, 0), WIDE).items()}
+    assert {k: tuple(v.shape) for k, v in tensors.items()} == {k: want[k] for k in tensors}
+    assert tensors["transformer.resblocks.0.attn.in_proj_weight"].shape == (192, 64)
+    assert json.loads(md["arch"])["width"] == 64 and json.loads(md["source_arch"])["width"] == 32
+    report = json.loads((out / "report.json").read_text())
+    assert report["options"]["calib_size"] == 16 and report["inputs"]["target_arch"] == WIDE.name
+    assert "naive" not in report["accuracies"]  # no naive baseline across widths
+    assert TaskVector.load(out / "task_vector.safetensors").arch.width == 64

@@ -165,11 +165,12 @@ def test_pca_trace_counts_and_alignment():
     source = target @ q.T  # a rotated copy: the perfect map is q
     fig = theseus.pca_figure(target, source, source @ q, labels, ["a", "b", "c"], dims=2, space="res:0")
     assert len(fig.data) == 2 * 2 * 3  # panels x models x classes
-    after_t = [t for t in fig.data if t.xaxis == "x2" and "(target)" in t.name]
-    after_s = [t for t in fig.data if t.xaxis == "x2" and "(source)" in t.name]
+    after_t = [t for t in fig.data if t.xaxis == "x2" and t.marker.symbol == "circle"]
+    after_s = [t for t in fig.data if t.xaxis == "x2" and t.marker.symbol == "x"]
+    assert len(after_t) == len(after_s) == 3
     for t, s in zip(after_t, after_s):  # after the map, the crosses sit on the circles
         assert np.allclose(t.x, s.x) and np.allclose(t.y, s.y)
-    assert sum(1 for t in fig.data if t.showlegend) == 6
+    assert [t.name for t in fig.data if t.showlegend] == ["a", "b", "c"]  # one legend entry per class
     assert "PC 1 of target activations" in _axis_titles(fig)
     fig3 = theseus.pca_figure(target, source[:, :4], source @ q, labels, dims=3)
     assert len(fig3.data) == 12 and all(t.type == "scatter3d" for t in fig3.data)
@@ -235,7 +236,7 @@ def test_layer_ablation_figure():
     fig = results.layer_ablation_figure([0, 1, -1], [0.5, 0.2, 0.1], [0.3, 0.6, 0.7], 0.7, 0.1)
     assert list(fig.data[0].x) == ["0", "1", "global"]
     assert list(fig.data[0].y) == pytest.approx([50, 20, 10]) and list(fig.data[1].y) == pytest.approx([30, 60, 70])
-    assert sorted(sh.y0 for sh in fig.layout.shapes) == pytest.approx([10, 70])
+    assert list(fig.data[2].y) == pytest.approx([70] * 3) and list(fig.data[3].y) == pytest.approx([10] * 3)
 
 
 def test_exports_round_trip(tmp_path):

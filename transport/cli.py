@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--task-vector", metavar="FILE", help="a saved task vector instead of --source-ft")
     r.add_argument("--target", required=True, metavar="REF", help="target pretrained model (theta_B)")
     r.add_argument("--arch", metavar="ARCH", help="architecture of references that do not say it "
-                   "(open_clip:ViT-B-16, hf:..., zoo:...); also the target's unless --target-arch")
+                   "(open_clip:ViT-B-16, hf:ORG/NAME, zoo:NAME, or a model file that records it); "
+                   "also the target's unless --target-arch")
     r.add_argument("--target-arch", metavar="ARCH", help="the target's architecture when it differs (cross-width)")
     r.add_argument("--oracle", metavar="REF", help="the target fine-tuned on the task (reported as the upper bound)")
     r.add_argument("--method", required=True, help="naive | transfusion | gradfix | theseus")
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     alpha.add_argument("--alpha", type=float, metavar="A", help="fixed scaling (default: chosen on validation)")
     alpha.add_argument("--alpha-grid", metavar="LO:HI:N", help="grid for choosing alpha on the validation split")
     r.add_argument("--device", default="auto", help="cpu | cuda | auto (default)")
-    r.add_argument("--seed", type=int, default=0, metavar="S")
+    r.add_argument("--seed", type=int, default=0, metavar="S", help="seed for shots, random inits and methods")
     r.add_argument("--out", required=True, metavar="DIR", help="output directory (must be new or empty)")
     r.add_argument("--force", action="store_true", help="replace an existing non-empty output directory")
     r.add_argument("--trust-pickle", action="store_true", help="allow loading pickled whole modules (runs code)")
@@ -157,6 +158,11 @@ def write_atomically(out: Path, force: bool, writer: Callable[[Path], None]) -> 
     old: Optional[Path] = None
     try:
         writer(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes the directory private; results are ordinary files
+        for f in tmp.rglob("*"):
+            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
         check_out_dir(out, force)  # it may have appeared while we were computing
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -255,9 +261,16 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
                              f"({source_ft.arch.name} vs {source_pre.arch.name})")
     if oracle is not None and not oracle.arch.same_shapes(target.arch):
         raise TransportError(f"{oracle.ref} does not have the architecture of the target {target.ref}")
-    if "oracle_tau" in info.options and options.get("variant") == "oracle":
+    for a, b in ((source_pre, source_ft), (target, oracle)):
+        if b is not None and (a.arch.act, a.arch.mean, a.arch.std) != (b.arch.act, b.arch.mean, b.arch.std):
+            # same shapes but another activation or normalisation: usually a wrong --arch (e.g. a QuickGELU tag)
+            print(f"warning: {b.ref} runs as {b.arch.name} (act {b.arch.act}) but {a.ref} as {a.arch.name} "
+                  f"(act {a.arch.act}); pass the matching --arch if they are the same model", file=sys.stderr)
+    if options.get("variant") == "oracle":
         if oracle is None:
             raise TransportError("--variant oracle needs --oracle REF (the target fine-tuned on the task)")
+        if "oracle_tau" not in info.options:
+            raise TransportError(f"--variant oracle: {info.name} takes no oracle task vector (no 'oracle_tau' option)")
         options["oracle_tau"] = TaskVector.from_models(target.params, oracle.params, target.arch)
 
     task = None
@@ -268,7 +281,7 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     # Fail before any long computation: architecture, data needs, heads to evaluate with.
     check_compatible(info, TransportInputs(source_pre, target, task, args.shots, args.seed, device))
     if task is not None:
-        for model in (target, source_ft) + ((oracle,) if oracle is not None else ()):
+        for model in (target, source_pre, source_ft) + ((oracle,) if oracle is not None else ()):
             model.classifier(task.classnames)
 
     bar = _Bar(enabled=not args.no_progress)

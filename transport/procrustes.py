@@ -21,10 +21,13 @@ import torch
 
 Tensor = torch.Tensor
 
-#: largest side for which the eigendecomposition runs in float64 (larger: float32, still orthogonal)
+#: up to this larger side 'auto' uses the thin SVD (most accurate; cheap for small maps)
+SVD_MAX = 512
+#: up to this smaller side 'auto' eigendecomposes in float64 (larger: float32, still orthogonal)
 EIGH_FLOAT64_MAX = 1024
 #: largest side for which the per-batch products X_A^T X_B run in float64 on a CPU (always on a GPU)
 PRODUCT_FLOAT64_MAX = 512
+_STAT_ROWS = 1024
 
 
 def naive_map(d_a: int, d_b: int, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu") -> Tensor:
@@ -36,8 +39,10 @@ def polar(C: Tensor, mode: str = "auto", reference: Optional[Tensor] = None) -> 
     """Polar factor ``T = U V^T`` of ``C = U S V^T`` (d_A x d_B) and the singular values ``S`` (descending).
 
     mode: ``'svd'`` (thin SVD in float64), ``'eigh'`` (eigendecomposition of the smaller Gram matrix in
-    float64), ``'eigh32'`` (the same in float32) or ``'auto'`` (``'eigh'`` when the smaller side is at
-    most :data:`EIGH_FLOAT64_MAX`, else ``'eigh32'``).
+    float64), ``'eigh32'`` (the same in float32) or ``'auto'`` (``'svd'`` when both sides are at most
+    :data:`SVD_MAX`, ``'eigh'`` when the smaller side is at most :data:`EIGH_FLOAT64_MAX`, else ``'eigh32'``).
+    The eigendecomposition squares the condition number: directions with small singular values are
+    less accurate than with the SVD (they carry little of the data), which is the price of its speed.
 
     Where C is (numerically) rank deficient the polar factor is not unique: directions whose singular
     value is below :data:`NULL_TOL` (relative) follow ``reference`` (default: :func:`naive_map`), made
@@ -48,7 +53,7 @@ def polar(C: Tensor, mode: str = "auto", reference: Optional[Tensor] = None) -> 
         raise ValueError(f"polar: C must be a matrix, got shape {tuple(C.shape)}")
     d_a, d_b = C.shape
     if mode == "auto":
-        mode = "eigh" if min(d_a, d_b) <= EIGH_FLOAT64_MAX else "eigh32"
+        mode = "svd" if max(d_a, d_b) <= SVD_MAX else "eigh" if min(d_a, d_b) <= EIGH_FLOAT64_MAX else "eigh32"
     if mode not in ("svd", "eigh", "eigh32"):
         raise ValueError(f"polar: unknown mode '{mode}' (svd, eigh, eigh32, auto)")
     wd = torch.float32 if mode == "eigh32" else torch.float64
@@ -72,7 +77,7 @@ def polar(C: Tensor, mode: str = "auto", reference: Optional[Tensor] = None) -> 
 
 
 #: singular values below this fraction of the largest are treated as zero (the map follows the reference there)
-NULL_TOL = {"svd": 1e-10, torch.float64: 1e-7, torch.float32: 1e-3}
+NULL_TOL = {"svd": 1e-10, torch.float64: 1e-6, torch.float32: 1e-5}
 
 
 def _signs(R: Tensor) -> Tensor:
@@ -204,11 +209,12 @@ class CrossCovariance:
         pd = self._product_dtype(xa)
         fa, fb = cross if cross is not None else (xa, xb)
         self.C += (fa.to(pd).t() @ fb.to(pd)).to(torch.float64)
-        xa64, xb64 = xa.to(torch.float64), xb.to(torch.float64)
-        self.sum_a += xa64.sum(0)
-        self.sum_b += xb64.sum(0)
-        self.sq_a += (xa64 * xa64).sum(0)
-        self.sq_b += (xb64 * xb64).sum(0)
+        for i in range(0, xa.shape[0], _STAT_ROWS):  # float64 sums, a bounded slice at a time
+            a, b = xa[i:i + _STAT_ROWS].to(torch.float64), xb[i:i + _STAT_ROWS].to(torch.float64)
+            self.sum_a += a.sum(0)
+            self.sum_b += b.sum(0)
+            self.sq_a += (a * a).sum(0)
+            self.sq_b += (b * b).sum(0)
         if self.G_a is not None:
             self.G_a += (xa.to(pd).t() @ xa.to(pd)).to(torch.float64)
         if self.G_b is not None:
@@ -274,4 +280,4 @@ class CrossCovariance:
 
 
 __all__ = ["CrossCovariance", "polar", "procrustes_map", "naive_map", "matrix_power_sym", "resize_tokens",
-           "resize_tokens_adjoint", "grid_resize_matrix", "EIGH_FLOAT64_MAX", "PRODUCT_FLOAT64_MAX"]
+           "resize_tokens_adjoint", "grid_resize_matrix", "SVD_MAX", "EIGH_FLOAT64_MAX", "PRODUCT_FLOAT64_MAX"]

@@ -87,7 +87,8 @@ class TrainResult:
     head: Classifier
     snapshots: dict[int, tuple[dict[str, Tensor], Classifier]]
     final_loss: float
-    seconds: float
+    seconds: float  # wall clock
+    cpu_seconds: float  # CPU time of this process (the build trains single-threaded)
 
 
 def init_params(arch: ViTArch, seed: int) -> dict[str, Tensor]:
@@ -127,7 +128,7 @@ def train(params: dict[str, Tensor], head: Classifier, arch: ViTArch, images: Te
         raise TransportError(f"training needs at least one step, got {cfg.steps}")
     if len(images) != len(labels) or len(images) == 0:
         raise TransportError(f"training data: {len(images)} images and {len(labels)} labels")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     g = torch.Generator().manual_seed(cfg.seed)
     info = param_axes(arch)
     p = {k: params[k].detach().clone().float().requires_grad_(True) for k in info}
@@ -163,7 +164,7 @@ def train(params: dict[str, Tensor], head: Classifier, arch: ViTArch, images: Te
         if on_step is not None:
             on_step(1)
     return TrainResult({k: v.detach().clone() for k, v in p.items()}, _head(hw, hb, head), snapshots, loss_v,
-                       time.perf_counter() - t0)
+                       time.perf_counter() - t0, time.process_time() - c0)
 
 
 def _head(w: Tensor, b: Optional[Tensor], like: Classifier) -> Classifier:
@@ -172,12 +173,12 @@ def _head(w: Tensor, b: Optional[Tensor], like: Classifier) -> Classifier:
 
 
 def finetune(model: Model, images: Tensor, labels: Tensor, cfg: TrainConfig,
-             on_step: Optional[StepCallback] = None) -> tuple[dict[str, Tensor], float]:
-    """Fine-tune the visual tower of ``model`` with its own head frozen; returns (params, seconds)."""
+             on_step: Optional[StepCallback] = None) -> TrainResult:
+    """Fine-tune the visual tower of ``model`` with its own head frozen (the returned head is that head)."""
     if model.head is None:
         raise TransportError(f"{model.ref}: fine-tuning needs the model's own classifier head")
-    res = train(model.params, model.head, model.arch, images, labels, replace(cfg, train_head=False), on_step=on_step)
-    return res.params, res.seconds
+    return train(model.params, model.head, model.arch, images, labels, replace(cfg, train_head=False),
+                 on_step=on_step)
 
 
 __all__ = ["Augment", "TrainConfig", "TrainResult", "init_params", "init_head", "train", "finetune"]

@@ -37,7 +37,7 @@ import torch
 from transport.arch import ViTArch, param_axes, tiny_arch
 from transport.errors import TransportError
 from transport.model import Model
-from transport.train import Augment, TrainConfig, finetune, init_head, init_params, train
+from transport.train import Augment, TrainConfig, TrainResult, finetune, init_head, init_params, train
 
 Tensor = torch.Tensor
 
@@ -116,11 +116,11 @@ class ZooConfig:
     heads: int = 4
     output_dim: int = 32
     pretrain: TrainConfig = TrainConfig(steps=400, batch_size=128, lr=2e-3, augment=Augment(shift=1, noise=0.05))
-    fork_step: int = 100  # B_next shares A's initialisation and first fork_step steps
-    next_train: TrainConfig = TrainConfig(steps=300, batch_size=128, lr=2e-3,
+    fork_step: int = 40  # B_next shares A's initialisation and its first fork_step steps
+    next_train: TrainConfig = TrainConfig(steps=360, batch_size=128, lr=2e-3,
                                           augment=Augment(shift=1, noise=0.1, cutout=3))
-    grow_noise: float = 0.01  # relative std of the symmetry-breaking noise added after widening
-    grow_train: TrainConfig = TrainConfig(steps=150, batch_size=128, lr=1e-3, augment=Augment(shift=1, noise=0.05))
+    grow_noise: float = 0.1  # std of the symmetry-breaking noise added after widening, relative to each tensor's
+    grow_train: TrainConfig = TrainConfig(steps=150, batch_size=128, lr=2e-3, augment=Augment(shift=1, noise=0.05))
     wide_pretrain: TrainConfig = TrainConfig(steps=300, batch_size=128, lr=2e-3, augment=Augment(shift=1, noise=0.05))
     finetune: TrainConfig = TrainConfig(steps=80, batch_size=64, lr=3e-3, augment=Augment(shift=0))
     alpha_grid: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.25, 1.5, 2.0)
@@ -144,9 +144,9 @@ VARIANTS: dict[str, ZooConfig] = {
     "test": ZooConfig(
         variant="test", seeds=(0,), tasks=("rot90", "invert"), width=32, layers=2, heads=4,
         pretrain=TrainConfig(steps=150, batch_size=64, lr=3e-3, augment=Augment(shift=1, noise=0.05)),
-        fork_step=40,
-        next_train=TrainConfig(steps=110, batch_size=64, lr=3e-3, augment=Augment(shift=1, noise=0.1, cutout=3)),
-        grow_train=TrainConfig(steps=20, batch_size=64, lr=1e-3, augment=Augment(shift=1, noise=0.05)),
+        fork_step=15,
+        next_train=TrainConfig(steps=135, batch_size=64, lr=3e-3, augment=Augment(shift=1, noise=0.1, cutout=3)),
+        grow_train=TrainConfig(steps=20, batch_size=64, lr=2e-3, augment=Augment(shift=1, noise=0.05)),
         wide_pretrain=TrainConfig(steps=60, batch_size=64, lr=3e-3, augment=Augment(shift=1, noise=0.05)),
         finetune=TrainConfig(steps=40, batch_size=64, lr=3e-3, augment=Augment(shift=0)),
         alpha_grid=(0.0, 0.5, 1.0, 1.5),
@@ -483,10 +483,9 @@ class _Writer:
     def __init__(self, root: Path, seed: int, cfg: ZooConfig):
         self.root, self.seed, self.cfg = root, seed, cfg
         self.records: list[dict] = []
-        self.seconds: dict[str, float] = {}
 
     def save(self, name: str, model: Model, kind: str, task: Optional[str] = None, base: Optional[str] = None,
-             seconds: float = 0.0, perm: Optional[UnitPermutation] = None) -> None:
+             run: Optional[TrainResult] = None, perm: Optional[UnitPermutation] = None) -> None:
         from safetensors.torch import save_file
 
         from transport.io import save_model
@@ -497,7 +496,8 @@ class _Writer:
         path = _file(self.root, name, self.seed)
         save_model(model.with_params(model.params, ref=f"zoo:{name}@{self.seed}"), path, zoo_name=name,
                    zoo_seed=str(self.seed), zoo_kind=kind, zoo_task=task or "", description=desc)
-        rec = {"entry": asdict(entry), "file": str(path.relative_to(self.root)), "seconds": round(seconds, 3)}
+        rec = {"entry": asdict(entry), "file": str(path.relative_to(self.root)),
+               "seconds": round(run.seconds, 3) if run else 0.0, "cpu_seconds": round(run.cpu_seconds, 3) if run else 0.0}
         if perm is not None:
             pf = _perm_file(self.root, name, self.seed)
             tmp = pf.with_name(f".{pf.name}.tmp-{os.getpid()}")
@@ -505,7 +505,6 @@ class _Writer:
             os.replace(tmp, pf)
             rec["perm_file"] = str(pf.relative_to(self.root))
         self.records.append(rec)
-        self.seconds[name] = round(seconds, 3)
 
 
 def _finetune_all(w: _Writer, name: str, model: Model, tick: _Ticker) -> dict[str, dict[str, Tensor]]:
@@ -514,9 +513,9 @@ def _finetune_all(w: _Writer, name: str, model: Model, tick: _Ticker) -> dict[st
     for task in w.cfg.tasks:
         x, y = _digits_train(task)
         cfg = w.cfg.finetune.with_seed(_seed(w.seed, f"finetune:{task}"))
-        params, secs = finetune(model, x, y, cfg, on_step=tick)
-        w.save(f"{name}+{task}", model.with_params(params), "finetuned", task, name, secs)
-        out[task] = params
+        run = finetune(model, x, y, cfg, on_step=tick)
+        w.save(f"{name}+{task}", model.with_params(run.params), "finetuned", task, name, run)
+        out[task] = run.params
     return out
 
 
@@ -543,7 +542,7 @@ def _job_source_chain(root: str, cfg: ZooConfig, seed: int) -> dict:
 
     res = pretrain_source(cfg, seed, tick)
     A = Model(arch, res.params, f"zoo:A@{seed}", _head_classes(res.head, DIGIT_NAMES))
-    w.save("A", A, "pretrained", seconds=res.seconds)
+    w.save("A", A, "pretrained", run=res)
     a_ft = _finetune_all(w, "A", A, tick)
 
     perm_c = random_unit_permutation(arch, _seed(seed, "B_control:perm"))
@@ -556,7 +555,7 @@ def _job_source_chain(root: str, cfg: ZooConfig, seed: int) -> dict:
     nxt = train(snap_params, snap_head, arch, x, y, cfg.next_train.with_seed(_seed(seed, "B_next:data")),
                 on_step=tick)
     Bu = Model(arch, nxt.params, f"zoo:B_next_unshuffled@{seed}", _head_classes(nxt.head, DIGIT_NAMES))
-    w.save("B_next_unshuffled", Bu, "pretrained", seconds=nxt.seconds)
+    w.save("B_next_unshuffled", Bu, "pretrained", run=nxt)
     perm_n = random_unit_permutation(arch, _seed(seed, "B_next:perm"))
     Bn = Bu.with_params(permute_params(Bu.params, arch, perm_n))
     w.save("B_next", Bn, "pretrained", perm=perm_n)
@@ -568,10 +567,10 @@ def _job_source_chain(root: str, cfg: ZooConfig, seed: int) -> dict:
              for k, v in grown.items()}
     wg = train(grown, A.head, wide, x, y, cfg.grow_train.with_seed(_seed(seed, "W_grown:data")), on_step=tick)
     W = Model(wide, wg.params, f"zoo:W_grown@{seed}", _head_classes(wg.head, DIGIT_NAMES))
-    w.save("W_grown", W, "pretrained", seconds=res.seconds + wg.seconds)
+    w.save("W_grown", W, "pretrained", run=wg)
     _finetune_all(w, "W_grown", W, tick)
     tick.flush()
-    return {"records": w.records, "seconds": w.seconds}
+    return {"records": w.records}
 
 
 def _job_independent(root: str, cfg: ZooConfig, seed: int) -> dict:
@@ -586,10 +585,10 @@ def _job_independent(root: str, cfg: ZooConfig, seed: int) -> dict:
                     init_head(arch, 10, _seed(seed, f"{name}:head"), DIGIT_NAMES), arch, x, y,
                     tcfg.with_seed(_seed(seed, f"{name}:data")), on_step=tick)
         M = Model(arch, res.params, f"zoo:{name}@{seed}", _head_classes(res.head, DIGIT_NAMES))
-        w.save(name, M, "pretrained", seconds=res.seconds)
+        w.save(name, M, "pretrained", run=res)
         _finetune_all(w, name, M, tick)
     tick.flush()
-    return {"records": w.records, "seconds": w.seconds}
+    return {"records": w.records}
 
 
 def _evaluate_seed(root: Path, cfg: ZooConfig, seed: int, models: dict[str, dict]) -> dict:
@@ -670,13 +669,13 @@ def summarize(table: list[dict]) -> list[dict]:
 def format_table(table: list[dict]) -> str:
     """A plain-text table of :func:`summarize` (accuracies in %, mean +- spread over seeds)."""
     def cell(m, s):
-        return "-" if m is None else f"{100 * m:5.1f}" + (f" +-{100 * s:4.1f}" if s else "")
+        return "-" if m is None else f"{100 * m:.1f}" + (f" +- {100 * s:.1f}" if s else "")
 
-    head = f"{'pair':<11} {'task':<7} {'zero-shot B':>11} {'naive':>11} {'true map':>11} {'A ft':>11} {'oracle':>11}"
+    head = f"{'pair':<11} {'task':<7} {'zero-shot B':>13} {'naive':>13} {'true map':>13} {'A ft':>13} {'oracle':>13}"
     lines = [head, "-" * len(head)]
     for s in summarize(table):
         lines.append(f"{s['pair']:<11} {s['task']:<7} " + " ".join(
-            f"{cell(s[k], s[k + '_std']):>11}" for k in ("zero_shot_target", "naive", "true_map", "source_finetuned",
+            f"{cell(s[k], s[k + '_std']):>13}" for k in ("zero_shot_target", "naive", "true_map", "source_finetuned",
                                                        "oracle")))
     return "\n".join(lines)
 
@@ -689,10 +688,13 @@ def _total_units(cfg: ZooConfig) -> int:
 
 
 def build(root: Optional[str | os.PathLike] = None, variant: str = "full", seeds: Optional[list[int]] = None,
-          force: bool = False, progress: bool = True, workers: Optional[int] = None) -> dict:
+          force: bool = False, progress: bool = True, workers: Optional[int] = None,
+          on_progress: Optional[Callable[[float, str], None]] = None) -> dict:
     """Train the zoo (deterministically), measure the phenomenon and write ``manifest.json`` last.
 
     Skips the work when a zoo of the same configuration is already built (unless ``force``).
+    ``progress``: a tqdm bar on stderr and the table printed at the end; ``on_progress(fraction, message)``
+    is called as training steps complete (for an app's own progress bar).
     ``workers``: processes (default: up to 2, one thread each; results do not depend on it).
     Returns the build summary (seconds, per-model seconds, pretraining accuracies, the phenomenon table).
     """
@@ -721,11 +723,14 @@ def build(root: Optional[str | os.PathLike] = None, variant: str = "full", seeds
         shutil.rmtree(sub, ignore_errors=True)
     (r / ".zoo-building").write_text("incomplete build; run `python -m transport zoo build --force`\n")
 
-    t0 = time.perf_counter()
+    t0, c0, k0 = time.perf_counter(), time.process_time(), _children_cpu()
     n_workers = workers if workers is not None else max(1, min(2, os.cpu_count() or 1, 2 * len(cfg.seeds)))
     bar = _progress_bar(_total_units(cfg), variant, progress)
+    if on_progress is not None:
+        bar = _CallbackBar(bar, _total_units(cfg), variant, on_progress)
     records: dict[int, dict[str, dict]] = {s: {} for s in cfg.seeds}
     seconds: dict[str, float] = {}
+    cpu_seconds: dict[str, float] = {}
     rows: list[dict] = []
     pre_acc: dict[str, float] = {}
     jobs = [(_job_source_chain, s) for s in cfg.seeds] + [(_job_independent, s) for s in cfg.seeds]
@@ -735,6 +740,7 @@ def build(root: Optional[str | os.PathLike] = None, variant: str = "full", seeds
         for rec in out["records"]:
             records[seed][rec["entry"]["name"]] = rec
             seconds[f"{rec['entry']['name']}@{seed}"] = rec["seconds"]
+            cpu_seconds[f"{rec['entry']['name']}@{seed}"] = rec["cpu_seconds"]
 
     def take_eval(seed: int, out: dict) -> None:
         rows.extend(out["rows"])
@@ -767,6 +773,7 @@ def build(root: Optional[str | os.PathLike] = None, variant: str = "full", seeds
         "format": ZOO_FORMAT, "variant": variant, "seeds": list(cfg.seeds), "tasks": list(cfg.tasks),
         "pretrain_task": PRETRAIN_TASK, "archs": archs, "fingerprint": fingerprint,
         "build_seconds": round(elapsed, 1), "workers": n_workers, "model_seconds": seconds,
+        "model_cpu_seconds": cpu_seconds, "cpu_seconds": round(time.process_time() - c0 + _children_cpu() - k0, 1),
         "pretrain_accuracy": pre_acc, "pairs": [asdict(p) for p in _PAIRS], "models": models, "table": rows,
     }
     tmp = r / f".{MANIFEST}.tmp-{os.getpid()}"
@@ -774,11 +781,39 @@ def build(root: Optional[str | os.PathLike] = None, variant: str = "full", seeds
     os.replace(tmp, r / MANIFEST)
     (r / ".zoo-building").unlink(missing_ok=True)
     if progress:
-        print(f"zoo ({variant}, seeds {', '.join(map(str, cfg.seeds))}) built in {elapsed:.0f} s at {r}")
+        print(f"zoo ({variant}, seeds {', '.join(map(str, cfg.seeds))}) built in {elapsed:.0f} s "
+              f"({manifest['cpu_seconds']:.0f} CPU s, {n_workers} worker(s)) at {r}")
         print(format_table(rows))
     info = {k: v for k, v in manifest.items() if k != "models"}
     info["skipped"] = False
     return info
+
+
+def _children_cpu() -> float:
+    """CPU seconds used by finished child processes (the build's workers), where the OS tells."""
+    try:
+        import resource
+
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return ru.ru_utime + ru.ru_stime
+    except (ImportError, OSError):  # pragma: no cover - not on POSIX
+        return 0.0
+
+
+class _CallbackBar:
+    """A progress bar that also reports (fraction, message) to a callback."""
+
+    def __init__(self, bar, total: int, variant: str, callback: Callable[[float, str], None]):
+        self.bar, self.total, self.n, self.variant, self.callback = bar, max(1, total), 0, variant, callback
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+        self.n += n
+        self.callback(min(1.0, self.n / self.total), f"building the {self.variant} zoo: {self.n}/{self.total} steps")
+
+    def close(self) -> None:
+        self.bar.close()
+        self.callback(1.0, "zoo built")
 
 
 class _InlineQueue:

@@ -8,6 +8,7 @@ TEMPLATE = "plotly_white"
 
 METHOD_COLORS: dict[str, str] = {
     "naive": "#7f7f7f",
+    "naive_resize": "#a0a0a0",
     "transfusion": "#1f77b4",
     "gradfix": "#d62728",
     "theseus": "#2ca02c",
@@ -20,6 +21,7 @@ METHOD_COLORS: dict[str, str] = {
 ACCURACY_LABELS: dict[str, str] = {
     "zero_shot_target": "target zero-shot",
     "naive": "naive (theta_B + alpha tau)",
+    "naive_resize": "naive (tau zero-padded / truncated)",
     "transfusion": "TransFusion",
     "gradfix": "GradFix",
     "theseus": "Theseus",
@@ -29,7 +31,7 @@ ACCURACY_LABELS: dict[str, str] = {
 }
 
 # Rows of an accuracy table, in reading order: the floor, the baseline, the methods, the ceilings.
-ACCURACY_ORDER = ("zero_shot_target", "naive", "transfusion", "gradfix", "theseus", "source_finetuned",
+ACCURACY_ORDER = ("zero_shot_target", "naive", "naive_resize", "transfusion", "gradfix", "theseus", "source_finetuned",
                   "source_zero_shot", "oracle")
 
 # Agreement maps: +1 agree (blue), 0 tie (grey), -1 disagree (red).

@@ -148,14 +148,14 @@ def keep_rate_per_layer(diag: Mapping) -> go.Figure:
     labels, keep, fo = per_layer(diag)
     if not labels:
         return empty_figure("no blocks in the sign vote", "Keep-rate and first-order decrease")
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("keep-rate", "first-order loss change <g, m*tau>"),
-                        horizontal_spacing=0.12)
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("keep-rate", "first-order loss change"),
+                        horizontal_spacing=0.2)
     fig.add_trace(go.Bar(x=labels, y=keep, marker_color="#1f77b4", name="keep-rate",
                          hovertemplate="layer %{x}: keeps %{y:.1%}<extra></extra>"), row=1, col=1)
     fig.add_trace(go.Bar(x=labels, y=fo, marker_color=["#2ca02c" if v <= 0 else "#d62728" for v in fo],
                          name="first order", hovertemplate="layer %{x}: %{y:.4g}<extra></extra>"), row=1, col=2)
     fig.update_xaxes(type="category", title_text="layer")
     fig.update_yaxes(range=[0, 1], tickformat=".0%", title_text="fraction of entries kept", row=1, col=1)
-    fig.update_yaxes(title_text="<g, m*tau> (lower = larger decrease)", row=1, col=2)
+    fig.update_yaxes(title_text="<g, m*tau> (below 0 = descent)", row=1, col=2)
     fig.update_layout(showlegend=False)
     return finish(fig, "Keep-rate and first-order decrease per layer", height=360)

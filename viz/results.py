@@ -9,6 +9,8 @@ import torch
 
 from viz.common import color_of, empty_figure, finish, label_of, ordered
 
+PAIR_COLORS = ("#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666")
+
 
 def _sweep_dict(sweep: Any) -> Optional[dict]:
     if sweep is None:
@@ -125,7 +127,7 @@ def layer_cosine_figure(cosines: Mapping[str, Mapping[int, float]]) -> go.Figure
     for i, (pair, per_layer) in enumerate(cosines.items()):
         layers = sorted(per_layer, key=lambda l: (l < 0, l))  # global tensors last
         fig.add_trace(go.Scatter(x=[_layer_label(l) for l in layers], y=[per_layer[l] for l in layers],
-                                 mode="lines+markers", name=pair, line=dict(color=color_of(pair, i + 3)),
+                                 mode="lines+markers", name=pair, line=dict(color=PAIR_COLORS[i % len(PAIR_COLORS)]),
                                  hovertemplate="layer %{x}<br>cosine %{y:.3f}<extra>" + pair + "</extra>"))
     fig.update_yaxes(range=[-1.05, 1.05])
     fig.update_xaxes(type="category")
@@ -148,10 +150,12 @@ def layer_ablation_figure(layers: Sequence[int], only: Sequence[float], without:
                          marker_color="#1f77b4", hovertemplate="layer %{x} only: %{y:.1f}%<extra></extra>"))
     fig.add_trace(go.Bar(x=x, y=[100 * v for v in without], name="all layers but this one",
                          marker_color="#ff7f0e", hovertemplate="all but layer %{x}: %{y:.1f}%<extra></extra>"))
-    fig.add_hline(y=100 * full, line=dict(color="black", dash="solid"), annotation_text="all layers",
-                  annotation_position="top left")
-    fig.add_hline(y=100 * zero_shot, line=dict(color=color_of("zero_shot_target"), dash="dash"),
-                  annotation_text="no layer (target zero-shot)", annotation_position="bottom left")
+    # reference levels as legend entries (annotations would sit on the bars)
+    fig.add_trace(go.Scatter(x=x, y=[100 * full] * len(x), mode="lines", name="all layers transported",
+                             line=dict(color="black"), hovertemplate="all layers: %{y:.1f}%<extra></extra>"))
+    fig.add_trace(go.Scatter(x=x, y=[100 * zero_shot] * len(x), mode="lines", name="no layer (target zero-shot)",
+                             line=dict(color=color_of("zero_shot_target"), dash="dash"),
+                             hovertemplate="no layer: %{y:.1f}%<extra></extra>"))
     fig.update_layout(barmode="group")
     fig.update_xaxes(type="category")
     fig.update_yaxes(range=[0, 105])

@@ -41,22 +41,27 @@ def pca_basis(target: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return mu, v * signs
 
 
-def pca_figure(target, source, mapped, labels: Sequence[int], classnames: Optional[Sequence[str]] = None,
-               dims: int = 2, space: str = "") -> go.Figure:
+def pca_figure(target, source, mapped, labels: Optional[Sequence[int]], classnames: Optional[Sequence[str]] = None,
+               dims: int = 2, space: str = "", before=None) -> go.Figure:
     """Target activations (circles) and source activations (crosses), coloured by class, in the target's
-    principal axes: left, source zero-padded / truncated to the target width (before alignment); right, the
-    mapped source X_A T (after). Overlapping clouds per class = the map lines the two models up.
+    principal axes: left, source zero-padded / truncated to the target width (before alignment; ``before``
+    if given, else computed); right, the mapped source X_A T (after). Overlapping clouds per class = the map
+    lines the two models up.
 
-    target [n, d_B], source [n, d_A], mapped [n, d_B]; one trace per (panel, model, class).
+    target [n, d_B], source [n, d_A], mapped [n, d_B], labels [n] or None (one colour); one trace per
+    (panel, model, class).
     """
     if dims not in (2, 3):
         raise ValueError("dims must be 2 or 3")
     xb, xa, xm = _np(target), _np(source), _np(mapped)
-    y = np.asarray(labels).astype(int)
     if len(xb) == 0:
         return empty_figure("no activation sample", "PCA of activations")
+    y = np.zeros(len(xb), dtype=int) if labels is None else _np(labels).astype(int)
+    if labels is None:
+        classnames = ["all images"]
     mu, v = pca_basis(xb, dims)
-    panels = {"before: source zero-padded/truncated": fit_to_width(xa, xb.shape[1]), "after: mapped source X_A T": xm}
+    xn = fit_to_width(xa, xb.shape[1]) if before is None else _np(before)
+    panels = {"before: source zero-padded/truncated": xn, "after: mapped source X_A T": xm}
     proj_t = (xb - mu) @ v
     spec = {"type": "scene"} if dims == 3 else {}
     fig = make_subplots(rows=1, cols=2, subplot_titles=list(panels), specs=[[spec, spec]], horizontal_spacing=0.06)
@@ -68,7 +73,8 @@ def pca_figure(target, source, mapped, labels: Sequence[int], classnames: Option
             for c in classes:
                 m = y == c
                 cname = names[c] if c < len(names) else str(c)
-                common = dict(name=f"{cname} ({who})", legendgroup=f"{c}-{who}", showlegend=(col == 1),
+                # one legend entry per class (its colour); circles / crosses tell the models apart
+                common = dict(name=cname, legendgroup=f"class-{c}", showlegend=(col == 1 and who == "target"),
                               mode="markers", hovertemplate=f"{who}, class {cname}<extra></extra>")
                 marker = dict(color=CLASS_COLORS[c % len(CLASS_COLORS)], symbol=symbol,
                               size=(4 if dims == 3 else 7), opacity=0.75,

@@ -22,13 +22,15 @@ def head_permutation(layer: Mapping, title: str | None = None) -> go.Figure:
     """
     perm = [int(j) for j in layer["head_perm"]]
     cost = np.asarray(layer.get("head_cost") or np.zeros((len(perm), len(perm))), dtype=np.float64)
-    margin = [float(m) for m in layer.get("head_margin") or [np.nan] * len(perm)]
+    # an infinite margin (a single head: nothing to confuse it with) is drawn as missing
+    margin = [float(m) if np.isfinite(float(m)) else np.nan for m in layer.get("head_margin") or [np.nan] * len(perm)]
     H = len(perm)
     heads = list(range(H))
-    fig = make_subplots(rows=1, cols=2, column_widths=[0.75, 0.25], shared_yaxes=True, horizontal_spacing=0.04,
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.72, 0.28], shared_yaxes=True, horizontal_spacing=0.05,
                         subplot_titles=("cost (lower = more alike)", "confidence"))
     fig.add_trace(go.Heatmap(z=cost, x=heads, y=heads, colorscale="Viridis_r", name="cost",
-                             colorbar=dict(title="cost", x=0.70, len=0.9),
+                             colorbar=dict(title=dict(text="cost", side="right"), x=1.01, xanchor="left", len=0.9,
+                                           thickness=14),
                              hovertemplate="target head %{y} vs source head %{x}<br>cost %{z:.4g}<extra></extra>"),
                   row=1, col=1)
     fig.add_trace(go.Scatter(x=perm, y=heads, mode="markers", name="chosen assignment",

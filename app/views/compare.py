@@ -32,7 +32,6 @@ with ui.guarded():
                 continue
             if m in have and have[m].shots == shots:
                 continue
-            st.write(f"running **{m}**")
             state.execute(setup, m, {}, shots)
     runs = {m: r for m, r in state.runs_for(setup).items() if m in chosen}
     if not runs:
@@ -51,19 +50,20 @@ with ui.guarded():
         if v is None or (isinstance(v, float) and math.isnan(v)):
             continue
         alpha = runs[k].result.alpha if k in runs else None
+        prep = runs[k].prepared if k in runs else None
         rows.append({"model": label_of(k), "test accuracy (%)": round(100 * v, 2),
-                     "alpha": None if alpha is None else round(alpha, 3),
-                     "prepare (s)": None if k not in runs else round(runs[k].prepared.seconds, 2)})
+                     "alpha": "" if alpha is None else f"{alpha:.2f}",
+                     "prepare": "" if prep is None else ("cached" if prep.cache_hit else f"{prep.seconds:.2f} s")})
     st.dataframe(rows, hide_index=True, key="cmp-table", width="content")
     st.caption("Each method at the alpha it picked on the validation split; the other rows are the same for all "
                "methods (target zero-shot floor, source fine-tuned and oracle ceilings).")
     st.download_button("table (.csv)", data=export.accuracies_csv(table), file_name="compare.csv", mime="text/csv",
                        on_click="ignore", key="cmp-dl-csv")
 
-    sweeps = {m: r.result.sweep for m, r in runs.items() if r.result.sweep is not None}
-    naive = next((r.result.naive_sweep for r in runs.values() if r.result.naive_sweep is not None), None)
-    if naive is not None and "naive" not in sweeps:
-        sweeps["naive"] = naive
+    sweeps: dict = {}
+    for r in runs.values():
+        for k, v in r.sweeps().items():
+            sweeps.setdefault(k, v)
     ui.figure(results.alpha_curves(sweeps), "cmp-alpha",
               "Validation accuracy against alpha for every method on one plot; stars mark the alpha each method "
               "picked. A curve that peaks higher and stays high over a wider range of alpha is a more reliable "

@@ -34,7 +34,8 @@ with ui.guarded():
     c1, c2 = st.columns([3, 1])
     first, last = c1.slider("Layers transported", 0, L - 1, (0, L - 1), key=f"dbg-range-{run.id}") if L > 1 \
         else (0, 0)
-    with_global = c2.checkbox("with embeddings / final norm / projection", value=True, key=f"dbg-global-{run.id}")
+    with_global = c2.checkbox("+ global tensors", value=True, key=f"dbg-global-{run.id}",
+                              help="embeddings, final LayerNorm and projection (they belong to no layer)")
     acc_range = logic.range_accuracy(run, first, last, alpha, with_global, split)
     abl = logic.layer_ablation(run, alpha, split)
     m1, m2, m3 = st.columns(3)

@@ -32,12 +32,17 @@ with ui.guarded():
         raise ui.Stop
     st.subheader("Activations before and after the map")
     c1, c2 = st.columns([3, 1])
-    space = c1.selectbox("Activation space (layer)", spaces, key=f"th-space-{run.id}")
+    # the deepest space by default: at res:0 the class token is the same for every image
+    space = c1.selectbox("Activation space (layer)", spaces, index=len(spaces) - 1, key=f"th-space-{run.id}")
     dims = c2.radio("PCA", [2, 3], horizontal=True, format_func=lambda d: f"{d}-D", key=f"th-dims-{run.id}")
     sample = samples[space]
     mapped = alignment.mapped_sample(space)
-    ui.figure(vth.pca_figure(sample["target"], sample["source"], mapped, sample["labels"],
-                             run.loaded.task.classnames, dims=int(dims), space=space),
+    if float(sample["target"].float().std(0).max()) < 1e-6:
+        st.caption(f"At {space} every image gives the same activation (the class token before any attention has "
+                   "seen the image), so all points coincide; pick a deeper layer.")
+    before = alignment.naive_sample(space) if hasattr(alignment, "naive_sample") else None
+    ui.figure(vth.pca_figure(sample["target"], sample["source"], mapped, sample.get("labels"),
+                             run.loaded.task.classnames, dims=int(dims), space=space, before=before),
               f"th-pca-{run.id}-{space}-{dims}",
               "Each point is one image's activation, coloured by its class: circles from the target, crosses from "
               "the source. Both panels use the target's main directions (PCA); after the map the crosses should "

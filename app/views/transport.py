@@ -52,9 +52,7 @@ with ui.guarded():
     c1.metric(f"test accuracy at alpha = {alpha:.2f}", f"{100 * test_acc:.1f}%",
               f"{100 * (test_acc - acc.get('zero_shot_target', test_acc)):+.1f} vs zero-shot")
     c2.metric("||alpha * transported tau||", f"{delta.norm():.3g}")
-    sweeps = {run.method: sweep} if sweep else {}
-    if run.result.naive_sweep is not None:
-        sweeps["naive"] = run.result.naive_sweep
+    sweeps = run.sweeps()
     fig = results.alpha_curves(sweeps, chosen={run.method: float(alpha)},
                                picked=run.result.alpha if sweep else None)
     ui.figure(fig, f"tp-alpha-{run.id}", "Validation accuracy of the target with alpha times the transported task "

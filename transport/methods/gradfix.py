@@ -132,11 +132,13 @@ def collect_votes(loss_fn: LossFn, params: dict[str, Tensor], pixels: Tensor, la
             raise TransportError("gradfix: the loss is not finite on the labelled samples (NaN/Inf in the "
                                  "images or the model)")
         loss_sum += float(losses.double().sum())
-        for k in names:
+        for k in names:  # one sample at a time, in place: the fewest passes over the per-sample gradients
             g = grads.pop(k)
-            gsum[k] += g.sum(0)
-            g = g.sign_() if g.is_contiguous() else g.sign()
-            counts[k] -= g.sum(0).to(cdtype)  # sum_n sign(-g_n)
+            if 0 in g.stride():  # an expanded (broadcast) gradient cannot be overwritten in place
+                g = g.contiguous()
+            for gi in g.unbind(0):
+                gsum[k].add_(gi)
+                counts[k].sub_(gi.sign_().to(cdtype))  # sum_n sign(-g_n)
             del g
         i = j
         progress(i / n, f"gradfix: gradients of {i}/{n} samples")

@@ -39,7 +39,8 @@ Tensor = torch.Tensor
 
 OPTIONS = {"matching": "weight", "max_iter": 100, "seed": 0, "calibration": 128}
 MATCHINGS = ("weight", "activation")
-_FULL_UPDATE = 0.5  # recompute a similarity from scratch when more than this fraction of a neighbour moved
+_FULL_UPDATE = 0.5
+  # recompute a similarity from scratch when more than this fraction of a neighbour moved
 
 
 # ----------------------------------------------------------------------------------------------
@@ -56,32 +57,73 @@ def _lap_min_cost(C: np.ndarray) -> tuple[np.ndarray, float]:
     return c, float(C[r, c].sum())
 
 
-def column_potentials(S: Tensor, p: Tensor, v0: Optional[Tensor] = None, max_rounds: int = 30,
-                      rtol: float = 1e-9) -> Optional[Tensor]:
-    """Potentials y (one per column) with y[j] <= y[p[i]] + S[i, p[i]] - S[i, j] for every i, j, or None.
+def _potentials(S: Tensor, p: Tensor, cols: Tensor, y0: Optional[Tensor], tol: float,
+                max_rounds: int = 2000) -> Optional[Tensor]:
+    """Column potentials y with y[j] >= y[p[i]] + S[i, j] - S[i, p[i]] for every candidate edge (i, cols[i]).
 
-    Such y exist iff p maximises sum_i S[i, p[i]] (they are the dual variables of the assignment LP), so
-    finding them certifies p optimal without solving. Bellman-Ford from ``v0`` (a previous certificate,
-    else zeros): only rows whose assigned column's potential dropped are re-scanned. None when it does not
-    settle within ``max_rounds`` (p is then probably not optimal).
+    Longest paths from zero (or from ``y0``) in the graph of column swaps, by Bellman-Ford rounds that only
+    rescan rows whose own column moved. They exist iff p is optimal on the candidate edges.
     """
     n = S.shape[0]
-    c = S.double()
     rows = torch.arange(n, device=S.device)
-    gap = c[rows, p][:, None] - c  # >= 0 where row i prefers its own column
-    y = torch.zeros(n, dtype=torch.float64, device=S.device) if v0 is None else v0.to(S.device, torch.float64).clone()
-    tol = rtol * float(c.abs().max().clamp_min(1e-30))
-    active = rows
+    g = S.gather(1, cols).double() - S[rows, p].double()[:, None]
     pinv = torch.empty_like(p)
     pinv[p] = rows
-    for r in range(max_rounds):
-        cand = (y[p[active]][:, None] + gap[active]).min(0).values
-        drop = cand < y - tol
-        if not bool(drop.any()):
-            return y
-        y = torch.where(drop, cand, y)
-        active = pinv[torch.nonzero(drop).flatten()]
+    y = torch.zeros(n, dtype=torch.float64, device=S.device) if y0 is None else y0.clone()
+    active = rows
+    for _ in range(max_rounds):
+        new = y.clone()
+        new.scatter_reduce_(0, cols[active].reshape(-1), (y[p[active]][:, None] + g[active]).reshape(-1), "amax")
+        up = new > y + tol
+        if not bool(up.any()):
+            return new
+        y = new
+        active = pinv[torch.nonzero(up).flatten()]
     return None
+
+
+def certifies(S: Tensor, p: Tensor, y: Optional[Tensor], tol: float) -> bool:
+    """True when y proves p optimal for S: every row's own column maximises S[i, j] - y[j]."""
+    if y is None:
+        return bool(torch.equal(S.argmax(1), p))
+    rows = torch.arange(S.shape[0], device=S.device)
+    slack = (S.double() - y[None, :]).amax(1) - (S[rows, p].double() - y[p])
+    return bool((slack <= tol).all())
+
+
+def solve_assignment(S: Tensor, hint: Optional[Tensor] = None, y0: Optional[Tensor] = None,
+                     k: int = 48) -> tuple[Tensor, Optional[Tensor], bool]:
+    """Exact max-sum assignment of a square S: (perm, column potentials certifying it, used the dense solver).
+
+    Large problems are solved on each row's k best columns (plus ``hint``, a perfect matching) with scipy's
+    sparse solver; potentials computed on those edges are then checked on ALL edges, so the answer is
+    exact; if the check fails the dense solver decides.
+    """
+    n = S.shape[0]
+    if n < 256 or k + 1 >= n:
+        return _lap_max(S).to(S.device), None, True
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import min_weight_full_bipartite_matching
+
+    hint = torch.arange(n, device=S.device) if hint is None else hint
+    cols = torch.topk(S, k + 1, dim=1).indices
+    has = (cols[:, :k] == hint[:, None]).any(1)
+    cols[:, k] = torch.where(has, cols[:, k], hint)
+    cols = cols.sort(1).values
+    vals = S.gather(1, cols).double()
+    scale = float(S.abs().max().clamp_min(1e-30))
+    data = (float(vals.max()) - vals + 1.0).cpu().numpy().ravel()  # positive costs: no explicit zeros
+    indptr = np.arange(0, n * (k + 1) + 1, k + 1)
+    try:
+        M = csr_matrix((data, cols.cpu().numpy().ravel(), indptr), shape=(n, n))
+        _, col = min_weight_full_bipartite_matching(M)
+    except ValueError:
+        return _lap_max(S).to(S.device), None, True
+    p = torch.from_numpy(col.astype(np.int64)).to(S.device)
+    y = _potentials(S, p, cols, y0, 1e-13 * scale)
+    if y is not None and certifies(S, p, y, 1e-9 * scale):
+        return p, y, False
+    return _lap_max(S).to(S.device), None, True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,8 +144,13 @@ def head_blocks(params: Mapping[str, Tensor], arch: ViTArch, layer: int) -> Tens
 
 def head_spectra(params: Mapping[str, Tensor], arch: ViTArch, device: str = "cpu") -> Tensor:
     """[L, 4, H, d_h] singular values (descending) of every head block of every layer."""
-    blocks = torch.stack([head_blocks(params, arch, l) for l in range(arch.layers)]).to(device, torch.float32)
-    return torch.linalg.svdvals(blocks)
+    out = []
+    for l in range(arch.layers):
+        x = head_blocks(params, arch, l).to(device, torch.float64)
+        # singular values via the small d_h x d_h Gram matrices (d_h << d): sqrt of their eigenvalues
+        ev = torch.linalg.eigvalsh(x @ x.transpose(-1, -2))
+        out.append(ev.clamp_min(0).sqrt().flip(-1))
+    return torch.stack(out)
 
 
 def head_cost(spec_B: Tensor, spec_A: Tensor) -> Tensor:
@@ -168,8 +215,7 @@ class MatchStats:
     similarity_s: float = 0.0
     hungarian_s: float = 0.0
     sweeps_s: float = 0.0
-    dual_s: float = 0.0
-    bf_rounds: list = field(default_factory=list)
+    dense_solves: int = 0
     by_kind: dict = field(default_factory=dict)  # kind -> [solver calls, perm changes, solver seconds]
 
 
@@ -314,25 +360,20 @@ class WeightMatcher:
         return gain
 
     def _solve(self, S: Tensor, cur: Tensor, accelerate: bool, v: Optional[_Var] = None) -> tuple[float, Optional[Tensor]]:
-        if accelerate and v is not None and v.dual is not None:
-            dual = column_potentials(S, cur, v.dual)
-            if dual is not None:  # the current perm is still optimal for the new similarity
-                v.dual = dual
-                self.stats.solves_skipped += 1
-                return 0.0, None
-        elif accelerate and torch.equal(S.argmax(1), cur):
-            self.stats.solves_skipped += 1  # every row takes its maximum: the current perm is optimal
+        scale = float(S.abs().max().clamp_min(1e-30))
+        if accelerate and certifies(S, cur, v.dual if v is not None else None, 1e-9 * scale):
+            self.stats.solves_skipped += 1  # the current perm is provably still optimal
             return 0.0, None
         self.stats.solves += 1
-        new = _lap_max(S).to(cur.device)
+        if accelerate and v is not None:
+            new, v.dual, dense = solve_assignment(S, cur, v.dual)
+            self.stats.dense_solves += int(dense)
+        else:
+            new = _lap_max(S).to(cur.device)
         rows = torch.arange(S.shape[0], device=S.device)
         gain = float(S[rows, new].double().sum() - S[rows, cur].double().sum())
         if gain <= 0.0:  # ties or rounding: keep the current perm (never move without strict improvement)
-            new, gain = None, 0.0
-        if accelerate and v is not None:
-            t = time.perf_counter()
-            v.dual = column_potentials(S, cur if new is None else new, v.dual, max_rounds=200)
-            self.stats.dual_s += time.perf_counter() - t
+            return 0.0, None
         return gain, new
 
     def _solve_heads(self, v: _Var, S: Tensor, cur: Tensor, accelerate: bool) -> tuple[float, Optional[Tensor]]:

@@ -1,0 +1,207 @@
+"""Theseus ``prepare`` cost: random-init ViT-B-16 -> ViT-B-16-plus-240, 32 calibration images.
+
+Reports the time split into the two models' forward passes, the streamed cross-covariance accumulation
+and the Procrustes maps (polar factors), the peak memory (RSS on CPU, allocated memory on CUDA), the
+``apply`` time, and (``--polar``) the accuracy and cost of the polar factor from the eigendecomposition
+of the smaller Gram matrix against the float64 thin SVD on real cross-covariances of the two towers.
+Each measurement runs in its own process so its peak memory is its own. The load average is printed:
+on a shared machine timings are only as good as the CPU time the process actually got.
+
+    python -m bench.theseus [--device cpu|cuda] [--threads N] [--images 32] [--polar] [--layers L]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+SOURCE, TARGET = "ViT-B-16", "ViT-B-16-plus-240"
+
+
+def _models(layers: int):
+    import dataclasses
+
+    from transport.arch import build_open_clip_tower, open_clip_arch, to_canonical
+    from transport.model import Model
+
+    out = []
+    for i, name in enumerate((SOURCE, TARGET)):
+        arch = open_clip_arch(name)
+        if layers:
+            arch = dataclasses.replace(arch, layers=layers, name=f"{arch.name}[:{layers}]")
+        torch.manual_seed(i)
+        tower = build_open_clip_tower(arch)
+        params = {k: v.detach().float().clone() for k, v in to_canonical(tower.state_dict(), arch).items()}
+        del tower
+        out.append(Model(arch, params, f"random:{name}"))
+    return out
+
+
+def _task(n: int, size: int):
+    from transport.data import Task
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(n, 3, size, size, generator=g), torch.randint(0, 10, (n,), generator=g)
+    return Task("random", [str(i) for i in range(10)], {"train": (x, y), "val": (x[:1], y[:1]), "test": (x[:1], y[:1])})
+
+
+def _reset_peak(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _peak_bytes(device: str) -> int:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated()
+    import resource
+
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def run_prepare(device: str, images: int, layers: int) -> dict:
+    from transport.methods import TransportInputs
+    from transport.methods.theseus import apply, prepare
+    from transport.task_vector import TaskVector
+
+    A, B = _models(layers)
+    task = _task(images, B.arch.image_size)
+    inputs = TransportInputs(A, B, task, seed=0, device=device)
+    _reset_peak(device)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    c0, t0 = _cpu_seconds(), time.perf_counter()
+    al = prepare(inputs, {"calib_size": images}, lambda f, m: None)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+    peak = _peak_bytes(device)
+    g = torch.Generator().manual_seed(1)
+    tau = TaskVector(A.arch, {k: 1e-3 * torch.randn(v.shape, generator=g) for k, v in A.params.items()})
+    t1 = time.perf_counter()
+    apply(al, tau, 1.0)
+    t_apply = time.perf_counter() - t1
+    d = al.diagnostics()
+    big = [m for m in d["maps"] if m["d_source"] > 1024]
+    return {"wall_s": wall, "cpu_s": cpu, "peak_gib": peak / 2**30, "apply_s": t_apply, **d["timings"],
+            "cpu": al.info.get("cpu_timings", {}),
+            "maps": len(d["maps"]), "big_maps": len(big), "calib_images": d["calib_images"],
+            "mean_residual_after": sum(m["residual_after"] for m in d["maps"]) / len(d["maps"])}
+
+
+def run_polar(device: str, images: int, layers: int) -> dict:
+    """Real cross-covariances of block 0 (768 x 896 and 3072 x 3584): eigh-based polar vs float64 SVD."""
+    import transport.methods.theseus as th
+    from transport.methods import TransportInputs
+    from transport.procrustes import polar
+
+    A, B = _models(1)
+    captured = {}
+    real = th.polar
+
+    def capture(C, *a, **k):
+        if C.shape[0] in (768, 3072) and C.shape[0] not in captured:
+            captured[C.shape[0]] = C.clone()
+        return real(C, *a, **k)
+
+    th.polar = capture
+    th.prepare(TransportInputs(A, B, _task(images, B.arch.image_size), seed=0, device=device),
+               {"calib_size": images}, lambda f, m: None)
+    th.polar = real
+    rows = []
+    for d_a, C in sorted(captured.items()):
+        C = C.to(device)
+        ref, _ = polar(C, "svd")
+        ref = ref.double()
+        obj = float((ref * C).sum())
+        for mode in ("svd", "eigh", "eigh32"):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            T, _ = polar(C, mode)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            T = T.double()
+            rows.append({"map": f"{C.shape[0]}x{C.shape[1]}", "mode": mode, "seconds": dt,
+                         "orth_err": float((T @ T.t() - torch.eye(d_a, dtype=T.dtype, device=T.device)).abs().max()),
+                         "diff_vs_svd": float((T - ref).norm() / d_a ** 0.5),
+                         "objective_loss": 1 - float((T * C).sum()) / obj})
+    return {"rows": rows}
+
+
+def _child(args) -> dict:
+    cmd = [sys.executable, "-m", "bench.theseus", "--worker", args.mode, "--device", args.device,
+           "--threads", str(args.threads), "--images", str(args.images), "--layers", str(args.layers)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"worker failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--images", type=int, default=32)
+    p.add_argument("--layers", type=int, default=0, help="only the first L blocks (0: all 12)")
+    p.add_argument("--polar", action="store_true", help="also compare polar-factor algorithms on real C")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.worker:
+        fn = run_prepare if args.worker == "prepare" else run_polar
+        print(json.dumps(fn(args.device, args.images, args.layers)))
+        return
+    load0 = os.getloadavg()
+    print(f"# Theseus prepare: random-init {SOURCE} -> {TARGET}, {args.images} calibration images, "
+          f"device {args.device}, {args.threads} threads, torch {torch.__version__}")
+    print(f"# load average at start: {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} on {os.cpu_count()} cores")
+    args.mode = "prepare"
+    r = _child(args)
+    c = r["cpu"]
+    print("| layers | maps (m x m) | forward s | covariance s | polar s | prepare wall s | peak GiB | apply s |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| {args.layers or 12} | {r['maps']} ({r['big_maps']}) | {r['forward']:.1f} | {r['covariance']:.1f} | "
+          f"{r['svd']:.1f} | {r['wall_s']:.1f} | {r['peak_gib']:.2f} | {r['apply_s']:.1f} |")
+    print(f"| process CPU s | | {c.get('forward', 0):.1f} | {c.get('covariance', 0):.1f} | {c.get('svd', 0):.1f} | "
+          f"{r['cpu_s']:.1f} | | |")
+    if args.polar:
+        args.mode = "polar"
+        rows = _child(args)["rows"]
+        print("\n| map (block 0) | polar via | seconds | max |T T^T - I| | ||T - T_svd||_F / sqrt(d_A) | "
+              "1 - tr(T^T C) / tr(T_svd^T C) |")
+        print("|---|---|---|---|---|---|")
+        for x in rows:
+            print(f"| {x['map']} | {x['mode']} | {x['seconds']:.2f} | {x['orth_err']:.1e} | {x['diff_vs_svd']:.1e} | "
+                  f"{x['objective_loss']:.1e} |")
+    load1 = os.getloadavg()
+    print(f"# load average at end: {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
