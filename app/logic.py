@@ -276,6 +276,7 @@ class Run:
     result: TransferResult
     seconds: float
     ablation: dict = field(default_factory=dict)  # (alpha, split) -> ablation table
+    memo: dict = field(default_factory=dict)  # accuracies already measured for this run's sliders
     baselines: dict = field(default_factory=dict)  # extra baseline name -> AlphaSweep (cross-width naive)
 
     def sweeps(self) -> dict:
@@ -367,13 +368,55 @@ def _cross_width_baseline(loaded: Loaded, result: TransferResult, grid: Optional
     return {"naive_resize": sweep}
 
 
+class RunHistory:
+    """A session's recent runs by their full request, so returning to earlier settings (a K slider moved
+    back) shows the earlier run again instead of re-evaluating. Bounded: runs hold transported taus."""
+
+    def __init__(self, max_runs: int = 8):
+        self.max_runs = max_runs
+        self._runs: OrderedDict[str, Run] = OrderedDict()
+
+    @staticmethod
+    def key(setup: Setup, method: str, options: Optional[dict], shots: int, alpha: Optional[float]) -> str:
+        return json.dumps([setup.signature(), method, sorted((k, str(v)) for k, v in (options or {}).items()),
+                           int(shots), alpha])
+
+    def get_or_run(self, setup: Setup, method: str, options: Optional[dict] = None, shots: int = 2,
+                   alpha: Optional[float] = None, progress: Progress = lambda f, m: None,
+                   cache: MemoryCache = DEFAULT_CACHE) -> Run:
+        k = self.key(setup, method, {**get_method(method).options, **(options or {})}, shots, alpha)
+        if k in self._runs:
+            self._runs.move_to_end(k)
+            progress(1.0, "shown again from this session's earlier run")
+            return self._runs[k]
+        run = run_transfer(setup, method, options, shots, progress, cache, alpha)
+        self._runs[k] = run
+        while len(self._runs) > self.max_runs:
+            self._runs.popitem(last=False)
+        return run
+
+
 # ----------------------------------------------------------------------------------------------
 # cheap interactions
 # ----------------------------------------------------------------------------------------------
-def accuracy_at_alpha(run: Run, alpha: float, split: str = "test", **override: Any) -> tuple[TaskVector, float]:
-    """Re-apply at ``alpha`` (no prepare) and measure accuracy on ``split``."""
+def _memo(run: Run, key: tuple, compute: Callable[[], float]) -> float:
+    if key not in run.memo:
+        run.memo[key] = compute()
+    return run.memo[key]
+
+
+def accuracy_at_alpha(run: Run, alpha: float, split: str = "val", **override: Any) -> tuple[TaskVector, float]:
+    """Re-apply at ``alpha`` (never re-prepare) and the accuracy on ``split``.
+
+    Validation accuracies at the grid's alphas are read from the run's own sweep; any other value is
+    evaluated once and remembered on the run (a slider moved back costs only the re-apply).
+    """
     delta = run.apply(alpha, **override)
-    return delta, run.accuracy(delta, split)
+    sweep = run.result.sweep
+    if split == "val" and not override and sweep is not None and float(alpha) in sweep.alphas:
+        return delta, sweep.val[sweep.alphas.index(float(alpha))]
+    key = ("alpha", round(float(alpha), 9), split, tuple(sorted((k, str(v)) for k, v in override.items())))
+    return delta, _memo(run, key, lambda: run.accuracy(delta, split))
 
 
 def layer_groups(run: Run) -> list[int]:
@@ -388,8 +431,11 @@ def restricted(delta: TaskVector, layers: set[int], with_global: bool) -> TaskVe
 def range_accuracy(run: Run, first: int, last: int, alpha: float, with_global: bool = True,
                    split: str = "val") -> float:
     """Accuracy when only layers first..last (and optionally the global tensors) are transported."""
-    delta = run.apply(alpha)
-    return run.accuracy(restricted(delta, set(range(first, last + 1)), with_global), split)
+    def compute() -> float:
+        delta = run.apply(alpha)
+        return run.accuracy(restricted(delta, set(range(first, last + 1)), with_global), split)
+
+    return _memo(run, ("range", first, last, bool(with_global), round(float(alpha), 9), split), compute)
 
 
 def layer_ablation(run: Run, alpha: float, split: str = "val") -> dict:

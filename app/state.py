@@ -272,9 +272,10 @@ def execute(setup: Setup, method: str, options: dict, shots: int, alpha: Optiona
     bar = st.progress(0.0, f"{method}: starting")
     run = None
     with ui.guarded():
-        run = logic.run_transfer(setup, method, options, shots,
+        history = st.session_state.setdefault("run-history", logic.RunHistory())
+        run = history.get_or_run(setup, method, options, shots, alpha,
                                  progress=lambda f, m: bar.progress(min(1.0, max(0.0, float(f))), m),
-                                 cache=shared_cache(), alpha=alpha)
+                                 cache=shared_cache())
         runs()[run_key(setup, method)] = run
         st.session_state["last-run"] = run_key(setup, method)
     bar.empty()

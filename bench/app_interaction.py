@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pair", default=None, help="zoo pair key (default: the first same-width and cross-width ones)")
     ap.add_argument("--task", default=None, help="zoo task (default: the zoo's first)")
     ap.add_argument("--repeat", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (the zoo's models are tiny)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TRANSPORT_CACHE_DIR", tempfile.mkdtemp(prefix="bench-app-cache-"))
@@ -105,22 +105,35 @@ def main(argv: list[str] | None = None) -> None:
     for m, run in runs.items():
         alpha = run.result.alpha
 
-        def alpha_move(run=run) -> None:
-            a = 0.5 if run.result.alpha != 0.5 else 0.6
-            _, acc = logic.accuracy_at_alpha(run, a, "test")
-            sweeps = {run.method: run.result.sweep}
-            if run.result.naive_sweep is not None:
-                sweeps["naive"] = run.result.naive_sweep
-            _ship(results.alpha_curves(sweeps, {run.method: a}, picked=run.result.alpha))
+        n_val = len(run.loaded.task.split("val")[1])
+        n_test = len(run.loaded.task.split("test")[1])
+        grid = run.result.sweep.alphas
+        other = next(a for a in grid if a != run.result.alpha)
 
-        add("Transport", f"alpha slider ({m}): apply + test accuracy + curve", alpha_move,
-            f"{len(run.loaded.task.split('test')[1])} test images")
+        def alpha_move(run=run, a=other) -> None:
+            _, acc = logic.accuracy_at_alpha(run, a, "val")  # a grid point: read from the sweep
+            _ship(results.alpha_curves(run.sweeps(), {run.method: a}, picked=run.result.alpha))
+
+        add("Transport", f"alpha slider ({m}): apply + val accuracy + curve", alpha_move,
+            "val accuracy read from the run's sweep")
+
+        def alpha_peek(run=run, a=other) -> None:
+            run.memo.clear()  # first visit of this alpha: evaluate
+            logic.accuracy_at_alpha(run, a, "test")
+            _ship(results.alpha_curves(run.sweeps(), {run.method: a}, picked=run.result.alpha))
+
+        add("Transport", f"alpha slider + 'test accuracy' box ({m}), new alpha", alpha_peek,
+            f"one evaluation, {n_test} test images")
+        add("Transport", f"alpha slider + 'test accuracy' box ({m}), alpha seen before",
+            lambda run=run, a=other: (logic.accuracy_at_alpha(run, a, "test"),
+                                      _ship(results.alpha_curves(run.sweeps(), {run.method: a}))))
 
         def range_move(run=run, alpha=alpha) -> None:
+            run.memo.clear()  # a range not seen before
             L = run.arch.layers
             logic.range_accuracy(run, 0, max(0, L // 2 - 1), alpha, True, "val")
 
-        add("Debug", f"layer-range slider ({m}): restrict + val accuracy", range_move)
+        add("Debug", f"layer-range slider ({m}): new range", range_move, f"one evaluation, {n_val} val images")
         run.ablation.clear()
         t0 = time.perf_counter()
         abl = logic.layer_ablation(run, alpha, "val")
@@ -155,18 +168,22 @@ def main(argv: list[str] | None = None) -> None:
         def variant_move() -> None:
             st["i"] += 1
             v = variants[st["i"] % 2]
+            run.memo.clear()  # as on a first switch to this variant
             logic.accuracy_at_alpha(run, run.result.alpha, "test", variant=v)
             d = logic.diagnostics(run, variant=v)
             _ship(vg.agreement_heatmap(d))
             _ship(vg.keep_rate_per_layer(d))
 
-        add("GradFix", "variant switch: apply + test accuracy + heatmap + keep-rate", variant_move)
+        add("GradFix", "variant switch: apply + test accuracy + heatmap + keep-rate", variant_move,
+            "first switch to a variant (one evaluation); later switches reuse it")
         names = [k for k, p in param_axes(run.arch).items() if p.block == "fc1" and not p.is_bias]
         add("GradFix", f"cell select: entry map + image ({names[0]})",
             lambda: _ship(vg.entry_map_image(run.prepared.alignment.entry_map(names[0], run.loaded.tau), names[0])))
-        add("GradFix", "K slider back to a K seen before (memory cache)",
-            lambda: logic.run_transfer(run.setup, "gradfix", run.options, run.shots, cache=cache),
-            "includes the alpha sweep")
+        history = logic.RunHistory()
+        for k in (run.shots, run.shots + 1):  # two K values visited once
+            history.get_or_run(run.setup, "gradfix", run.options, k, cache=cache)
+        add("GradFix", "K slider back to a K seen before (session's run history)",
+            lambda: history.get_or_run(run.setup, "gradfix", run.options, run.shots, cache=cache))
 
     if "theseus" in runs:
         run = runs["theseus"]

@@ -120,10 +120,16 @@ def test_transport_page_runs_and_alpha_reapplies(app):
     new_alpha = 0.5 if run.result.alpha != 0.5 else 1.5
     at.select_slider(key=f"tp-alpha-{run.id}").set_value(new_alpha).run()
     ok(at)
-    # an independent evaluation of theta_B + alpha * pi(tau)
+    # independent evaluations of theta_B + alpha * pi(tau)
     target, task = run.loaded.target, digits_task("rot90")
-    want = accuracy(target, task, "test", run.result.transported.apply_to(target.params, new_alpha))
-    assert metric(at, f"test accuracy at alpha = {new_alpha:.2f}") == f"{100 * want:.1f}%"
+    moved = run.result.transported.apply_to(target.params, new_alpha)
+    assert metric(at, f"validation accuracy at alpha = {new_alpha:.2f}") == \
+        f"{100 * accuracy(target, task, 'val', moved):.1f}%"
+    assert not [m for m in at.metric if m.label.startswith("test accuracy at alpha")]  # test only on request
+    at.checkbox(key=f"tp-peek-{run.id}").check().run()
+    ok(at)
+    assert metric(at, f"test accuracy at alpha = {new_alpha:.2f}") == \
+        f"{100 * accuracy(target, task, 'test', moved):.1f}%"
     assert the_run(at, "transfusion").prepared is prepared  # re-applied, never re-prepared
     star = [t for f in charts(at) for t in f["data"] if (t.get("marker") or {}).get("symbol") == "star"]
     assert star and star[0]["x"] == [new_alpha]
@@ -214,6 +220,9 @@ def test_gradfix_page_k_variant_and_drill_down(app):
     at.slider(key="gf-k").set_value(1).run()  # a new K re-runs the vote
     ok(at)
     assert the_run(at, "gradfix").shots == 1
+    at.slider(key="gf-k").set_value(2).run()  # back to K = 2: the session's earlier run, not a new one
+    ok(at)
+    assert the_run(at, "gradfix") is run
 
 
 def test_theseus_page(app):

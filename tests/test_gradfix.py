@@ -431,3 +431,15 @@ def test_bad_inputs():
         prepare(TransportInputs(model(2), model(1), digits_task("rot90")), {"vote": "median"})
     info = get_method("gradfix")
     assert info.same_arch and info.data == "labelled" and info.options["vote"] == "majority"
+
+
+def test_automatic_micro_batch_fits_the_memory_budget():
+    from transport.arch import open_clip_arch
+    from transport.methods.gradfix import auto_micro_batch
+
+    big = open_clip_arch("ViT-B-16")
+    meta = {k: torch.empty(v.shape, device="meta") for k, v in param_axes(big).items()}
+    pixels = torch.zeros(20, 3, 1, 1)
+    assert auto_micro_batch(meta, list(meta), pixels, big) == 2  # 2 x (344 MB gradients + ~175 MB activations)
+    tiny = {k: torch.empty(v.shape, device="meta") for k, v in param_axes(ARCH).items()}
+    assert auto_micro_batch(tiny, list(tiny), pixels, ARCH) == 20

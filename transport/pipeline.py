@@ -112,6 +112,11 @@ def transfer(source_pre: Model, source_ft: Model, target: Model, method: str, ta
     timings["prepare"] = prep.seconds
     t1 = time.perf_counter()
     transported = prep.method.apply(prep.alignment, tau, 1.0, prep.options)
+    if transported.arch != target.arch:
+        if not transported.arch.same_shapes(target.arch):
+            raise TransportError(f"{prep.method.name} returned a task vector for {transported.arch.name}, "
+                                 f"not for the target {target.arch.name}")
+        transported = TaskVector(target.arch, transported.tensors, transported.meta)  # same shapes: target's names
     timings["apply"] = time.perf_counter() - t1
     result = TransferResult(method=prep.method.name, options=prep.options, transported=transported,
                             alpha=1.0 if alpha is None else float(alpha), sweep=None, cache_hit=prep.cache_hit,

@@ -31,7 +31,9 @@ Tensor = torch.Tensor
 
 VOTES = ("majority", "mean")
 VARIANTS = ("normal", "force", "random", "oracle")
-DEFAULT_OPTIONS = {"vote": "majority", "variant": "normal", "micro_batch": 0, "mask_seed": 0}
+# variant, mask_seed, oracle_tau (a TaskVector of the target: its own fine-tune) and vote are read by apply;
+# micro_batch (0 = from a memory budget) and vote by prepare.
+DEFAULT_OPTIONS = {"vote": "majority", "variant": "normal", "micro_batch": 0, "mask_seed": 0, "oracle_tau": None}
 VOTES_FILE, META_FILE = "votes.safetensors", "alignment.json"
 
 
@@ -42,7 +44,8 @@ def per_sample_grads(loss_fn: LossFn, params: dict[str, Tensor], pixels: Tensor,
                      names: Optional[list[str]] = None) -> tuple[dict[str, Tensor], Tensor]:
     """Gradients of each sample's loss w.r.t. ``params[names]`` ([n, *shape] each) and the losses [n]."""
     names = list(params) if names is None else names
-    frozen = {k: v for k, v in params.items() if k not in set(names)}
+    wanted = set(names)
+    frozen = {k: v for k, v in params.items() if k not in wanted}
 
     def one(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         return loss_fn({**frozen, **p}, x.unsqueeze(0), y.unsqueeze(0)).sum()

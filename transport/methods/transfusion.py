@@ -39,8 +39,8 @@ Tensor = torch.Tensor
 
 OPTIONS = {"matching": "weight", "max_iter": 100, "seed": 0, "calibration": 128}
 MATCHINGS = ("weight", "activation")
-_FULL_UPDATE = 0.5
-  # recompute a similarity from scratch when more than this fraction of a neighbour moved
+_FULL_UPDATE = 0.5  # recompute a similarity from scratch when more than this fraction of a neighbour moved
+_SPARSE_MIN = 1024  # assignment problems at least this large use the sparse solver with a dense certificate
 
 
 # ----------------------------------------------------------------------------------------------
@@ -82,47 +82,72 @@ def _potentials(S: Tensor, p: Tensor, cols: Tensor, y0: Optional[Tensor], tol: f
     return None
 
 
-def certifies(S: Tensor, p: Tensor, y: Optional[Tensor], tol: float) -> bool:
-    """True when y proves p optimal for S: every row's own column maximises S[i, j] - y[j]."""
-    if y is None:
-        return bool(torch.equal(S.argmax(1), p))
-    rows = torch.arange(S.shape[0], device=S.device)
-    slack = (S.double() - y[None, :]).amax(1) - (S[rows, p].double() - y[p])
-    return bool((slack <= tol).all())
-
-
-def solve_assignment(S: Tensor, hint: Optional[Tensor] = None, y0: Optional[Tensor] = None,
-                     k: int = 48) -> tuple[Tensor, Optional[Tensor], bool]:
-    """Exact max-sum assignment of a square S: (perm, column potentials certifying it, used the dense solver).
-
-    Large problems are solved on each row's k best columns (plus ``hint``, a perfect matching) with scipy's
-    sparse solver; potentials computed on those edges are then checked on ALL edges, so the answer is
-    exact; if the check fails the dense solver decides.
-    """
-    n = S.shape[0]
-    if n < 256 or k + 1 >= n:
-        return _lap_max(S).to(S.device), None, True
+def _sparse_lap(S: Tensor, cols: Tensor) -> Optional[Tensor]:
+    """Max-sum assignment of S restricted to the candidate columns ``cols`` [n, K] (duplicates allowed)."""
     from scipy.sparse import csr_matrix
     from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
-    hint = torch.arange(n, device=S.device) if hint is None else hint
-    cols = torch.topk(S, k + 1, dim=1).indices
-    has = (cols[:, :k] == hint[:, None]).any(1)
-    cols[:, k] = torch.where(has, cols[:, k], hint)
+    n = S.shape[0]
     cols = cols.sort(1).values
+    keep = torch.ones_like(cols, dtype=torch.bool)
+    keep[:, 1:] = cols[:, 1:] != cols[:, :-1]
     vals = S.gather(1, cols).double()
-    scale = float(S.abs().max().clamp_min(1e-30))
-    data = (float(vals.max()) - vals + 1.0).cpu().numpy().ravel()  # positive costs: no explicit zeros
-    indptr = np.arange(0, n * (k + 1) + 1, k + 1)
+    data = (float(vals.max()) - vals + 1.0)[keep]  # positive costs: no explicit zeros
+    indptr = np.concatenate([[0], np.cumsum(keep.sum(1).cpu().numpy())])
     try:
-        M = csr_matrix((data, cols.cpu().numpy().ravel(), indptr), shape=(n, n))
+        M = csr_matrix((data.cpu().numpy(), cols[keep].cpu().numpy(), indptr), shape=(n, n))
         _, col = min_weight_full_bipartite_matching(M)
-    except ValueError:
+    except ValueError:  # no perfect matching on the candidates
+        return None
+    return torch.from_numpy(col.astype(np.int64)).to(S.device)
+
+
+def _row_best(S: Tensor, y: Tensor, p: Tensor, chunk: int = 256) -> tuple[Tensor, Tensor]:
+    """Per row: the column maximising S[i, j] - y[j] and how much it beats column p[i] (float64, in chunks)."""
+    n = S.shape[0]
+    best = torch.empty(n, dtype=torch.long, device=S.device)
+    slack = torch.empty(n, dtype=torch.float64, device=S.device)
+    for a in range(0, n, chunk):
+        r = S[a:a + chunk].double() - y[None, :]
+        m, j = r.max(1)
+        best[a:a + chunk] = j
+        slack[a:a + chunk] = m - r.gather(1, p[a:a + chunk, None]).squeeze(1)
+    return best, slack
+
+
+def solve_assignment(S: Tensor, hint: Optional[Tensor] = None, k: int = 48,
+                     attempts: int = 4) -> tuple[Tensor, Optional[Tensor], bool]:
+    """Exact max-sum assignment of a square S: (perm, column potentials certifying it, used the dense solver).
+
+    Large problems are solved on each row's k best columns (plus ``hint``, so a perfect matching exists)
+    with scipy's sparse solver. Potentials computed on the candidate edges are checked on ALL edges;
+    each violated row gets its best column by reduced value added and the check repeats. The answer is
+    therefore exact; if it does not settle in a few attempts the dense solver decides.
+    """
+    n = S.shape[0]
+    if n < _SPARSE_MIN or k + 1 >= n:
         return _lap_max(S).to(S.device), None, True
-    p = torch.from_numpy(col.astype(np.int64)).to(S.device)
-    y = _potentials(S, p, cols, y0, 1e-13 * scale)
-    if y is not None and certifies(S, p, y, 1e-9 * scale):
-        return p, y, False
+    hint = torch.arange(n, device=S.device) if hint is None else hint
+    lo, hi = S.aminmax()
+    scale = max(float(hi), -float(lo), 1e-30)
+    cols = torch.cat([torch.topk(S, k, dim=1).indices, hint[:, None]], 1)
+    p: Optional[Tensor] = None
+    y: Optional[Tensor] = None
+    for _ in range(attempts):
+        if p is None:
+            p = _sparse_lap(S, cols)
+            if p is None:
+                break
+            y = None
+        y = _potentials(S, p, cols, y, 1e-13 * scale)
+        if y is None:  # p not optimal on the enlarged candidates: solve them again
+            p = None
+            continue
+        best, slack = _row_best(S, y, p)
+        bad = slack > 1e-9 * scale
+        if not bool(bad.any()):
+            return p, y, False
+        cols = torch.cat([cols, torch.where(bad, best, p)[:, None]], 1)
     return _lap_max(S).to(S.device), None, True
 
 
@@ -202,7 +227,6 @@ class _Var:
     S: Optional[Tensor] = None
     seen: dict[str, int] = field(default_factory=dict)  # neighbour versions S was built from
     used: dict[str, Tensor] = field(default_factory=dict)  # neighbour perms S was built from
-    dual: Optional[Tensor] = None  # column potentials certifying the current perm optimal for S
 
 
 @dataclass
@@ -216,7 +240,7 @@ class MatchStats:
     hungarian_s: float = 0.0
     sweeps_s: float = 0.0
     dense_solves: int = 0
-    by_kind: dict = field(default_factory=dict)  # kind -> [solver calls, perm changes, solver seconds]
+    by_kind: dict = field(default_factory=dict)  # kind -> counters and CPU seconds (benchmarks)
 
 
 def _mat(t: Tensor, axis: int, other: Optional[int]) -> Tensor:
@@ -333,7 +357,7 @@ class WeightMatcher:
         if accelerate and v.seen and not self._neighbours_changed(v):
             self.stats.visits_skipped += 1
             return 0.0
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         if v.kind == "heads":
             S = self._heads_similarity(v)
         else:
@@ -341,36 +365,37 @@ class WeightMatcher:
             v.S = S if accelerate else None
         v.seen = {r: self.version[r] for r in v.parts}
         v.used = {r: self.perms[r].clone() for r in v.parts}
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         self.stats.similarity_s += t1 - t0
         cur = self.perms[name]
         if v.kind == "heads":
             gain, new = self._solve_heads(v, S, cur, accelerate)
         else:
             gain, new = self._solve(S, cur, accelerate, v)
-        dt = time.perf_counter() - t1
-        self.stats.hungarian_s += dt
-        bk = self.stats.by_kind.setdefault(v.kind, [0, 0, 0.0])
-        bk[0] += 1
-        bk[2] += dt
+        self.stats.hungarian_s += time.perf_counter() - t1
+        bk = self.stats.by_kind.setdefault(v.kind, {"visits": 0, "changes": 0, "similarity_cpu": 0.0,
+                                                     "solve_cpu": 0.0})
+        bk["visits"] += 1
+        bk["similarity_cpu"] += c1 - c0
+        bk["solve_cpu"] += time.process_time() - c1
         if new is not None and not torch.equal(new, cur):
-            bk[1] += 1
+            bk["changes"] += 1
             self.perms[name] = new
             self.version[name] += 1
         return gain
 
     def _solve(self, S: Tensor, cur: Tensor, accelerate: bool, v: Optional[_Var] = None) -> tuple[float, Optional[Tensor]]:
-        scale = float(S.abs().max().clamp_min(1e-30))
-        if accelerate and certifies(S, cur, v.dual if v is not None else None, 1e-9 * scale):
-            self.stats.solves_skipped += 1  # the current perm is provably still optimal
+        n = S.shape[0]
+        if accelerate and n < _SPARSE_MIN and torch.equal(S.argmax(1), cur):
+            self.stats.solves_skipped += 1  # every row takes its maximum: the current perm is optimal
             return 0.0, None
         self.stats.solves += 1
-        if accelerate and v is not None:
-            new, v.dual, dense = solve_assignment(S, cur, v.dual)
+        if accelerate and n >= _SPARSE_MIN:
+            new, _, dense = solve_assignment(S, cur)
             self.stats.dense_solves += int(dense)
         else:
             new = _lap_max(S).to(cur.device)
-        rows = torch.arange(S.shape[0], device=S.device)
+        rows = torch.arange(n, device=S.device)
         gain = float(S[rows, new].double().sum() - S[rows, cur].double().sum())
         if gain <= 0.0:  # ties or rounding: keep the current perm (never move without strict improvement)
             return 0.0, None
