@@ -124,7 +124,10 @@ def _upload(label: str, key: str) -> Optional[str]:
     f = st.file_uploader(label, type=CHECKPOINT_TYPES, key=f"{key}-upload")
     if f is None:
         return None
-    return str(logic.save_upload(f.name, f.getvalue()))
+    saved = st.session_state.setdefault("uploads", {})  # file id -> path: hash and write each upload once
+    if f.file_id not in saved:
+        saved[f.file_id] = str(logic.save_upload(f.name, f.getvalue()))
+    return saved[f.file_id]
 
 
 def model_picker(label: str, key: str, allow_task_vector: bool = False, zoo_default: str = "") -> Optional[ModelRef]:

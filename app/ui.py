@@ -49,14 +49,19 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:60] or "figure"
 
 
-def figure(fig: go.Figure, key: str, caption: str, filename: Optional[str] = None) -> None:
-    """Draw ``fig`` with a one-or-two-sentence caption, an HTML download and the modebar's PNG camera."""
+def figure(fig: go.Figure, key: str, caption: str, filename: Optional[str] = None, clickable: bool = False) -> Any:
+    """Draw ``fig`` with a one-or-two-sentence caption, an HTML download and the modebar's PNG camera.
+
+    ``clickable``: clicking a point reruns the page; the selection event is returned.
+    """
     name = filename or slug(key)
-    st.plotly_chart(fig, key=f"fig-{key}", config=export.png_config(name))
+    kwargs: dict[str, Any] = {"on_select": "rerun", "selection_mode": "points"} if clickable else {}
+    event = st.plotly_chart(fig, key=f"fig-{key}", config=export.png_config(name), **kwargs)
     c1, c2 = st.columns([4, 1])
     c1.caption(f"{caption} {PNG_HINT}")
     c2.download_button("HTML", data=lambda f=fig: export.figure_html(f), file_name=f"{name}.html",
                        mime="text/html", key=f"dl-{key}", on_click="ignore", help="the figure as a standalone HTML page")
+    return event if clickable else None
 
 
 def accuracy_table(accuracies: dict, key: str) -> None:

@@ -391,3 +391,54 @@ def test_missing_zoo_offers_to_build(tmp_path, monkeypatch):
     assert any("not built" in w.value for w in at.warning)
     assert any(b.label == "Build the demo zoo" for b in at.button)
     assert at.radio(key="setup-mode").options == ["custom models"]
+
+
+# ----------------------------------------------------------------------------------------------
+# app.logic without Streamlit
+# ----------------------------------------------------------------------------------------------
+def test_uploads_stay_in_the_app_dir_and_never_overwrite(tmp_path, monkeypatch):
+    from transport.errors import TransportError
+
+    monkeypatch.setenv("TRANSPORT_APP_DIR", str(tmp_path / "out"))
+    a = logic.save_upload("../../model.safetensors", b"first")
+    b = logic.save_upload("model.safetensors", b"second")
+    again = logic.save_upload("model.safetensors", b"first")
+    assert a == again and a != b
+    assert a.name == b.name == "model.safetensors"
+    for p in (a, b):
+        assert p.resolve().is_relative_to((tmp_path / "out" / "uploads").resolve())
+    assert a.read_bytes() == b"first" and b.read_bytes() == b"second"
+    with pytest.raises(TransportError, match=r"^x\.pt: the uploaded file is empty$"):
+        logic.save_upload("x.pt", b"")
+
+
+def test_memory_cache_computes_once_under_concurrency():
+    import threading
+
+    cache = logic.MemoryCache(max_items=2)
+    calls = []
+
+    def make():
+        calls.append(1)
+        threading.Event().wait(0.05)
+        return object()
+
+    out = []
+    threads = [threading.Thread(target=lambda: out.append(cache.get_or_make("k", make))) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and all(o is out[0] for o in out)
+    cache.get_or_make("a", object)
+    cache.get_or_make("b", object)
+    assert cache.get("k") is None  # least recently used dropped beyond max_items
+
+
+def test_model_ref_key_follows_file_content(tmp_path):
+    f = tmp_path / "m.safetensors"
+    f.write_bytes(b"1")
+    k1 = logic.ModelRef(str(f)).key()
+    os.utime(f, ns=(1, 1))
+    f.write_bytes(b"22")
+    assert logic.ModelRef(str(f)).key() != k1

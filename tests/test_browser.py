@@ -164,6 +164,11 @@ def test_pages_in_a_real_browser(server, shots_dir):
                     _no_error(page)
                     page.get_by_text(text).first.wait_for(timeout=180_000)
                     assert _plotly(page, 2) >= 2
+                    if method == "gradfix":  # a click on a heatmap cell drills into that weight matrix
+                        _click_cell(page, "Sign agreement", "fc1", "1")
+                        page.wait_for_function("() => [...document.querySelectorAll('.js-plotly-plot')].some("
+                                               "g => (g.layout.title.text || '').includes('blocks.1.mlp.fc1.weight'))",
+                                               timeout=60_000)
                 _shot(page, shots_dir / f"0{i}-{method}.png")
                 if method == "theseus" and method in methods:
                     _pick_pair(page, "Control: A with its units shuffled")
@@ -182,6 +187,20 @@ def test_pages_in_a_real_browser(server, shots_dir):
         finally:
             browser.close()
     assert len(list(shots_dir.glob("0*.png"))) == 6
+
+
+def _click_cell(page, title: str, x: str, y: str) -> None:
+    """Click the centre of category cell (x, y) of the plotly chart whose title contains ``title``."""
+    xy = page.evaluate(
+        """([title, x, y]) => {
+            const gd = [...document.querySelectorAll('.js-plotly-plot')]
+                .find(g => ((g.layout.title || {}).text || '').includes(title));
+            gd.scrollIntoView();
+            const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis, r = gd.getBoundingClientRect();
+            return [r.left + xa._offset + xa.d2p(x), r.top + ya._offset + ya.d2p(y)];
+        }""", [title, x, y])
+    page.mouse.click(xy[0], xy[1])
+    _idle(page)
 
 
 def _pick_pair(page, title: str) -> None:

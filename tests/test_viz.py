@@ -17,11 +17,16 @@ from viz.common import block_mean
 
 
 def _axis_titles(fig: go.Figure) -> list[str]:
+    """Every axis title, in sorted axis order (xaxis, xaxis2, ..., yaxis, yaxis2, ...)."""
     out = []
-    for k in fig.layout:
-        if k.startswith(("xaxis", "yaxis")) and fig.layout[k].title.text:
+    for k in sorted(k for k in fig.layout if k.startswith(("xaxis", "yaxis"))):
+        if fig.layout[k].title.text:
             out.append(fig.layout[k].title.text)
     return out
+
+
+def _xy(fig: go.Figure) -> tuple[str, str]:
+    return fig.layout.xaxis.title.text, fig.layout.yaxis.title.text
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,13 +85,13 @@ def test_permutation_distance_values():
     assert by["MLP neurons"] == [1 - 10 / 16] * 2
     assert by["residual after attention"] == [0.75, 1.0]
     assert by["residual after MLP"] == [0.0, 0.5]
-    assert _axis_titles(fig) == ["layer", "fraction of indices moved"]
+    assert _xy(fig) == ("layer", "fraction of indices moved")
 
 
 def test_objective_per_sweep_and_empty():
     fig = transfusion.objective_per_sweep({"objective_per_sweep": [1.0, 3.0, 3.5]})
     assert list(fig.data[0].x) == [1, 2, 3] and list(fig.data[0].y) == [1.0, 3.0, 3.5]
-    assert _axis_titles(fig)[0] == "sweep"
+    assert _xy(fig)[0] == "sweep"
     empty = transfusion.objective_per_sweep({"objective_per_sweep": []})
     assert len(empty.data) == 0 and "no sweeps" in empty.layout.annotations[0].text
 
@@ -114,7 +119,10 @@ def test_agreement_heatmap_values():
     fig = gradfix.agreement_heatmap(_gf_diag())
     assert np.allclose(np.asarray(fig.data[0].z, dtype=float)[0, 0], 0.5)
     assert list(fig.data[0].y) == rows and list(fig.data[0].x) == cols
-    assert _axis_titles(fig) == ["block", "layer"]
+    # a clickable marker on each filled cell, none on the empty ones
+    cells = fig.data[1]
+    assert list(zip(cells.x, cells.y)) == [("Q", "0"), ("fc1", "1"), ("embed", "global")]
+    assert _xy(fig) == ("block", "layer")
     _, _, ties, _ = gradfix.block_table(_gf_diag(), "ties")
     assert ties[0, 0] == pytest.approx(40 / 400)  # counts -> rate
 
@@ -191,7 +199,7 @@ def test_procrustes_residual_orders_spaces():
     fig = theseus.procrustes_residual(diag)
     assert list(fig.data[0].x) == ["res:0", "res:0a", "res:0m", "res:1a"]
     assert list(fig.data[1].y) == [0.1, 0.4, 0.3, 0.2]
-    assert _axis_titles(fig)[1] == "||X_A T - X_B|| / ||X_B||"
+    assert _xy(fig) == ("activation space (in layer order)", "||X_A T - X_B|| / ||X_B||")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,7 +212,7 @@ def test_alpha_curves_mark_the_chosen_alpha():
     stars = [t for t in fig.data if t.marker.symbol == "star"]
     assert [(s.x[0], s.y[0]) for s in stars] == [(1.0, 0.4), (1.0, 0.3)]
     assert len(fig.data) == 4
-    assert _axis_titles(fig) == ["alpha (scale of the transported task vector)", "validation accuracy"]
+    assert _xy(fig) == ("alpha (scale of the transported task vector)", "validation accuracy")
     assert any(sh.x0 == 0.5 for sh in fig.layout.shapes)
 
 

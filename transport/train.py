@@ -151,7 +151,7 @@ def train(params: dict[str, Tensor], head: Classifier, arch: ViTArch, images: Te
             group["lr"] = cfg.lr_at(step)
         idx = next(stream)
         x = preprocess(arch, cfg.augment(images[idx], g))
-        logits = Classifier(hw, hb)(encode(p, arch, x))
+        logits = Classifier(hw, hb, head.normalize, head.logit_scale)(encode(p, arch, x))
         loss = F.cross_entropy(logits, labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -20,7 +20,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import functools
 import json
-import math
 import multiprocessing as mp
 import os
 import shutil
@@ -28,7 +27,7 @@ import statistics
 import sys
 import time
 import zlib
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -80,19 +79,20 @@ class ZooPair:
 
 _PAIRS = (
     ZooPair("control", "A", "B_control", "Control: A with its units shuffled",
-            "Same function as A, so its oracle is A's fine-tune shuffled; naive addition falls to about zero-shot "
-            "level, while an alignment that finds the shuffle reproduces A's fine-tune exactly."),
+            "Naive addition stays at zero-shot level (the unshuffled tau is noise to B), while undoing the "
+            "shuffle reproduces A's fine-tune exactly."),
     ZooPair("next", "A", "B_next", "Next release: forked from A's run, trained on, shuffled",
-            "Naive addition gains almost nothing; undoing the shuffle recovers what naive gives on the unshuffled "
-            "release (part of the gain, not all of it: B drifted away from A in training)."),
+            "Naive addition stays at zero-shot level; undoing the hidden shuffle recovers most but not all of "
+            "the oracle's gain (B drifted from A after the fork), so that is what a good alignment can reach."),
     ZooPair("indep", "A", "B_indep", "Independent release: unrelated seed",
-            "No shared initialisation, so no permutation lines the two up: naive and alignment gain little; "
-            "the pair for debugging a failed transfer and for gradient-based methods such as GradFix."),
+            "Naive addition stays near zero-shot and no permutation lines up unrelated seeds, so alignment "
+            "gains little; the pair for debugging a failed transfer and for methods that use labelled shots."),
     ZooPair("wide_grown", "A", "W_grown", "Wider release grown from A (2x width)",
-            "Shapes differ, so naive addition is impossible; the known widening map carries tau over and "
-            "recovers part of the gain, which a cross-width method can aim for."),
+            "Shapes differ, so naive addition is impossible; the known widening map carries tau across and "
+            "recovers most of the gain, which is what a cross-width method can aim for."),
     ZooPair("wide_indep", "A", "W_indep", "Independent wider model (2x width)",
-            "The hard case: shapes differ and nothing is shared, so expect little from any simple transfer."),
+            "The hard case: shapes differ and nothing is shared, so expect little from a transfer that "
+            "does not look at data."),
 )
 
 
@@ -497,7 +497,8 @@ class _Writer:
         save_model(model.with_params(model.params, ref=f"zoo:{name}@{self.seed}"), path, zoo_name=name,
                    zoo_seed=str(self.seed), zoo_kind=kind, zoo_task=task or "", description=desc)
         rec = {"entry": asdict(entry), "file": str(path.relative_to(self.root)),
-               "seconds": round(run.seconds, 3) if run else 0.0, "cpu_seconds": round(run.cpu_seconds, 3) if run else 0.0}
+               "seconds": round(run.seconds, 3) if run else 0.0,
+               "cpu_seconds": round(run.cpu_seconds, 3) if run else 0.0}
         if perm is not None:
             pf = _perm_file(self.root, name, self.seed)
             tmp = pf.with_name(f".{pf.name}.tmp-{os.getpid()}")
@@ -711,7 +712,7 @@ def build(root: Optional[str | os.PathLike] = None, variant: str = "full", seeds
     if old is not None and not force:
         if old.get("fingerprint") == json.loads(json.dumps(fingerprint)):
             info = {k: v for k, v in old.items() if k not in ("models",)}
-            info["skipped"] = True
+            info["skipped"], info["summary"] = True, summarize(info["table"])
             return info
         raise TransportError(f"{r}: holds a zoo built with another configuration (variant "
                              f"'{old.get('variant')}', seeds {old.get('seeds')}); rebuild with --force")
@@ -785,7 +786,7 @@ def build(root: Optional[str | os.PathLike] = None, variant: str = "full", seeds
               f"({manifest['cpu_seconds']:.0f} CPU s, {n_workers} worker(s)) at {r}")
         print(format_table(rows))
     info = {k: v for k, v in manifest.items() if k != "models"}
-    info["skipped"] = False
+    info["skipped"], info["summary"] = False, summarize(rows)
     return info
 
 

@@ -68,6 +68,11 @@ def agreement_heatmap(diag: Mapping, stat: str = "agreement") -> go.Figure:
     fig = go.Figure(go.Heatmap(z=val, x=cols, y=rows, colorscale=scale, zmin=0.0, zmax=1.0, text=text,
                                texttemplate="%{text}", hovertext=hover, hoverinfo="text",
                                colorbar=dict(title=STATS[stat]), xgap=2, ygap=2, name=stat))
+    # invisible markers on the filled cells, so a click on a cell can be picked up as a point selection
+    cells = [(c, r) for i, r in enumerate(rows) for j, c in enumerate(cols) if not np.isnan(val[i, j])]
+    fig.add_trace(go.Scatter(x=[c for c, _ in cells], y=[r for _, r in cells], mode="markers", name="cells",
+                             marker=dict(symbol="square", size=28, opacity=0.0), hoverinfo="none",
+                             showlegend=False))
     fig.update_yaxes(autorange="reversed", type="category")
     fig.update_xaxes(type="category", side="top")
     return finish(fig, f"{STATS[stat].capitalize()} per layer and block", "block", "layer",

@@ -51,8 +51,8 @@ with ui.guarded():
               "Blue: only this layer's part of the transported task vector is added. Orange: every layer but this "
               "one. A layer whose removal drops the accuracy carries the transfer; one whose removal raises it is "
               "where the transfer goes wrong.", filename=f"ablation-{run.method}")
-    norms = {"source tau": run.loaded.tau.per_layer_norms() if run.loaded.tau.arch.same_shapes(run.arch) else {},
-             run.method: run.result.transported.per_layer_norms()}
-    ui.figure(results.layer_norms_figure({k: v for k, v in norms.items() if v}), f"dbg-norms-{run.id}",
+    # per-layer norms compare across widths too (same depth, layer by layer)
+    norms = {"source tau": run.loaded.tau.per_layer_norms(), run.method: run.result.transported.per_layer_norms()}
+    ui.figure(results.layer_norms_figure(norms), f"dbg-norms-{run.id}",
               "Size of the update per layer before transport (source tau) and after (transported, alpha = 1): a "
               "layer where the method cut much of tau away is a suspect.", filename=f"norms-{run.method}")

@@ -44,13 +44,19 @@ with ui.guarded():
     st.subheader("Sign agreement per layer and block")
     stat = st.radio("Show", list(vg.STATS), horizontal=True, key=f"gf-stat-{run.id}",
                     format_func=lambda s: vg.STATS[s])
-    ui.figure(vg.agreement_heatmap(diag, stat), f"gf-heat-{run.id}-{stat}-{variant}",
-              "Each cell is one weight block of one layer. Agreement = share of its entries where tau and the "
-              "target's vote point the same way (0.5 = chance); keep-rate = share of tau the mask keeps.",
-              filename=f"gradfix-{stat}")
+    event = ui.figure(vg.agreement_heatmap(diag, stat), f"gf-heat-{run.id}-{stat}-{variant}",
+                      "Each cell is one weight block of one layer. Agreement = share of its entries where tau and "
+                      "the target's vote point the same way (0.5 = chance); keep-rate = share of tau the mask "
+                      "keeps. Click a cell to drill into it below.", filename=f"gradfix-{stat}", clickable=True)
 
     st.subheader("Drill into one weight matrix")
     rows, cols, _, _ = vg.block_table(diag, "agreement")
+    points = list(getattr(getattr(event, "selection", None), "points", None) or [])
+    if points:  # a click on a cell picks its layer and block (once per new click)
+        click = (str(points[0].get("y")), str(points[0].get("x")))
+        if st.session_state.get(f"gf-click-{run.id}") != click and click[0] in rows and click[1] in cols:
+            st.session_state[f"gf-click-{run.id}"] = click
+            st.session_state[f"gf-row-{run.id}"], st.session_state[f"gf-col-{run.id}"] = click
     c1, c2, c3 = st.columns(3)
     row = c1.selectbox("Layer", rows, key=f"gf-row-{run.id}")
     col = c2.selectbox("Block", [c for c in cols if _has(run, row, c)], key=f"gf-col-{run.id}")

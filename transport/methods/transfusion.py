@@ -39,7 +39,6 @@ Tensor = torch.Tensor
 
 OPTIONS = {"matching": "weight", "max_iter": 100, "seed": 0, "calibration": 128}
 MATCHINGS = ("weight", "activation")
-_FULL_UPDATE = 0.5  # recompute a similarity from scratch when more than this fraction of a neighbour moved
 _SPARSE_MIN = 1024  # assignment problems at least this large use the sparse solver with a dense certificate
 
 
@@ -57,45 +56,66 @@ def _lap_min_cost(C: np.ndarray) -> tuple[np.ndarray, float]:
     return c, float(C[r, c].sum())
 
 
-def _potentials(S: Tensor, p: Tensor, cols: Tensor, y0: Optional[Tensor], tol: float,
-                max_rounds: int = 2000) -> Optional[Tensor]:
-    """Column potentials y with y[j] >= y[p[i]] + S[i, j] - S[i, p[i]] for every candidate edge (i, cols[i]).
+def _candidates(S: Tensor, k: int, hint: Tensor) -> Tensor:
+    """Sorted unique flat indices i*n + j of edges that include every row's k largest entries and ``hint``.
 
-    Longest paths from zero (or from ``y0``) in the graph of column swaps, by Bellman-Ford rounds that only
-    rescan rows whose own column moved. They exist iff p is optimal on the candidate edges.
+    Rows are cut into blocks of 16; the k-th largest block maximum is a threshold that at least k entries
+    reach, so every entry above the row's k-th largest is kept (more may be, which is harmless).
     """
     n = S.shape[0]
+    b = 16 if n % 16 == 0 and n // 16 > k else 1
+    if b == 1:
+        thr = torch.topk(S, k, dim=1).values[:, -1]
+    else:
+        thr = torch.topk(S.view(n, n // b, b).amax(2), k, dim=1).values[:, -1]
+    flat = torch.nonzero((S >= thr[:, None]).view(-1)).flatten()
     rows = torch.arange(n, device=S.device)
-    g = S.gather(1, cols).double() - S[rows, p].double()[:, None]
+    return torch.unique(torch.cat([flat, rows * n + hint]))
+
+
+def _potentials(S: Tensor, p: Tensor, edges: Tensor, y0: Optional[Tensor], tol: float,
+                max_rounds: int = 5000) -> Optional[Tensor]:
+    """Column potentials y with y[j] >= y[p[i]] + S[i, j] - S[i, p[i]] for every candidate edge i*n + j.
+
+    Longest paths from zero (or from ``y0``) in the graph of column swaps, by Bellman-Ford rounds that only
+    rescan edges of rows whose own column moved. They exist iff p is optimal on the candidate edges.
+    """
+    n = S.shape[0]
+    rr, cl = edges // n, edges % n
+    g = S.view(-1)[edges].double() - S[rr, p[rr]].double()
+    src = p[rr]
     pinv = torch.empty_like(p)
-    pinv[p] = rows
+    pinv[p] = torch.arange(n, device=S.device)
     y = torch.zeros(n, dtype=torch.float64, device=S.device) if y0 is None else y0.clone()
-    active = rows
+    sel = None
     for _ in range(max_rounds):
         new = y.clone()
-        new.scatter_reduce_(0, cols[active].reshape(-1), (y[p[active]][:, None] + g[active]).reshape(-1), "amax")
+        if sel is None:
+            new.scatter_reduce_(0, cl, y[src] + g, "amax")
+        else:
+            new.scatter_reduce_(0, cl[sel], y[src[sel]] + g[sel], "amax")
         up = new > y + tol
         if not bool(up.any()):
             return new
         y = new
-        active = pinv[torch.nonzero(up).flatten()]
+        active = torch.zeros(n, dtype=torch.bool, device=S.device)
+        active[pinv[up]] = True
+        sel = torch.nonzero(active[rr]).flatten()
     return None
 
 
-def _sparse_lap(S: Tensor, cols: Tensor) -> Optional[Tensor]:
-    """Max-sum assignment of S restricted to the candidate columns ``cols`` [n, K] (duplicates allowed)."""
+def _sparse_lap(S: Tensor, edges: Tensor) -> Optional[Tensor]:
+    """Max-sum assignment of S restricted to the candidate edges (sorted unique flat indices)."""
     from scipy.sparse import csr_matrix
     from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
     n = S.shape[0]
-    cols = cols.sort(1).values
-    keep = torch.ones_like(cols, dtype=torch.bool)
-    keep[:, 1:] = cols[:, 1:] != cols[:, :-1]
-    vals = S.gather(1, cols).double()
-    data = (float(vals.max()) - vals + 1.0)[keep]  # positive costs: no explicit zeros
-    indptr = np.concatenate([[0], np.cumsum(keep.sum(1).cpu().numpy())])
+    rr, cl = edges // n, edges % n
+    vals = S.view(-1)[edges].double()
+    data = float(vals.max()) - vals + 1.0  # positive costs: no explicit zeros
+    indptr = np.concatenate([[0], np.cumsum(torch.bincount(rr, minlength=n).cpu().numpy())])
     try:
-        M = csr_matrix((data.cpu().numpy(), cols[keep].cpu().numpy(), indptr), shape=(n, n))
+        M = csr_matrix((data.cpu().numpy(), cl.cpu().numpy(), indptr), shape=(n, n))
         _, col = min_weight_full_bipartite_matching(M)
     except ValueError:  # no perfect matching on the candidates
         return None
@@ -130,16 +150,17 @@ def solve_assignment(S: Tensor, hint: Optional[Tensor] = None, k: int = 48,
     hint = torch.arange(n, device=S.device) if hint is None else hint
     lo, hi = S.aminmax()
     scale = max(float(hi), -float(lo), 1e-30)
-    cols = torch.cat([torch.topk(S, k, dim=1).indices, hint[:, None]], 1)
+    edges = _candidates(S, k, hint)
+    rows = torch.arange(n, device=S.device)
     p: Optional[Tensor] = None
     y: Optional[Tensor] = None
     for _ in range(attempts):
         if p is None:
-            p = _sparse_lap(S, cols)
+            p = _sparse_lap(S, edges)
             if p is None:
                 break
             y = None
-        y = _potentials(S, p, cols, y, 1e-13 * scale)
+        y = _potentials(S, p, edges, y, 1e-13 * scale)
         if y is None:  # p not optimal on the enlarged candidates: solve them again
             p = None
             continue
@@ -147,7 +168,7 @@ def solve_assignment(S: Tensor, hint: Optional[Tensor] = None, k: int = 48,
         bad = slack > 1e-9 * scale
         if not bool(bad.any()):
             return p, y, False
-        cols = torch.cat([cols, torch.where(bad, best, p)[:, None]], 1)
+        edges = torch.unique(torch.cat([edges, rows[bad] * n + best[bad]]))
     return _lap_max(S).to(S.device), None, True
 
 
@@ -323,14 +344,18 @@ class WeightMatcher:
         return S
 
     def _similarity(self, v: _Var, incremental: bool) -> Tensor:
-        """[n, n] similarity of a residual/MLP variable given the current neighbour perms."""
+        """[n, n] similarity of a residual/MLP variable given the current neighbour perms.
+
+        Incremental: S = sum_c B[:, c] A[:, q(c)]^T, so when q moves on a set of units only those columns
+        are exchanged: S += B[:, moved] (A[:, q_new(moved)] - A[:, q_old(moved)])^T.
+        """
         if v.S is None or not incremental:
             S = v.static.clone()
             for r, parts in v.parts.items():
                 q = self.perms[r]
                 for p in parts:
                     cols = self._cols(q, torch.arange(q.numel(), device=q.device), p.tiles)
-                    S += p.B @ p.A[:, cols].t()
+                    S.addmm_(p.B, p.A[:, cols].t())
             return S
         S = v.S
         for r, parts in v.parts.items():
@@ -338,13 +363,11 @@ class WeightMatcher:
             moved = torch.nonzero(q != old).flatten()
             if moved.numel() == 0:
                 continue
-            if moved.numel() > _FULL_UPDATE * q.numel():
-                return self._similarity(v, incremental=False)
+            n = q.numel()
             for p in parts:
-                n = q.numel()
                 own = (torch.arange(p.tiles, device=q.device)[:, None] * n + moved[None, :]).reshape(-1)
                 new_c, old_c = self._cols(q, moved, p.tiles), self._cols(old, moved, p.tiles)
-                S += p.B[:, own] @ (p.A[:, new_c] - p.A[:, old_c]).t()
+                S.addmm_(p.B[:, own], (p.A[:, new_c] - p.A[:, old_c]).t())
         return S
 
     # -- one variable -------------------------------------------------------------------------
