@@ -42,10 +42,11 @@ def test_shuffle_is_exactly_function_preserving_and_moves_units():
     for k, info in param_axes(ARCH).items():
         if len(info.shape) == 2 and info.block in ("Q", "K", "V", "O", "fc1", "fc2"):
             assert (shuffled[k] != params[k]).float().mean() > 0.8, k
-    for l in range(ARCH.layers):  # qk and vo share the head move but shuffle within heads independently
-        dh = ARCH.head_dim
-        assert torch.equal(perm.qk[l][::dh] // dh, perm.heads[l]) and torch.equal(perm.vo[l][::dh] // dh, perm.heads[l])
-        assert not torch.equal(perm.qk[l], perm.vo[l])
+    dh = ARCH.head_dim
+    for l in range(ARCH.layers):  # whole heads move by `heads`; one within-head shuffle for Q, K, V and O
+        assert torch.equal(perm.qk[l][::dh] // dh, perm.heads[l]) and torch.equal(perm.qk[l], perm.vo[l])
+        within = perm.qk[l].reshape(ARCH.heads, dh) % dh
+        assert not torch.equal(within, torch.arange(dh).repeat(ARCH.heads, 1))  # dims inside heads do move
     back = zoo.permute_params(shuffled, ARCH, zoo.invert_permutation(perm))
     assert all(torch.equal(back[k], params[k]) for k in params)
 

@@ -40,7 +40,7 @@ from transport.train import Augment, TrainConfig, TrainResult, finetune, init_he
 
 Tensor = torch.Tensor
 
-ZOO_FORMAT = 1
+ZOO_FORMAT = 2  # 2: one within-head shuffle for Q/K/V/O in the shuffled releases
 MANIFEST = "manifest.json"
 PRETRAIN_TASK = "digits"
 PRETRAINED = ("A", "B_control", "B_next", "B_next_unshuffled", "B_indep", "W_grown", "W_indep")
@@ -219,8 +219,10 @@ def random_unit_permutation(arch: ViTArch, seed: int) -> UnitPermutation:
     for _ in range(arch.layers):
         hp = torch.randperm(H, generator=g)
         heads.append(hp)
+        # one within-head shuffle shared by Q, K, V and O: the symmetry group TransFusion searches, so the
+        # control pair has an exact answer (separate Q/K and V/O shuffles would also keep the function)
         qk.append(heads_perm(hp))
-        vo.append(heads_perm(hp))
+        vo.append(qk[-1].clone())
         mlp.append(torch.randperm(arch.mlp_width, generator=g))
     return UnitPermutation(res, heads, qk, vo, mlp)
 
@@ -648,6 +650,21 @@ def _init_worker(queue) -> None:
     global _progress_queue
     _progress_queue = queue
     torch.set_num_threads(1)
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """Linux: a build worker gets SIGTERM when the building process dies (an interrupted build leaves no
+    orphans writing into the zoo directory). Elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - no usable libc
+        pass
 
 
 def summarize(table: list[dict]) -> list[dict]:
@@ -709,6 +726,11 @@ def build(root: Optional[str | os.PathLike] = None, variant: str = "full", seeds
     r = _root(root)
     fingerprint = cfg.fingerprint()
     old = _read_manifest(r)
+    if old is not None and not force and old.get("format", 0) < ZOO_FORMAT:
+        if progress:  # our own cache from an older release of this package: rebuild it, nothing else is touched
+            print(f"the zoo at {r} has format {old.get('format')}, this version needs {ZOO_FORMAT}: rebuilding",
+                  file=sys.stderr)
+        force = True
     if old is not None and not force:
         if old.get("fingerprint") == json.loads(json.dumps(fingerprint)):
             info = {k: v for k, v in old.items() if k not in ("models",)}

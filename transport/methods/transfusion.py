@@ -74,13 +74,16 @@ def _candidates(S: Tensor, k: int, hint: Tensor) -> Tensor:
 
 
 def _potentials(S: Tensor, p: Tensor, edges: Tensor, y0: Optional[Tensor], tol: float,
-                max_rounds: int = 5000) -> Optional[Tensor]:
+                max_rounds: int = 256) -> Optional[Tensor]:
     """Column potentials y with y[j] >= y[p[i]] + S[i, j] - S[i, p[i]] for every candidate edge i*n + j.
 
     Longest paths from zero (or from ``y0``) in the graph of column swaps, by Bellman-Ford rounds that only
     rescan edges of rows whose own column moved. They exist iff p is optimal on the candidate edges.
+    None when they do not settle within ``max_rounds`` (at most n + 1 are ever needed): either p is not
+    optimal, or the certificate is too slow to find and the caller falls back to an exact dense solve.
     """
     n = S.shape[0]
+    max_rounds = min(int(max_rounds), n + 1)
     rr, cl = edges // n, edges % n
     g = S.view(-1)[edges].double() - S[rr, p[rr]].double()
     src = p[rr]

@@ -1,0 +1,92 @@
+"""TransFusion ``prepare`` cost on random-init open_clip towers (ViT-B-16, ViT-L-14).
+
+Cases per architecture, each in its own process (so peak memory is its own):
+
+- ``indep``: two independently random-initialised towers (seeds 0 and 1), the accelerated matcher;
+- ``plain`` (``--baseline``): the same pair with a plain loop (every variable re-solved by the dense
+  solver in every sweep, similarities rebuilt from scratch): the objective the accelerated one must reach;
+- ``planted``: theta_B = Pi(theta_A) with random head, within-head, MLP and independent residual perms;
+  reports whether Pi is recovered exactly.
+
+Wall time of ``prepare`` is split into spectra, head assignment and weight-matching sweeps (with the
+similarity and assignment-solver parts of the sweeps), plus sweep count, solver counters and peak memory.
+
+    python -m bench.transfusion [--arch ViT-B-16 ViT-L-14] [--device cpu|cuda] [--threads N] [--baseline]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from bench.common import cpu_seconds, load_line, peak_bytes, random_model, reset_peak, run_child, sync
+
+
+def worker(case: str, arch_name: str, device: str) -> dict:
+    from transport.methods.transfusion import align
+    from transport.permutation import apply_permutation, random_permutation
+
+    A = random_model(arch_name, 0)
+    if case == "planted":
+        planted = random_permutation(A.arch, seed=7, kinds=("res", "mlp", "heads", "within"))
+        theta_B = apply_permutation(A.params, planted, A.arch)
+    else:
+        theta_B = random_model(arch_name, 1).params
+    reset_peak(device)
+    sync(device)
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    al = align(A.params, theta_B, A.arch, max_iter=100, seed=0, device=device, accelerate=case != "plain")
+    sync(device)
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    s, d = al.stats, al.diagnostics()
+    out = {"case": case, "arch": arch_name, "wall_s": wall, "cpu_s": cpu, "peak_gib": peak_bytes(device) / 2**30,
+           **d["timings"], "n_sweeps": s.sweeps, "solves": s.solves, "solves_skipped": s.solves_skipped,
+           "visits_skipped": s.visits_skipped, "dense_solves": s.dense_solves,
+           "objective": d["objective_per_sweep"][-1]}
+    if case == "planted":
+        out["recovered"] = all(torch.equal(al.perms[k], planted[k]) for k in planted)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", nargs="+", default=["ViT-B-16", "ViT-L-14"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--baseline", action="store_true", help="also run the plain full-sweep loop (slow on CPU)")
+    ap.add_argument("--cases", nargs="+", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.worker:
+        case, arch = a.worker.split("@")
+        print(json.dumps(worker(case, arch, a.device)))
+        return
+    cases = a.cases or (["indep"] + (["plain"] if a.baseline else []) + ["planted"])
+    print(f"# TransFusion prepare (weight matching), device {a.device}, threads "
+          f"{a.threads or torch.get_num_threads()}, torch {torch.__version__}")
+    print(f"# load average at start: {load_line()}")
+    print("| arch | case | prepare wall s | cpu s | spectra s | heads s | sweeps s | (similarity s | solver s) "
+          "| sweeps | solves (dense) | skipped solves / visits | objective | peak GiB | recovered |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for arch in a.arch:
+        for case in cases:
+            r = run_child("bench.transfusion", ["--worker", f"{case}@{arch}", "--device", a.device,
+                                                "--threads", str(a.threads)])
+            rec = {True: "exact", False: "NO"}.get(r.get("recovered"), "")
+            print(f"| {arch} | {case} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['spectra']:.2f} | "
+                  f"{r['head_assignment']:.2f} | {r['sweeps']:.1f} | {r['similarity']:.1f} | {r['hungarian']:.1f} | "
+                  f"{r['n_sweeps']} | {r['solves']} ({r['dense_solves']}) | "
+                  f"{r['solves_skipped']} / {r['visits_skipped']} | {r['objective']:.6e} | {r['peak_gib']:.2f} | {rec} |",
+                  flush=True)
+    print(f"# load average at end: {load_line()}")
+    print("# wall: elapsed; cpu: process user+system time; peak: peak RSS of the process (cpu) or peak allocated "
+          "CUDA memory; objective: sum_t <W_B, pi(W_A)> at the end (higher is better)")
+
+
+if __name__ == "__main__":
+    main()
