@@ -12,12 +12,13 @@ import argparse
 import gc
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 
 import torch
+
+from bench.common import cpu_seconds, peak_bytes, reset_peak
 
 
 def _setup(arch_name: str, classes: int, shots: int, device: str):
@@ -41,34 +42,7 @@ def _setup(arch_name: str, classes: int, shots: int, device: str):
     return arch, Model(arch, params, f"random:{arch_name}", head=head), task
 
 
-def _reset_peak(device: str) -> None:
-    """Start a new high-water mark: CUDA peak stats, or the process's VmHWM (Linux: /proc/self/clear_refs)."""
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-        return
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
 
-
-def _peak_bytes(device: str) -> int:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated()
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 def worker(mode: str, arch_name: str, classes: int, shots: int, device: str, micro_batch: int) -> dict:
@@ -79,9 +53,9 @@ def worker(mode: str, arch_name: str, classes: int, shots: int, device: str, mic
 
     arch, model, task = _setup(arch_name, classes, shots, device)
     gc.collect()
-    _reset_peak(device)
-    base = _peak_bytes(device)
-    t0, c0 = time.perf_counter(), _cpu_seconds()
+    reset_peak(device)
+    base = peak_bytes(device)
+    t0, c0 = time.perf_counter(), cpu_seconds()
     if mode == "bare":  # one batched forward + backward of the same samples, gradients kept (what an optimizer needs)
         x, y = task.shots(shots, 0)
         loss_fn, _ = task_loss(model, task, device)
@@ -95,8 +69,8 @@ def worker(mode: str, arch_name: str, classes: int, shots: int, device: str, mic
         extra = {"micro_batch_used": al.micro_batch, "n": al.n_samples}
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
-    return {"mode": mode, "seconds": seconds, "cpu_seconds": cpu, "peak_bytes": _peak_bytes(device),
+    seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    return {"mode": mode, "seconds": seconds, "cpu_seconds": cpu, "peak_bytes": peak_bytes(device),
             "base_bytes": base, **extra}
 
 

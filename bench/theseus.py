@@ -20,26 +20,13 @@ import time
 
 import torch
 
+from bench.common import cpu_seconds, peak_bytes, random_model, reset_peak
+
 SOURCE, TARGET = "ViT-B-16", "ViT-B-16-plus-240"
 
 
 def _models(layers: int):
-    import dataclasses
-
-    from transport.arch import build_open_clip_tower, open_clip_arch, to_canonical
-    from transport.model import Model
-
-    out = []
-    for i, name in enumerate((SOURCE, TARGET)):
-        arch = open_clip_arch(name)
-        if layers:
-            arch = dataclasses.replace(arch, layers=layers, name=f"{arch.name}[:{layers}]")
-        torch.manual_seed(i)
-        tower = build_open_clip_tower(arch)
-        params = {k: v.detach().float().clone() for k, v in to_canonical(tower.state_dict(), arch).items()}
-        del tower
-        out.append(Model(arch, params, f"random:{name}"))
-    return out
+    return [random_model(name, i, layers) for i, name in enumerate((SOURCE, TARGET))]
 
 
 def _task(n: int, size: int):
@@ -50,37 +37,7 @@ def _task(n: int, size: int):
     return Task("random", [str(i) for i in range(10)], {"train": (x, y), "val": (x[:1], y[:1]), "test": (x[:1], y[:1])})
 
 
-def _reset_peak(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-        return
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
 
-
-def _peak_bytes(device: str) -> int:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated()
-    import resource
-
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _cpu_seconds() -> float:
-    import resource
-
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 def run_prepare(device: str, images: int, layers: int) -> dict:
@@ -91,15 +48,15 @@ def run_prepare(device: str, images: int, layers: int) -> dict:
     A, B = _models(layers)
     task = _task(images, B.arch.image_size)
     inputs = TransportInputs(A, B, task, seed=0, device=device)
-    _reset_peak(device)
+    reset_peak(device)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    c0, t0 = _cpu_seconds(), time.perf_counter()
+    c0, t0 = cpu_seconds(), time.perf_counter()
     al = prepare(inputs, {"calib_size": images}, lambda f, m: None)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
-    peak = _peak_bytes(device)
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    peak = peak_bytes(device)
     g = torch.Generator().manual_seed(1)
     tau = TaskVector(A.arch, {k: 1e-3 * torch.randn(v.shape, generator=g) for k, v in A.params.items()})
     t1 = time.perf_counter()

@@ -59,7 +59,7 @@ def run(root: Optional[str], pairs: list[str], batches: list[int], calib_size: i
                 naive = tau if A.arch.same_shapes(T.arch) else naive_resize(tau, T.arch)
                 row["naive"], row["naive_alpha"] = _acc_tuned(T, naive, task, GRID)
                 if key == "wide_grown":
-                    grown = TaskVector(T.arch, zoo.grow_params(tau.tensors, A.arch, T.arch))
+                    grown = zoo.grown_task_vector(tau, f"{tgt}@{seed}", root)
                     row["grow_map"], row["grow_map_alpha"] = _acc_tuned(T, grown, task, GRID)
                 for nb in batches:
                     t0 = time.perf_counter()

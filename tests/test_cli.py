@@ -18,7 +18,7 @@ from transport.cli import collect_options, main
 from transport.data import DIGIT_NAMES, digits_task, load_image_folder
 from transport.evaluate import accuracy
 from transport.functional import Classifier, encode, preprocess
-from transport.io import load_model, save_model
+from transport.io import load_model, read_safetensors_metadata, save_model
 from transport.model import Model
 from transport.task_vector import TaskVector
 
@@ -363,6 +363,19 @@ def test_zoo_references_end_to_end(request, tmp_path, capsys):
     tau = TaskVector.from_models(a.params, a_ft.params, a.arch)
     assert report["accuracies"]["naive"] == accuracy(b, t, "test", tau.apply_to(b.params, report["alpha"]))
     assert report["inputs"]["source_pre"].startswith("zoo:A@")  # a zoo reference resolves to its seed
+    # composition: GradFix's mask on TransFusion's pi(tau); on the control pair pi(tau) is A's tau relabelled
+    o2 = tmp_path / "gf-on-tf"
+    rc, out, err = _run(["run", "--source-pre", "zoo:A", "--source-ft", f"zoo:A+{task}", "--target", "zoo:B_control",
+                         "--method", "gradfix", "--on", "transfusion", "--shots", "2", "--task", task,
+                         "--alpha", "1", "--out", o2], capsys)
+    assert rc == 0, err
+    rep2 = json.loads((o2 / "report.json").read_text())
+    assert rep2["options"]["on"] == "transfusion" and "prepare_transfusion" in rep2["timings_s"]
+    assert read_safetensors_metadata(o2 / "task_vector.safetensors")["method"] == "gradfix on transfusion"
+    rc, _, err = _run(["run", "--source-pre", "zoo:A", "--source-ft", f"zoo:A+{task}", "--target", "zoo:B_control",
+                       "--method", "gradfix", "--on", "magic", "--task", task, "--out", tmp_path / "bad"], capsys)
+    assert rc == 2 and err.strip().splitlines() == [
+        "error: unknown method 'magic' (known: naive, transfusion, gradfix, theseus)"]
 
 
 def test_progress_bar_follows_the_pipeline(files, tmp_path, capsys):

@@ -440,6 +440,27 @@ def test_automatic_micro_batch_fits_the_memory_budget():
     big = open_clip_arch("ViT-B-16")
     meta = {k: torch.empty(v.shape, device="meta") for k, v in param_axes(big).items()}
     pixels = torch.zeros(20, 3, 1, 1)
-    assert auto_micro_batch(meta, list(meta), pixels, big) == 2  # 2 x (344 MB gradients + ~175 MB activations)
+    assert auto_micro_batch(meta, list(meta), pixels, big) == 1  # 344 MB gradients + ~175 MB activations per sample
     tiny = {k: torch.empty(v.shape, device="meta") for k, v in param_axes(ARCH).items()}
     assert auto_micro_batch(tiny, list(tiny), pixels, ARCH) == 20
+
+
+def test_gradfix_on_transfusion_composes_exactly(task, tmp_path):
+    """``on``: GradFix's mask applied to TransFusion's pi(tau), both alignments prepared on the same inputs."""
+    from transport.methods import transfusion
+    from transport.pipeline import transfer
+
+    src = model(2)
+    ft = src.with_params(rand_tau().apply_to(src.params), "tiny2-ft")
+    tgt = model(1)
+    kw = dict(task=task, shots=2, seed=0, alpha=1.0, cache_dir=tmp_path, evaluate=False)
+    composed = transfer(src, ft, tgt, "gradfix", on="transfusion", **kw)
+    tau = TaskVector.from_models(src.params, ft.params, src.arch)
+    al_tf = transfusion.align(src.params, tgt.params, src.arch)
+    al_gf = prepare(TransportInputs(src, tgt, task, 2, 0), {})
+    want = apply(al_gf, transfusion.apply(al_tf, tau), 1.0, {})
+    assert composed.transported.allclose(want) and composed.options["on"] == "transfusion"
+    plain = transfer(src, ft, tgt, "gradfix", **kw)  # differs: the mask now meets tau, not pi(tau)
+    assert not composed.transported.allclose(plain.transported)
+    with pytest.raises(TransportError, match="^cannot compose gradfix with itself$"):
+        transfer(src, ft, tgt, "gradfix", on="gradfix", **kw)

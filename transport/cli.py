@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--target-arch", metavar="ARCH", help="the target's architecture when it differs (cross-width)")
     r.add_argument("--oracle", metavar="REF", help="the target fine-tuned on the task (reported as the upper bound)")
     r.add_argument("--method", required=True, help="naive | transfusion | gradfix | theseus")
+    r.add_argument("--on", metavar="METHOD", help="compose: apply --method to the task vector METHOD transported "
+                   "(e.g. --method gradfix --on transfusion)")
     data = r.add_mutually_exclusive_group()
     data.add_argument("--task", metavar="NAME", help="a built-in task (digits, rot90, invert, hflip, ...)")
     data.add_argument("--data", metavar="DIR", help="an ImageFolder (one sub-folder per class)")
@@ -233,6 +235,7 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     out = Path(args.out)
     check_out_dir(out, args.force)
     info = get_method(args.method)
+    base_info = get_method(args.on) if args.on else None
     options = collect_options(args, info.options, info.name)
     if args.shots < 1:
         raise TransportError(f"--shots must be >= 1, got {args.shots}")
@@ -279,7 +282,9 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     elif args.data:
         task = load_image_folder(args.data, image_size=target.arch.image_size, seed=args.seed)
     # Fail before any long computation: architecture, data needs, heads to evaluate with.
-    check_compatible(info, TransportInputs(source_pre, target, task, args.shots, args.seed, device))
+    for m in (info, base_info):
+        if m is not None:
+            check_compatible(m, TransportInputs(source_pre, target, task, args.shots, args.seed, device))
     if task is not None:
         for model in (target, source_pre, source_ft) + ((oracle,) if oracle is not None else ()):
             model.classifier(task.classnames)
@@ -288,7 +293,8 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     try:
         result = transfer(source_pre, source_ft, target, info.name, task=task, options=options, alpha=args.alpha,
                           alpha_grid=grid, shots=args.shots, seed=args.seed, device=device, oracle=oracle,
-                          progress=bar, use_cache=not args.no_cache, evaluate=task is not None)
+                          progress=bar, use_cache=not args.no_cache, evaluate=task is not None,
+                          on=base_info.name if base_info else None)
     finally:
         bar.close()
 
@@ -306,7 +312,7 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     report["command"] = ["python", "-m", "transport", *argv]
     meta = {"format": "transport.task_vector", "source_pre": args.source_pre,
             "source_ft": args.source_ft or f"task_vector:{args.task_vector}", "target": args.target,
-            "method": info.name, "options": json.dumps(_json_safe(report["options"]), sort_keys=True),
+            "method": info.name + (f" on {base_info.name}" if base_info else ""), "options": json.dumps(_json_safe(report["options"]), sort_keys=True),
             "alpha": repr(float(result.alpha)), "task": (args.task or args.data or ""),
             "source_arch": source_pre.arch.to_json()}
 

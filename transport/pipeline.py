@@ -65,6 +65,16 @@ def prepare(method: str | MethodInfo, inputs: TransportInputs, options: Optional
     return Prepared(info, alignment, opts, key, False, seconds)
 
 
+def _on_target(moved: TaskVector, prep: Prepared, target: Model) -> TaskVector:
+    """A method's output labelled with the target's architecture (same shapes required)."""
+    if moved.arch == target.arch:
+        return moved
+    if not moved.arch.same_shapes(target.arch):
+        raise TransportError(f"{prep.method.name} returned a task vector for {moved.arch.name}, "
+                             f"not for the target {target.arch.name}")
+    return TaskVector(target.arch, moved.tensors, moved.meta)  # same shapes: the target's names
+
+
 @dataclass
 class TransferResult:
     """Everything a report, a table or a figure needs about one transfer."""
@@ -96,10 +106,12 @@ def transfer(source_pre: Model, source_ft: Model, target: Model, method: str, ta
              options: Optional[dict] = None, alpha: Optional[float] = None, alpha_grid: Optional[list[float]] = None,
              shots: int = 2, seed: int = 0, device: str | None = "cpu", oracle: Optional[Model] = None,
              progress: Progress = no_progress, use_cache: bool = True, cache_dir: Optional[Path] = None,
-             evaluate: bool = True) -> TransferResult:
+             evaluate: bool = True, on: Optional[str] = None) -> TransferResult:
     """Transport tau = source_ft - source_pre onto ``target`` with ``method``; evaluate when a task is given.
 
     alpha: fixed if given, else chosen on the task's validation split over ``alpha_grid``.
+    on: compose: ``method`` is applied to the task vector that method ``on`` transported (e.g. GradFix's
+    mask on TransFusion's pi(tau)); both alignments are prepared (and cached) on the same inputs.
     """
     device = resolve_device(device)
     if not source_pre.arch.same_shapes(source_ft.arch):
@@ -108,17 +120,21 @@ def transfer(source_pre: Model, source_ft: Model, target: Model, method: str, ta
     t0 = time.perf_counter()
     tau = TaskVector.from_models(source_pre.params, source_ft.params, source_pre.arch)
     inputs = TransportInputs(source_pre, target, task, shots, seed, device)
-    prep = prepare(method, inputs, options, lambda f, m: progress(0.7 * f, m), use_cache, cache_dir)
+    base = None
+    if on is not None:
+        if on == (method if isinstance(method, str) else method.name):
+            raise TransportError(f"cannot compose {on} with itself")
+        base = prepare(on, inputs, None, lambda f, m: progress(0.35 * f, m), use_cache, cache_dir)
+        timings["prepare_" + base.method.name] = base.seconds
+    lo = 0.0 if base is None else 0.35
+    prep = prepare(method, inputs, options, lambda f, m: progress(lo + (0.7 - lo) * f, m), use_cache, cache_dir)
     timings["prepare"] = prep.seconds
     t1 = time.perf_counter()
-    transported = prep.method.apply(prep.alignment, tau, 1.0, prep.options)
-    if transported.arch != target.arch:
-        if not transported.arch.same_shapes(target.arch):
-            raise TransportError(f"{prep.method.name} returned a task vector for {transported.arch.name}, "
-                                 f"not for the target {target.arch.name}")
-        transported = TaskVector(target.arch, transported.tensors, transported.meta)  # same shapes: target's names
+    moved = tau if base is None else _on_target(base.method.apply(base.alignment, tau, 1.0, base.options), base, target)
+    transported = _on_target(prep.method.apply(prep.alignment, moved, 1.0, prep.options), prep, target)
     timings["apply"] = time.perf_counter() - t1
-    result = TransferResult(method=prep.method.name, options=prep.options, transported=transported,
+    result = TransferResult(method=prep.method.name, options={**prep.options, **({"on": on} if on else {})},
+                            transported=transported,
                             alpha=1.0 if alpha is None else float(alpha), sweep=None, cache_hit=prep.cache_hit,
                             diagnostics=prep.alignment.diagnostics(),
                             inputs={"source_pre": source_pre.ref, "source_ft": source_ft.ref, "target": target.ref,

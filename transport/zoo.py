@@ -8,7 +8,7 @@ targets of graded difficulty, each with its own oracle fine-tunes:
 - ``B_next``: forked from A's run after its early steps, trained on with other augmentation and
   seed, then shuffled; ``B_next_unshuffled`` keeps the weights before the shuffle;
 - ``B_indep``: pretrained from an unrelated seed;
-- ``W_grown``: 2x wider, grown from A by a function-preserving widening, then trained on;
+- ``W_grown``: 2x wider, grown from A by a function-preserving widening, trained on, then shuffled;
 - ``W_indep``: 2x wider, pretrained from an unrelated seed.
 
 ``python -m transport.zoo build`` (or ``python -m transport zoo build``) trains it deterministically,
@@ -40,7 +40,7 @@ from transport.train import Augment, TrainConfig, TrainResult, finetune, init_he
 
 Tensor = torch.Tensor
 
-ZOO_FORMAT = 2  # 2: one within-head shuffle for Q/K/V/O in the shuffled releases
+ZOO_FORMAT = 3  # 2: one within-head shuffle for Q/K/V/O in the shuffled releases; 3: W_grown shuffled too
 MANIFEST = "manifest.json"
 PRETRAIN_TASK = "digits"
 PRETRAINED = ("A", "B_control", "B_next", "B_next_unshuffled", "B_indep", "W_grown", "W_indep")
@@ -88,8 +88,9 @@ _PAIRS = (
             "Naive addition stays near zero-shot and no permutation lines up unrelated seeds, so alignment "
             "gains little; the pair for debugging a failed transfer and for methods that use labelled shots."),
     ZooPair("wide_grown", "A", "W_grown", "Wider release grown from A (2x width)",
-            "Shapes differ, so naive addition is impossible; the known widening map carries tau across and "
-            "recovers most of the gain, which is what a cross-width method can aim for."),
+            "Shapes differ: plain addition is impossible and zero-padding tau means nothing to the shuffled "
+            "units; the known widening map carries tau across and recovers most of the gain, which is what a "
+            "cross-width method can aim for."),
     ZooPair("wide_indep", "A", "W_indep", "Independent wider model (2x width)",
             "The hard case: shapes differ and nothing is shared, so expect little from a transfer that "
             "does not look at data."),
@@ -300,6 +301,21 @@ def grow_params(params: dict[str, Tensor], arch: ViTArch, wide: ViTArch) -> dict
     return out
 
 
+def widening_map(tensors: dict[str, Tensor], arch: ViTArch, wide: ViTArch, shuffle: UnitPermutation) -> dict[str, Tensor]:
+    """The known cross-width map of W_grown: widen (as W_grown was grown from A), then its hidden shuffle.
+
+    Linear, so it carries a task vector of A to W_grown's basis (before W_grown's own further training)."""
+    return permute_params(grow_params(tensors, arch, wide), wide, shuffle)
+
+
+def grown_task_vector(tau, name: str = "W_grown", root: Optional[str | os.PathLike] = None):
+    """A task vector of A mapped onto ``W_grown[@SEED]`` by the known widening map (a reference for Theseus)."""
+    from transport.task_vector import TaskVector
+
+    wide = arch_of(name, root)
+    return TaskVector(wide, widening_map(tau.tensors, tau.arch, wide, true_permutation(name, root)))
+
+
 # ----------------------------------------------------------------------------------------------
 # locations
 # ----------------------------------------------------------------------------------------------
@@ -403,13 +419,13 @@ def arch_of(name: str, root: Optional[str | os.PathLike] = None) -> ViTArch:
 
 
 def true_permutation(name: str, root: Optional[str | os.PathLike] = None) -> UnitPermutation:
-    """The hidden shuffle that made ``B_control`` / ``B_next`` from the unshuffled weights (for checks)."""
+    """The hidden shuffle that made ``B_control`` / ``B_next`` / ``W_grown`` from the unshuffled weights."""
     from transport.io import read_safetensors
 
     r, m = _manifest(root)
     e = _resolve(name, m)
     if not e.get("perm_file"):
-        raise TransportError(f"zoo model '{name}' was not made by a shuffle (only B_control and B_next are)")
+        raise TransportError(f"zoo model '{name}' was not made by a shuffle (only B_control, B_next and W_grown are)")
     return UnitPermutation.from_tensors(read_safetensors(r / e["perm_file"])[0])
 
 
@@ -433,7 +449,7 @@ _DESCRIPTIONS = {
     "B_next": "forked from A's run after its early steps, trained on with other augmentation and seed, then shuffled",
     "B_next_unshuffled": "B_next before its hidden shuffle (what naive addition could hope for)",
     "B_indep": "pretrained from an unrelated seed",
-    "W_grown": "2x wider, grown from A by a function-preserving widening, then trained on",
+    "W_grown": "2x wider, grown from A by a function-preserving widening, trained on, then shuffled",
     "W_indep": "2x wider, pretrained from an unrelated seed",
 }
 
@@ -569,8 +585,10 @@ def _job_source_chain(root: str, cfg: ZooConfig, seed: int) -> dict:
     grown = {k: v + cfg.grow_noise * float(v.std() if v.numel() > 1 else 0.0) * torch.randn(v.shape, generator=g)
              for k, v in grown.items()}
     wg = train(grown, A.head, wide, x, y, cfg.grow_train.with_seed(_seed(seed, "W_grown:data")), on_step=tick)
-    W = Model(wide, wg.params, f"zoo:W_grown@{seed}", _head_classes(wg.head, DIGIT_NAMES))
-    w.save("W_grown", W, "pretrained", run=wg)
+    # shuffled like B_next: otherwise its first d units ARE A's units and zero-padding tau is a hidden alignment
+    perm_w = random_unit_permutation(wide, _seed(seed, "W_grown:perm"))
+    W = Model(wide, permute_params(wg.params, wide, perm_w), f"zoo:W_grown@{seed}", _head_classes(wg.head, DIGIT_NAMES))
+    w.save("W_grown", W, "pretrained", run=wg, perm=perm_w)
     _finetune_all(w, "W_grown", W, tick)
     tick.flush()
     return {"records": w.records}
@@ -614,7 +632,8 @@ def _evaluate_seed(root: Path, cfg: ZooConfig, seed: int, models: dict[str, dict
     pre = {n: get(n) for n in PRETRAINED}
     digits = _task(PRETRAIN_TASK)
     pretrain_acc = {n: round(accuracy(m, digits), 4) for n, m in pre.items()}
-    perm_c = UnitPermutation.from_tensors(read_safetensors(root / models["B_control"]["perm_file"])[0])
+    perm_c, perm_w = (UnitPermutation.from_tensors(read_safetensors(root / models[n]["perm_file"])[0])
+                      for n in ("B_control", "W_grown"))
     A = pre["A"]
     rows: list[dict] = []
     for tname in cfg.tasks:
@@ -639,7 +658,7 @@ def _evaluate_seed(root: Path, cfg: ZooConfig, seed: int, models: dict[str, dict
                 row["naive_unshuffled"], row["naive_unshuffled_alpha"] = tuned(pre["B_next_unshuffled"], tau, task)
                 row["true_map"], row["true_map_alpha"] = row["naive_unshuffled"], row["naive_unshuffled_alpha"]
             elif pair.key == "wide_grown":
-                gtau = TaskVector(T.arch, grow_params(tau.tensors, A.arch, T.arch))
+                gtau = TaskVector(T.arch, widening_map(tau.tensors, A.arch, T.arch, perm_w))
                 row["true_map"], row["true_map_alpha"] = tuned(T, gtau, task)
             rows.append(row)
         _report(1)

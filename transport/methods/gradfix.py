@@ -86,7 +86,7 @@ def auto_micro_batch(params: dict[str, Tensor], names: list[str], pixels: Tensor
     if dev.type == "cuda":
         budget = 0.5 * torch.cuda.mem_get_info(dev)[0]
     else:
-        budget = 1.25 * 2**30  # keeps ViT-B/16 under ~3 GiB in total
+        budget = 0.75 * 2**30  # ViT-B/16: one sample per call, 2.5 GiB peak in total (two: 3.3 GiB, 2% faster)
     return max(1, min(len(pixels), int(budget // max(grads + acts, 1))))
 
 
