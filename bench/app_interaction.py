@@ -47,10 +47,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the zoo's models are tiny)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    os.environ.setdefault("TRANSPORT_CACHE_DIR", tempfile.mkdtemp(prefix="bench-app-cache-"))
-
     from transport import zoo
 
+    # the user's zoo, found before the alignment cache moves to a temp dir (the zoo lives under the cache root)
+    os.environ.setdefault("TRANSPORT_ZOO_DIR", str(zoo.zoo_root()))
+    os.environ.setdefault("TRANSPORT_CACHE_DIR", tempfile.mkdtemp(prefix="bench-app-cache-"))
     if not zoo.is_built():
         os.environ["TRANSPORT_ZOO_DIR"] = tempfile.mkdtemp(prefix="bench-app-zoo-")
         print(f"building the test zoo into {os.environ['TRANSPORT_ZOO_DIR']} ...", flush=True)

@@ -95,3 +95,11 @@ def spread_cell(vals: list) -> str:
         return "-"
     m = statistics.fmean(vals)
     return f"{100 * m:.1f}" if len(vals) == 1 else f"{100 * m:.1f} ({100 * min(vals):.1f}..{100 * max(vals):.1f})"
+
+
+def require_zoo(root):
+    """Exit with a one-line message unless the demo zoo is built at ``root`` (None: the default place)."""
+    from transport import zoo
+
+    if not zoo.is_built(root):
+        raise SystemExit(f"the demo zoo is not built at {root or zoo.zoo_root()}; run `python -m transport zoo build` first")

@@ -137,6 +137,22 @@ def summarize(results: list[dict], methods: list[str]) -> tuple[str, list[dict]]
     return "\n".join(lines), checks
 
 
+def pair_summary(results: list[dict], methods: list[str]) -> str:
+    """Per pair and K: every method's accuracy averaged over tasks, mean (min..max) over seeds (markdown)."""
+    out = ["| pair | K | " + " | ".join(methods) + " |", "|---" * (len(methods) + 2) + "|"]
+    for pair in dict.fromkeys(r["pair"] for r in results):
+        for k in sorted({int(k) for r in results for k in r["per_k"]}):
+            cells = []
+            for m in methods:
+                per_seed = [statistics.fmean({**r["fixed"], **r["per_k"][str(k)]}[m] for r in results
+                                             if r["pair"] == pair and r["seed"] == s)
+                            for s in dict.fromkeys(r["seed"] for r in results)]
+                cells.append(f"{100 * statistics.fmean(per_seed):.1f} ({100 * min(per_seed):.1f}.."
+                             f"{100 * max(per_seed):.1f})")
+            out.append(f"| {pair} | {k} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     from transport import zoo
 
@@ -149,7 +165,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None, help="write every raw number here")
+    ap.add_argument("--from-json", default=None, help="only print the tables of a JSON an earlier run wrote")
     a = ap.parse_args(argv)
+    if a.from_json:
+        with open(a.from_json) as f:
+            results = json.load(f)["results"]
+        has_tf = any("TransFusion" in r["fixed"] for r in results)
+        methods = [m for m in METHODS if m not in ("TransFusion", "GradFix on TF") or has_tf]
+        print(summarize(results, methods)[0])
+        print("\nmean over tasks, mean (min..max) over seeds:\n" + pair_summary(results, methods))
+        return 0
     torch.set_num_threads(a.threads)
     if not zoo.is_built(a.root):
         print("the demo zoo is not built; run `python -m transport zoo build` (or give --root)", file=sys.stderr)
@@ -180,6 +205,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"GradFix on the demo zoo: test accuracy %, mean±std over seeds {seeds}; alpha on validation; "
           f"K samples per class")
     print(table)
+    print("\nmean over tasks, mean (min..max) over seeds:\n" + pair_summary(results, methods))
     held = sum(c["ordering"] for c in checks)
     print(f"naive < few-shot FT < GradFix holds in {held}/{len(checks)} (pair, task, K) rows (on seed means)")
     print("keep: GradFix keep-rate; agree: sign(tau) vs the vote; voteB: sign(tau_B) (B's own full fine-tune) vs "

@@ -21,15 +21,10 @@ from typing import Optional
 
 import torch
 
+from bench.common import require_zoo, spread_cell, tuned
+
 GRID = [round(0.25 * i, 2) for i in range(0, 13)]  # 0 .. 3
 PAIRS = {"wide_grown": "W_grown", "wide_indep": "W_indep", "next": "B_next"}
-
-
-def _acc_tuned(target, delta, task, grid) -> tuple[float, float]:
-    from transport.evaluate import accuracy, sweep_alpha
-
-    sw = sweep_alpha(target, delta, task, grid)
-    return accuracy(target, task, "test", delta.apply_to(target.params, sw.best_alpha)), sw.best_alpha
 
 
 def run(root: Optional[str], pairs: list[str], batches: list[int], calib_size: int, seeds: Optional[list[int]],
@@ -57,17 +52,17 @@ def run(root: Optional[str], pairs: list[str], batches: list[int], calib_size: i
                        "zero_shot": accuracy(T, task), "oracle": accuracy(zoo.load(f"{tgt}+{tname}@{seed}", root), task),
                        "source_finetuned": accuracy(A_ft, task)}
                 naive = tau if A.arch.same_shapes(T.arch) else naive_resize(tau, T.arch)
-                row["naive"], row["naive_alpha"] = _acc_tuned(T, naive, task, GRID)
+                row["naive"], row["naive_alpha"] = tuned(T, naive, task, GRID)
                 if key == "wide_grown":
                     grown = zoo.grown_task_vector(tau, f"{tgt}@{seed}", root)
-                    row["grow_map"], row["grow_map_alpha"] = _acc_tuned(T, grown, task, GRID)
+                    row["grow_map"], row["grow_map_alpha"] = tuned(T, grown, task, GRID)
                 for nb in batches:
                     t0 = time.perf_counter()
                     al = prepare(TransportInputs(A, T, task, seed=seed),
                                  {**(options or {}), "calib_batches": nb, "calib_size": calib_size}, lambda f, m: None)
                     t_prep = time.perf_counter() - t0
                     moved = apply(al, tau, 1.0)
-                    acc, alpha = _acc_tuned(T, moved, task, GRID)
+                    acc, alpha = tuned(T, moved, task, GRID)
                     maps = al.diagnostics()["maps"]
                     row[f"theseus_{nb}"], row[f"theseus_{nb}_alpha"] = acc, alpha
                     row[f"theseus_{nb}_prepare_s"] = round(t_prep, 3)
@@ -79,14 +74,6 @@ def run(root: Optional[str], pairs: list[str], batches: list[int], calib_size: i
                         f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float) and not k.endswith(("_s", "alpha"))),
                         flush=True)
     return rows
-
-
-def _cell(vals: list[float]) -> str:
-    vals = [v for v in vals if v is not None]
-    if not vals:
-        return "-"
-    m = statistics.fmean(vals)
-    return f"{100 * m:.1f}" if len(vals) == 1 else f"{100 * m:.1f} ({100 * min(vals):.1f}..{100 * max(vals):.1f})"
 
 
 def table(rows: list[dict], batches: list[int]) -> str:
@@ -103,10 +90,11 @@ def table(rows: list[dict], batches: list[int]) -> str:
         out.append("|---" * (len(cols) + 1) + "|")
         for tname in dict.fromkeys(r["task"] for r in sub):
             rs = [r for r in sub if r["task"] == tname]
-            out.append(f"| {tname} | " + " | ".join(_cell([r.get(c) for r in rs]) for c in cols) + " |")
-        out.append("| mean | " + " | ".join(_cell([statistics.fmean(r.get(c) for r in sub if r["task"] == t)
-                                                    for t in dict.fromkeys(r["task"] for r in sub)
-                                                    if all(r.get(c) is not None for r in sub if r["task"] == t)])
+            out.append(f"| {tname} | " + " | ".join(spread_cell([r.get(c) for r in rs]) for c in cols) + " |")
+        seed_ids = list(dict.fromkeys(r["seed"] for r in sub))  # mean over tasks per seed, spread over seeds
+        out.append("| mean | " + " | ".join(spread_cell([statistics.fmean(r[c] for r in sub if r["seed"] == s)
+                                                    for s in seed_ids
+                                                    if all(r.get(c) is not None for r in sub if r["seed"] == s)])
                                               for c in cols) + " |")
         alphas = {c: statistics.fmean(r[f"{c}_alpha"] for r in sub) for c in cols if f"{c}_alpha" in sub[0]}
         res = {b: (statistics.fmean(r[f"theseus_{b}_residual_naive"] for r in sub),
@@ -134,9 +122,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     from transport import zoo
 
-    if not zoo.is_built(args.root):
-        raise SystemExit(f"the demo zoo is not built at {args.root or zoo.zoo_root()}; "
-                         "run `python -m transport zoo build` first")
+    require_zoo(args.root)
     t0 = time.perf_counter()
     options = json.loads(args.options)
     rows = run(args.root, args.pairs, args.batches, args.calib_size, args.seeds, args.tasks, options)

@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from bench.common import spread_cell, tuned
+from bench.common import require_zoo, spread_cell, tuned
 
 PAIRS = {"control": "B_control", "next": "B_next", "indep": "B_indep"}
 MATCHINGS = ("weight", "activation")
@@ -166,9 +166,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     from transport import zoo
 
-    if not zoo.is_built(args.root):
-        raise SystemExit(f"the demo zoo is not built at {args.root or zoo.zoo_root()}; "
-                         "run `python -m transport zoo build` first")
+    require_zoo(args.root)
     t0 = time.perf_counter()
     rows, quality = run(args.root, args.pairs, args.seeds, args.tasks, args.calibration)
     info = zoo.build_info(args.root)

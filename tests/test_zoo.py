@@ -10,6 +10,7 @@ from transport import zoo
 from transport.arch import param_axes, tiny_arch
 from transport.data import digits_task
 from transport.errors import TransportError
+from transport.evaluate import accuracy
 from transport.functional import encode, preprocess
 from transport.io import read_safetensors
 from transport.task_vector import TaskVector
@@ -152,7 +153,7 @@ def test_unknown_names(tiny_zoo):
         zoo.load("A+hflip")  # not a task of the test zoo
     with pytest.raises(TransportError, match=r"zoo model 'A@7': no seed 7 \(seeds: 0\)"):
         zoo.arch_of("A@7")
-    with pytest.raises(TransportError, match="only B_control and B_next are"):
+    with pytest.raises(TransportError, match=r"^zoo model .A. was not made by a shuffle \(only B_control, B_next and W_grown are\)$"):
         zoo.true_permutation("A")
 
 
@@ -200,7 +201,6 @@ def test_phenomenon_on_test_variant(tiny_zoo):
     for r in table:
         assert (r["naive"] is None) == r["pair"].startswith("wide")
     # the stored table agrees with the stored models
-    from transport.evaluate import accuracy
 
     r = next(r for r in table if r["pair"] == "next" and r["task"] == "rot90")
     task = digits_task("rot90")
@@ -229,3 +229,28 @@ def test_module_cli_lists_models(tiny_zoo, capsys):
     assert "B_next+invert@0" in out and "finetuned" in out
     assert zoo._main(["list", "--root", str(tiny_zoo / "nowhere")]) == 2
     assert "python -m transport zoo build" in capsys.readouterr().err
+
+
+def test_grown_release_hides_its_unit_order(tiny_zoo):
+    """W_grown is shuffled after growing: zero-padding tau (naive_resize) is no hidden alignment, the known
+    widening map (grow, then the shuffle) carries the fine-tuning over, as the build's table says."""
+    from transport.methods.theseus import naive_resize
+
+    A = zoo.load("A")
+    W = zoo.load("W_grown")
+    assert torch.equal(zoo.true_permutation("W_grown").res.sort().values, torch.arange(W.arch.width))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the build
+    try:
+        for r in (r for r in zoo.phenomenon_table() if r["pair"] == "wide_grown"):
+            task = digits_task(r["task"])
+            tau = TaskVector.from_models(A.params, zoo.load(f"A+{r['task']}").params, A.arch)
+            mapped = zoo.grown_task_vector(tau, "W_grown")
+            assert accuracy(W, task, "test", mapped.apply_to(W.params, r["true_map_alpha"])) == r["true_map"]
+            padded = naive_resize(tau, W.arch)
+            best_pad = max(accuracy(W, task, "test", padded.apply_to(W.params, a)) for a in (0.5, 1.0, 1.5, 2.0))
+            gain = r["true_map"] - r["zero_shot_target"]
+            assert gain > 0.2, r
+            assert best_pad < r["zero_shot_target"] + 0.3 * gain, (best_pad, r)
+    finally:
+        torch.set_num_threads(threads)
