@@ -312,7 +312,8 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     report["command"] = ["python", "-m", "transport", *argv]
     meta = {"format": "transport.task_vector", "source_pre": args.source_pre,
             "source_ft": args.source_ft or f"task_vector:{args.task_vector}", "target": args.target,
-            "method": info.name + (f" on {base_info.name}" if base_info else ""), "options": json.dumps(_json_safe(report["options"]), sort_keys=True),
+            "method": info.name + (f" on {base_info.name}" if base_info else ""),
+            "options": json.dumps(_json_safe(report["options"]), sort_keys=True),
             "alpha": repr(float(result.alpha)), "task": (args.task or args.data or ""),
             "source_arch": source_pre.arch.to_json()}
 
