@@ -60,7 +60,8 @@ def summary(run: Run, per_row: int = 5) -> None:
     n = acc.get("naive", acc.get("naive_resize"))
     prep = run.prepared
     items = [
-        (f"{run.method} (test)", "-" if m is None else f"{100 * m:.1f}%",
+        (f"{run.method}{' on ' + run.options['on'] if run.options.get('on') else ''} (test)",
+         "-" if m is None else f"{100 * m:.1f}%",
          None if m is None or z is None else f"{100 * (m - z):+.1f} pts", "test accuracy after transport; the "
          "arrow compares it with the target's zero-shot accuracy"),
         ("zero-shot target", "-" if z is None else f"{100 * z:.1f}%", None, "the target before any transport"),

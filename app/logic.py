@@ -27,7 +27,7 @@ from transport.errors import NotImplementedYet, TransportError
 from transport.evaluate import accuracy, default_alpha_grid, parse_alpha_grid, sweep_alpha
 from transport.methods import METHOD_NAMES, MethodInfo, Progress, TransportInputs, check_compatible, get_method
 from transport.model import Model
-from transport.pipeline import Prepared, TransferResult, prepare, transfer
+from transport.pipeline import Prepared, TransferResult, on_target, prepare, transfer
 from transport.task_vector import TaskVector
 
 # Options a method reads at apply time only: changing them re-applies, it never re-prepares.
@@ -278,6 +278,7 @@ class Run:
     ablation: dict = field(default_factory=dict)  # (alpha, split) -> ablation table
     memo: dict = field(default_factory=dict)  # accuracies already measured for this run's sliders
     baselines: dict = field(default_factory=dict)  # extra baseline name -> AlphaSweep (cross-width naive)
+    base: Optional[Prepared] = None  # composition: this method is applied to what ``base`` transported
 
     def sweeps(self) -> dict:
         """Every alpha sweep of this run: the method's, the naive baseline's (same shapes or zero-padded)."""
@@ -302,7 +303,11 @@ class Run:
         opts = {**self.prepared.options, **override}
         if self.method == "gradfix" and opts.get("variant") == "oracle":
             opts["oracle_tau"] = oracle_tau(self)
-        return self.info.apply(self.prepared.alignment, self.loaded.tau, float(alpha), opts)
+        tau = self.loaded.tau
+        if self.base is not None:
+            b = self.base
+            tau = on_target(b.method.apply(b.alignment, tau, 1.0, b.options), b, self.loaded.target)
+        return self.info.apply(self.prepared.alignment, tau, float(alpha), opts)
 
     def accuracy(self, delta: Optional[TaskVector], split: str = "test") -> float:
         t = self.loaded.target
@@ -332,8 +337,16 @@ def run_transfer(setup: Setup, method: str, options: Optional[dict] = None, shot
     info = get_method(method)
     loaded = load_setup(setup, cache, lambda f, m: progress(f, m))
     opts = {**info.options, **(options or {})}
+    on = opts.pop("on", None)  # composition: apply `method` to what method `on` transported
     check_compatible(info, TransportInputs(loaded.source_pre, loaded.target, loaded.task))
     inputs = TransportInputs(loaded.source_pre, loaded.target, loaded.task, shots, setup.seed, setup.device)
+    base = None
+    if on:
+        b_info = get_method(on)
+        check_compatible(b_info, inputs)
+        base = cache.get_or_make(_prepare_key(on, dict(b_info.options), loaded, shots, setup.seed, setup.device),
+                                 lambda: prepare(b_info, inputs, dict(b_info.options),
+                                                 lambda f, m: progress(0.1 + 0.2 * f, m)))
     # the same options as transfer() below, so its own prepare is a hit in the on-disk cache
     prepared: Prepared = cache.get_or_make(
         _prepare_key(method, opts, loaded, shots, setup.seed, setup.device),
@@ -343,11 +356,11 @@ def run_transfer(setup: Setup, method: str, options: Optional[dict] = None, shot
     result = transfer(loaded.source_pre, loaded.source_ft, loaded.target, method, loaded.task,
                       options=opts, alpha=alpha, shots=shots, seed=setup.seed, alpha_grid=grid,
                       device=setup.device, oracle=loaded.oracle,
-                      progress=lambda f, m: progress(0.6 + 0.4 * f, m), use_cache=True)
+                      progress=lambda f, m: progress(0.6 + 0.4 * f, m), use_cache=True, on=on)
     baselines = _cross_width_baseline(loaded, result, grid, alpha, setup.device)
     progress(1.0, "done")
-    return Run(uuid.uuid4().hex[:12], setup, method, opts, shots, loaded, prepared, result,
-               time.perf_counter() - t0, baselines=baselines)
+    return Run(uuid.uuid4().hex[:12], setup, method, {**opts, **({"on": on} if on else {})}, shots, loaded, prepared,
+               result, time.perf_counter() - t0, baselines=baselines, base=base)
 
 
 def _cross_width_baseline(loaded: Loaded, result: TransferResult, grid: Optional[list[float]],

@@ -224,6 +224,21 @@ def test_gradfix_page_k_variant_and_drill_down(app):
     ok(at)
     assert the_run(at, "gradfix") is run
 
+    if built("transfusion"):  # mask TransFusion's pi(tau) instead of tau: the same vote, a permuted tau
+        at.radio(key="gf-on").set_value("transfusion").run()
+        ok(at)
+        comp = the_run(at, "gradfix")
+        assert comp is not run and comp.options["on"] == "transfusion" and comp.base.method.name == "transfusion"
+        from transport.methods import transfusion
+
+        pi_tau = transfusion.apply(comp.base.alignment, comp.loaded.tau)
+        want = get_method("gradfix").apply(comp.prepared.alignment, pi_tau, 1.0, {})
+        assert comp.apply(1.0).allclose(want, atol=1e-7)
+        assert comp.result.transported.allclose(want, atol=1e-7)
+        at.radio(key="gf-on").set_value("tau").run()  # back: the earlier run again
+        ok(at)
+        assert the_run(at, "gradfix") is run
+
 
 def test_theseus_page(app):
     at = app

@@ -65,7 +65,7 @@ def prepare(method: str | MethodInfo, inputs: TransportInputs, options: Optional
     return Prepared(info, alignment, opts, key, False, seconds)
 
 
-def _on_target(moved: TaskVector, prep: Prepared, target: Model) -> TaskVector:
+def on_target(moved: TaskVector, prep: Prepared, target: Model) -> TaskVector:
     """A method's output labelled with the target's architecture (same shapes required)."""
     if moved.arch == target.arch:
         return moved
@@ -130,8 +130,8 @@ def transfer(source_pre: Model, source_ft: Model, target: Model, method: str, ta
     prep = prepare(method, inputs, options, lambda f, m: progress(lo + (0.7 - lo) * f, m), use_cache, cache_dir)
     timings["prepare"] = prep.seconds
     t1 = time.perf_counter()
-    moved = tau if base is None else _on_target(base.method.apply(base.alignment, tau, 1.0, base.options), base, target)
-    transported = _on_target(prep.method.apply(prep.alignment, moved, 1.0, prep.options), prep, target)
+    moved = tau if base is None else on_target(base.method.apply(base.alignment, tau, 1.0, base.options), base, target)
+    transported = on_target(prep.method.apply(prep.alignment, moved, 1.0, prep.options), prep, target)
     timings["apply"] = time.perf_counter() - t1
     result = TransferResult(method=prep.method.name, options={**prep.options, **({"on": on} if on else {})},
                             transported=transported,

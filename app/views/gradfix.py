@@ -23,12 +23,20 @@ with ui.guarded():
     options, _, pressed = common.run_controls(setup, "gradfix", info, "gf", hidden=("variant",),
                                                  shots_widget=False)
     prev = state.current_run(setup, "gradfix")
+    bases = ["tau"] + (["transfusion"] if "transfusion" in logic.built_methods() else [])
+    base = st.radio("Mask what", bases, horizontal=True, key="gf-on",
+                    format_func=lambda b: "the source's tau" if b == "tau" else "TransFusion's pi(tau)",
+                    help="GradFix can mask another method's transported task vector: the vote is the same, "
+                         "tau is first permuted onto the target")
+    if base != "tau":
+        options = {**options, "on": base}
     shots = st.slider("K: labelled samples per class used for the vote", 1, 16,
                       value=prev.shots if prev else 2, key="gf-k")
     # once a vote exists, moving K re-runs it (each K is cached separately)
-    if prev is not None and not pressed and shots != prev.shots:
-        pressed = True
-        options = {**prev.options, **{k: v for k, v in options.items() if k != "variant"}}
+    if prev is not None and not pressed and (shots != prev.shots or prev.options.get("on") != options.get("on")):
+        pressed = True  # moving K or the masked vector re-runs (each choice is cached separately)
+        options = {**{k: v for k, v in prev.options.items() if k != "on"},
+                   **{k: v for k, v in options.items() if k != "variant"}}
     run = common.run_or_notice(setup, "gradfix", pressed, options, shots)
     common.summary(run)
 
