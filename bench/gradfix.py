@@ -12,13 +12,11 @@ import argparse
 import gc
 import json
 import os
-import subprocess
-import sys
 import time
 
 import torch
 
-from bench.common import cpu_seconds, peak_bytes, reset_peak
+from bench.common import cpu_seconds, peak_bytes, reset_peak, run_child
 
 
 def _setup(arch_name: str, classes: int, shots: int, device: str):
@@ -96,13 +94,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for _ in range(a.repeat):
         for mode, mb in runs:
-            cmd = [sys.executable, "-m", "bench.gradfix", "--worker", f"{mode}:{mb}", "--arch", a.arch,
-                   "--classes", str(a.classes), "--shots", str(a.shots), "--device", a.device,
-                   "--threads", str(a.threads)]
-            out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-            if out.returncode:
-                raise SystemExit(f"worker {mode}:{mb} failed:\n{out.stderr}")
-            rows.append({**json.loads(out.stdout.strip().splitlines()[-1]), "requested_mb": mb})
+            r = run_child("bench.gradfix", ["--worker", f"{mode}:{mb}", "--arch", a.arch, "--classes", str(a.classes),
+                                            "--shots", str(a.shots), "--device", a.device, "--threads", str(a.threads)])
+            rows.append({**r, "requested_mb": mb})
     bare = min(r["seconds"] for r in rows if r["mode"] == "bare")
     bare_cpu = min(r["cpu_seconds"] for r in rows if r["mode"] == "bare")
     print(f"GradFix prepare vs bare forward+backward: {a.arch}, {a.classes} classes x K={a.shots} "

@@ -14,13 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 
 import torch
 
-from bench.common import cpu_seconds, peak_bytes, random_model, reset_peak
+from bench.common import cpu_seconds, peak_bytes, random_model, reset_peak, run_child
 
 SOURCE, TARGET = "ViT-B-16", "ViT-B-16-plus-240"
 
@@ -112,12 +110,8 @@ def run_polar(device: str, images: int, layers: int) -> dict:
 
 
 def _child(args) -> dict:
-    cmd = [sys.executable, "-m", "bench.theseus", "--worker", args.mode, "--device", args.device,
-           "--threads", str(args.threads), "--images", str(args.images), "--layers", str(args.layers)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        raise SystemExit(f"worker failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_child("bench.theseus", ["--worker", args.mode, "--device", args.device, "--threads", str(args.threads),
+                                       "--images", str(args.images), "--layers", str(args.layers)])
 
 
 def main(argv=None) -> None:
