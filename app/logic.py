@@ -347,7 +347,6 @@ def run_transfer(setup: Setup, method: str, options: Optional[dict] = None, shot
         base = cache.get_or_make(_prepare_key(on, dict(b_info.options), loaded, shots, setup.seed, setup.device),
                                  lambda: prepare(b_info, inputs, dict(b_info.options),
                                                  lambda f, m: progress(0.1 + 0.2 * f, m)))
-    # the same options as transfer() below, so its own prepare is a hit in the on-disk cache
     prepared: Prepared = cache.get_or_make(
         _prepare_key(method, opts, loaded, shots, setup.seed, setup.device),
         lambda: prepare(info, inputs, opts, lambda f, m: progress(0.1 + 0.5 * f, m)))
@@ -356,7 +355,8 @@ def run_transfer(setup: Setup, method: str, options: Optional[dict] = None, shot
     result = transfer(loaded.source_pre, loaded.source_ft, loaded.target, method, loaded.task,
                       options=opts, alpha=alpha, shots=shots, seed=setup.seed, alpha_grid=grid,
                       device=setup.device, oracle=loaded.oracle,
-                      progress=lambda f, m: progress(0.6 + 0.4 * f, m), use_cache=True, on=on)
+                      progress=lambda f, m: progress(0.6 + 0.4 * f, m), use_cache=True, on=on,
+                      prepared=prepared, prepared_on=base)
     baselines = _cross_width_baseline(loaded, result, grid, alpha, setup.device)
     progress(1.0, "done")
     return Run(uuid.uuid4().hex[:12], setup, method, {**opts, **({"on": on} if on else {})}, shots, loaded, prepared,

@@ -110,5 +110,5 @@ def option_choices(method: str) -> dict[str, tuple]:
     except ModuleNotFoundError:
         return {}
     found = {"vote": "VOTES", "variant": "VARIANTS", "matching": "MATCHINGS", "out_maps": "OUT_MAPS",
-             "hidden": "HIDDEN"}
+             "hidden": "HIDDEN", "polar": "POLAR_MODES"}
     return {opt: tuple(getattr(mod, const)) for opt, const in found.items() if hasattr(mod, const)}

@@ -417,6 +417,25 @@ def test_pipeline_transfer_and_cache(task, tmp_path):
     assert {"gradfix", "naive", "zero_shot_target"} <= set(r1.accuracies)
 
 
+def test_transfer_uses_an_alignment_the_caller_holds(task, tmp_path, monkeypatch):
+    import transport.pipeline as pl
+
+    src, tgt = model(2), model(1)
+    ft = src.with_params(rand_tau().apply_to(src.params), "tiny2-ft")
+    kw = dict(method="gradfix", task=task, shots=2, seed=0, alpha_grid=[0.0, 0.5, 1.0], cache_dir=tmp_path)
+    held = pl.prepare("gradfix", TransportInputs(src, tgt, task, 2, 0), None, use_cache=False)
+    ref = pl.transfer(src, ft, tgt, use_cache=False, **kw)
+
+    def no_prepare(*a, **k):
+        raise AssertionError("prepared again although the caller held the alignment")
+
+    monkeypatch.setattr(pl, "prepare", no_prepare)
+    r = pl.transfer(src, ft, tgt, prepared=held, **kw)
+    assert r.transported.allclose(ref.transported, atol=0) and r.accuracies == ref.accuracies
+    with pytest.raises(TransportError, match="^transfer: prepared is an alignment of gradfix, not of transfusion"):
+        pl.transfer(src, ft, tgt, **{**kw, "method": "transfusion"}, prepared=held)
+
+
 def test_bad_inputs():
     al = GradFixAlignment(ARCH, {k: torch.ones(v.shape, dtype=torch.int8) for k, v in param_axes(ARCH).items()},
                           {k: torch.zeros(v.shape) for k, v in param_axes(ARCH).items()}, 1)

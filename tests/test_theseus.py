@@ -241,6 +241,38 @@ def test_determinism_and_seed(wide_pair, task):
     assert not torch.equal(other.maps["q:1"], al.maps["q:1"])
 
 
+def test_chunked_forward_changes_nothing(wide_pair, task, monkeypatch):
+    """Blocks run over chunks of images; one image per chunk or all at once give the same maps."""
+    import transport.methods.theseus as th
+
+    A, B, al = wide_pair
+    monkeypatch.setattr(th, "CHUNK_ROWS", 1)
+    one = prepare(TransportInputs(A, B, task, seed=0), {}, lambda f, m: None)
+    monkeypatch.setattr(th, "CHUNK_ROWS", 10 ** 9)
+    whole = prepare(TransportInputs(A, B, task, seed=0), {}, lambda f, m: None)
+    assert list(one.maps) == list(whole.maps) == list(al.maps)
+    determined = 0
+    for a, b in zip(one.diagnostics()["maps"], whole.diagnostics()["maps"]):
+        assert a["space"] == b["space"] and a["residual_after"] == pytest.approx(b["residual_after"], rel=1e-5)
+        if a["layer"] >= 1 or a["space"] in ("ln_post", "proj"):  # the digits leave block 0 rank deficient:
+            assert (one.maps[a["space"]] - whole.maps[a["space"]]).abs().max() < 1e-4, a["space"]  # free there
+            determined += 1
+    assert determined == 2 * 11 + 2  # blocks 1 and 2 (11 spaces each), ln_post, proj
+    for space, smp in al.pca_sample.items():
+        a, b = one.pca_sample[space]["source"].float(), smp["source"].float()  # float16, batch-size rounding
+        assert a.shape == b.shape and torch.allclose(a, b, atol=2e-3, rtol=2e-3), space
+
+
+def test_polar_option(wide_pair, task):
+    A, B, al = wide_pair
+    exact = prepare(TransportInputs(A, B, task, seed=0), {"polar": "svd"}, lambda f, m: None)
+    assert exact.options["polar"] == "svd" and al.options["polar"] == "auto"
+    for k in al.maps:  # the zoo-sized maps: 'auto' is the float64 SVD too
+        assert (exact.maps[k] - al.maps[k]).abs().max() < 1e-6, k
+    with pytest.raises(TransportError, match="option polar must be one of auto, svd, svd32, eigh, eigh32, got 'qr'"):
+        prepare(TransportInputs(A, B, task), {"polar": "qr"}, lambda f, m: None)
+
+
 def test_shrinking_end_to_end(task):
     A, B = tower(tiny_arch(96, heads=6), 2), tower(tiny_arch(64), 3)
     al = prepare(TransportInputs(A, B, task, seed=0), {"calib_size": 24}, lambda f, m: None)

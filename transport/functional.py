@@ -63,41 +63,61 @@ def encode(params: dict[str, Tensor], arch: ViTArch, pixels: Tensor, record: Opt
     (``ln_pre``, ``blocks.{l}.ln1``, ``blocks.{l}.ln2``, ``ln_post``) with their input and output.
     ``skips`` optionally replaces a residual connection x + f(x) by x S^T + f(x) (keys
     ``blocks.{l}.attn`` / ``blocks.{l}.mlp``); used to check independently permuted residual streams.
+    The same pass in stages: :func:`embed`, :func:`block` for every layer, :func:`pool`.
     """
-    p, eps = params, arch.ln_eps
+    x = embed(params, arch, pixels, record)
+    for l in range(arch.layers):
+        x = block(params, arch, l, x, record, skips)
+    return pool(params, arch, x, record)
+
+
+def embed(params: dict[str, Tensor], arch: ViTArch, pixels: Tensor, record: Optional[Recorder] = None) -> Tensor:
+    """Tokens [N, 1 + g*g, d] entering block 0: patch embedding, class token, positions, ``ln_pre``."""
+    p = params
     x = F.conv2d(pixels, p["embed.patch.weight"], p.get("embed.patch.bias"), stride=arch.patch_size)
     n = x.shape[0]
     x = x.flatten(2).transpose(1, 2)  # [N, g*g, d]
     cls = p["embed.cls"].to(x.dtype).expand(n, 1, -1)
     x = torch.cat([cls, x], dim=1) + p["embed.pos"].to(x.dtype)
     if arch.ln_pre:
-        y = _ln(x, p, "ln_pre", eps)
+        y = _ln(x, p, "ln_pre", arch.ln_eps)
         if record is not None:
             record("ln_pre", x, y)
         x = y
-    H, dh = arch.heads, arch.head_dim
-    for l in range(arch.layers):
-        b = f"blocks.{l}"
-        h = _ln(x, p, f"{b}.ln1", eps)
-        if record is not None:
-            record(f"{b}.ln1", x, h)
-        q = _linear(h, p, f"{b}.attn.q", record)
-        k = _linear(h, p, f"{b}.attn.k", record)
-        v = _linear(h, p, f"{b}.attn.v", record)
-        t = q.shape[1]
-        q, k, v = (z.reshape(n, t, H, dh).transpose(1, 2) for z in (q, k, v))
-        att = torch.softmax((q * (1.0 / math.sqrt(dh))) @ k.transpose(-1, -2), dim=-1)
-        ctx = (att @ v).transpose(1, 2).reshape(n, t, H * dh)
-        o = _linear(ctx, p, f"{b}.attn.o", record)
-        x = (x if skips is None or f"{b}.attn" not in skips else x @ skips[f"{b}.attn"].t()) + o
-        h = _ln(x, p, f"{b}.ln2", eps)
-        if record is not None:
-            record(f"{b}.ln2", x, h)
-        z = activation(arch.act, _linear(h, p, f"{b}.mlp.fc1", record))
-        y = _linear(z, p, f"{b}.mlp.fc2", record)
-        x = (x if skips is None or f"{b}.mlp" not in skips else x @ skips[f"{b}.mlp"].t()) + y
+    return x
+
+
+def block(params: dict[str, Tensor], arch: ViTArch, l: int, x: Tensor, record: Optional[Recorder] = None,
+          skips: Optional[dict[str, Tensor]] = None) -> Tensor:
+    """Residual block ``l`` on tokens x [N, T, d]: attention, then MLP, each with its residual connection."""
+    p, eps = params, arch.ln_eps
+    n, H, dh = x.shape[0], arch.heads, arch.head_dim
+    b = f"blocks.{l}"
+    h = _ln(x, p, f"{b}.ln1", eps)
+    if record is not None:
+        record(f"{b}.ln1", x, h)
+    q = _linear(h, p, f"{b}.attn.q", record)
+    k = _linear(h, p, f"{b}.attn.k", record)
+    v = _linear(h, p, f"{b}.attn.v", record)
+    t = q.shape[1]
+    q, k, v = (z.reshape(n, t, H, dh).transpose(1, 2) for z in (q, k, v))
+    att = torch.softmax((q * (1.0 / math.sqrt(dh))) @ k.transpose(-1, -2), dim=-1)
+    ctx = (att @ v).transpose(1, 2).reshape(n, t, H * dh)
+    o = _linear(ctx, p, f"{b}.attn.o", record)
+    x = (x if skips is None or f"{b}.attn" not in skips else x @ skips[f"{b}.attn"].t()) + o
+    h = _ln(x, p, f"{b}.ln2", eps)
+    if record is not None:
+        record(f"{b}.ln2", x, h)
+    z = activation(arch.act, _linear(h, p, f"{b}.mlp.fc1", record))
+    y = _linear(z, p, f"{b}.mlp.fc2", record)
+    return (x if skips is None or f"{b}.mlp" not in skips else x @ skips[f"{b}.mlp"].t()) + y
+
+
+def pool(params: dict[str, Tensor], arch: ViTArch, x: Tensor, record: Optional[Recorder] = None) -> Tensor:
+    """Features from the last block's tokens: ``ln_post`` of the class token, then the projection if any."""
+    p = params
     pooled = x[:, 0]
-    out = _ln(pooled, p, "ln_post", eps)
+    out = _ln(pooled, p, "ln_post", arch.ln_eps)
     if record is not None:
         record("ln_post", pooled, out)
     if arch.output_dim:

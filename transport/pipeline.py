@@ -102,16 +102,25 @@ class TransferResult:
         }
 
 
+def _held(p: Optional[Prepared], method: str, what: str) -> Optional[Prepared]:
+    if p is not None and p.method.name != method:
+        raise TransportError(f"transfer: {what} is an alignment of {p.method.name}, not of {method}")
+    return p
+
+
 def transfer(source_pre: Model, source_ft: Model, target: Model, method: str, task: Optional[Task] = None,
              options: Optional[dict] = None, alpha: Optional[float] = None, alpha_grid: Optional[list[float]] = None,
              shots: int = 2, seed: int = 0, device: str | None = "cpu", oracle: Optional[Model] = None,
              progress: Progress = no_progress, use_cache: bool = True, cache_dir: Optional[Path] = None,
-             evaluate: bool = True, on: Optional[str] = None) -> TransferResult:
+             evaluate: bool = True, on: Optional[str] = None, prepared: Optional[Prepared] = None,
+             prepared_on: Optional[Prepared] = None) -> TransferResult:
     """Transport tau = source_ft - source_pre onto ``target`` with ``method``; evaluate when a task is given.
 
     alpha: fixed if given, else chosen on the task's validation split over ``alpha_grid``.
     on: compose: ``method`` is applied to the task vector that method ``on`` transported (e.g. GradFix's
     mask on TransFusion's pi(tau)); both alignments are prepared (and cached) on the same inputs.
+    prepared / prepared_on: alignments the caller already holds for these inputs (from :func:`prepare`),
+    used instead of preparing (or loading from the cache) again.
     """
     device = resolve_device(device)
     if not source_pre.arch.same_shapes(source_ft.arch):
@@ -124,10 +133,12 @@ def transfer(source_pre: Model, source_ft: Model, target: Model, method: str, ta
     if on is not None:
         if on == (method if isinstance(method, str) else method.name):
             raise TransportError(f"cannot compose {on} with itself")
-        base = prepare(on, inputs, None, lambda f, m: progress(0.35 * f, m), use_cache, cache_dir)
+        base = _held(prepared_on, on, "prepared_on") or prepare(on, inputs, None, lambda f, m: progress(0.35 * f, m),
+                                                                 use_cache, cache_dir)
         timings["prepare_" + base.method.name] = base.seconds
     lo = 0.0 if base is None else 0.35
-    prep = prepare(method, inputs, options, lambda f, m: progress(lo + (0.7 - lo) * f, m), use_cache, cache_dir)
+    prep = _held(prepared, method if isinstance(method, str) else method.name, "prepared") or prepare(
+        method, inputs, options, lambda f, m: progress(lo + (0.7 - lo) * f, m), use_cache, cache_dir)
     timings["prepare"] = prep.seconds
     t1 = time.perf_counter()
     moved = tau if base is None else on_target(base.method.apply(base.alignment, tau, 1.0, base.options), base, target)

@@ -38,73 +38,93 @@ def naive_map(d_a: int, d_b: int, dtype: torch.dtype = torch.float64, device: st
 def polar(C: Tensor, mode: str = "auto", reference: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Polar factor ``T = U V^T`` of ``C = U S V^T`` (d_A x d_B) and the singular values ``S`` (descending).
 
-    mode: ``'svd'`` (thin SVD in float64), ``'eigh'`` (eigendecomposition of the smaller Gram matrix in
-    float64), ``'eigh32'`` (the same in float32) or ``'auto'`` (``'svd'`` when both sides are at most
-    :data:`SVD_MAX`, ``'eigh'`` when the smaller side is at most :data:`EIGH_FLOAT64_MAX`, else ``'eigh32'``).
-    The eigendecomposition squares the condition number: directions with small singular values are
-    less accurate than with the SVD (they carry little of the data), which is the price of its speed.
+    mode: ``'svd'`` (thin SVD in float64), ``'svd32'`` (the same in float32), ``'eigh'``
+    (eigendecomposition of the smaller Gram matrix in float64), ``'eigh32'`` (the same in float32) or
+    ``'auto'`` (``'svd'`` when both sides are at most :data:`SVD_MAX`, ``'eigh'`` when the smaller side is
+    at most :data:`EIGH_FLOAT64_MAX`, else ``'eigh32'``). The eigendecomposition squares the condition
+    number: directions with small singular values are less accurate than with the SVD (they carry little
+    of the data), which is the price of its speed; in float32 that loses the directions whose singular
+    value is below about 3e-4 of the largest, which ``'svd32'`` still resolves.
 
     Where C is (numerically) rank deficient the polar factor is not unique: directions whose singular
     value is below :data:`NULL_TOL` (relative) follow ``reference`` (default: :func:`naive_map`), made
     orthogonal to the determined ones (so ``T == I`` when A == B, whatever the rank). T is float64
-    except for ``'eigh32'`` (float32); it has orthonormal rows or columns to working precision.
+    except for ``'svd32'`` and ``'eigh32'`` (float32); it has orthonormal rows or columns to working precision.
     """
     if C.dim() != 2:
         raise ValueError(f"polar: C must be a matrix, got shape {tuple(C.shape)}")
-    d_a, d_b = C.shape
+    T, S = polar_batch(C.unsqueeze(0), mode, reference)
+    return T[0], S[0]
+
+
+def polar_batch(C: Tensor, mode: str = "auto", reference: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """:func:`polar` of a stack of matrices ``C`` [B, d_A, d_B]: T [B, d_A, d_B] and S [B, min(d_A, d_B)].
+
+    One batched factorisation per step: LAPACK works on the members in parallel, which keeps every core
+    busy for maps too small to parallelise one by one.
+    """
+    if C.dim() != 3:
+        raise ValueError(f"polar_batch: C must be a stack of matrices, got shape {tuple(C.shape)}")
+    _, d_a, d_b = C.shape
     if mode == "auto":
         mode = "svd" if max(d_a, d_b) <= SVD_MAX else "eigh" if min(d_a, d_b) <= EIGH_FLOAT64_MAX else "eigh32"
-    if mode not in ("svd", "eigh", "eigh32"):
-        raise ValueError(f"polar: unknown mode '{mode}' (svd, eigh, eigh32, auto)")
-    wd = torch.float32 if mode == "eigh32" else torch.float64
+    if mode not in POLAR_MODES:
+        raise ValueError(f"polar: unknown mode '{mode}' ({', '.join(POLAR_MODES)})")
+    wd = torch.float32 if mode in ("svd32", "eigh32") else torch.float64
     C = C.to(torch.float64)
     ref = naive_map(d_a, d_b, torch.float64, C.device) if reference is None else reference.to(torch.float64)
     if not bool(torch.isfinite(C).all()):
         raise ValueError("polar: C contains NaN or Inf values")
-    if mode == "svd":
-        U, S, Vh = torch.linalg.svd(C, full_matrices=False)
-        null = S <= NULL_TOL["svd"] * (S[0] if len(S) else 0)
-        if bool(null.any()):  # free directions: follow the reference
-            Vt = Vh.clone()
-            Vt[null] = U[:, null].t() @ ref
+    if mode in ("svd", "svd32"):
+        U, S, Vh = torch.linalg.svd(C.to(wd), full_matrices=False)
+        S = S.to(torch.float64)
+        null = S <= NULL_TOL[mode] * S[:, :1]
+        for b in _rows_with(null):  # free directions: follow the reference
+            Vt = Vh[b].clone()
+            Vt[null[b]] = U[b][:, null[b]].t() @ ref.to(wd)
             Q, R = torch.linalg.qr(Vt.t())
-            Vh = (Q * _signs(R)).t()
+            Vh[b] = (Q * _signs(R)).t()
         return U @ Vh, S
     if d_a > d_b:  # work on the transpose so that the Gram matrix is the smaller one
-        T, S = _polar_eigh(C.t().to(wd), ref.t().to(wd))
-        return T.t().contiguous(), S
+        T, S = _polar_eigh(C.mT.to(wd), ref.t().to(wd))
+        return T.mT.contiguous(), S
     return _polar_eigh(C.to(wd), ref.to(wd))
 
 
 #: singular values below this fraction of the largest are treated as zero (the map follows the reference there)
-NULL_TOL = {"svd": 1e-10, torch.float64: 1e-6, torch.float32: 1e-5}
+NULL_TOL = {"svd": 1e-10, "svd32": 1e-6, torch.float64: 1e-6, torch.float32: 1e-5}
+POLAR_MODES = ("auto", "svd", "svd32", "eigh", "eigh32")
+
+
+def _rows_with(null: Tensor) -> list[int]:
+    return [int(b) for b in torch.nonzero(null.any(-1)).flatten()]
 
 
 def _signs(R: Tensor) -> Tensor:
-    s = torch.sign(torch.diagonal(R))
+    s = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))
     s[s == 0] = 1
     return s
 
 
 def _polar_eigh(C: Tensor, ref: Tensor) -> tuple[Tensor, Tensor]:
-    """Polar factor of C (d_a <= d_b) from ``C C^T = U S^2 U^T``.
+    """Polar factors of C [B, d_a, d_b] (d_a <= d_b) from ``C C^T = U S^2 U^T``.
 
     ``W = U^T C = S V^T`` up to rounding; the rows of W that belong to small singular values are
     polluted by the large ones (eigenvector error ~ eps ||C||^2 / gap). A QR factorisation of W^T,
     taken in descending order of S, removes exactly that pollution (Gram-Schmidt against the accurate
     leading rows) and returns orthonormal V; ``T = U V^T`` is then orthogonal to working precision.
     """
-    G = C @ C.t()
-    G = 0.5 * (G + G.t())
+    G = C @ C.mT
+    G = 0.5 * (G + G.mT)
     lam, U = torch.linalg.eigh(G)
-    lam, U = lam.flip(0), U.flip(1)  # descending
+    lam, U = lam.flip(-1), U.flip(-1)  # descending
     S = torch.sqrt(lam.clamp_min(0)).to(torch.float64)
-    W = U.t() @ C  # [d_a, d_b], row i ~ s_i v_i^T
-    null = S <= NULL_TOL[C.dtype] * S[0]
-    if bool(null.any()):  # unresolved directions follow the reference (after the resolved ones)
-        W[null] = U[:, null].t() @ ref
-    Q, R = torch.linalg.qr(W.t())  # W^T = Q R, Q [d_b, d_a] orthonormal, Gram-Schmidt in order of S
-    T = U @ (Q * _signs(R)).t()
+    W = U.mT @ C  # [B, d_a, d_b], row i ~ s_i v_i^T
+    null = S <= NULL_TOL[C.dtype] * S[:, :1]
+    for b in _rows_with(null):  # unresolved directions follow the reference (after the resolved ones)
+        W[b, null[b]] = U[b][:, null[b]].t() @ ref
+    Q, R = torch.linalg.qr(W.mT)  # W^T = Q R, Q [B, d_b, d_a] orthonormal, Gram-Schmidt in order of S
+    T = U @ (Q * _signs(R).unsqueeze(-2)).mT
     return T, S
 
 
@@ -122,17 +142,6 @@ def matrix_power_sym(G: Tensor, p: float, eps: float) -> Tensor:
     return (V * lam.pow(p)) @ V.t()
 
 
-def grid_resize_matrix(g_from: int, g_to: int, dtype: torch.dtype = torch.float32,
-                       device: str | torch.device = "cpu") -> Tensor:
-    """M [g_from, g_to] with ``x @ M`` = 1-D linear resize of x (as ``F.interpolate(..., align_corners=False)``).
-
-    Bilinear resizing of a g x g grid is separable: ``Y[i', j'] = sum M[i, i'] M[j, j'] X[i, j]``.
-    """
-    eye = torch.eye(g_from, dtype=torch.float64, device=device).unsqueeze(1)  # [g_from, 1, g_from]
-    M = torch.nn.functional.interpolate(eye, size=g_to, mode="linear", align_corners=False)[:, 0, :]
-    return M.to(dtype)
-
-
 def resize_tokens(x: Tensor, g_to: int) -> Tensor:
     """[N, 1 + g*g, d] -> [N, 1 + g_to^2, d]: the patch grid resized bilinearly, the class token kept apart."""
     n, t, d = x.shape
@@ -141,25 +150,9 @@ def resize_tokens(x: Tensor, g_to: int) -> Tensor:
         raise ValueError(f"resize_tokens: {t - 1} patch tokens do not form a square grid")
     if g == g_to:
         return x
-    M = grid_resize_matrix(g, g_to, x.dtype, x.device)
-    grid = x[:, 1:].reshape(n, g, g, d)
-    out = torch.einsum("nijd,ia,jb->nabd", grid, M, M).reshape(n, g_to * g_to, d)
-    return torch.cat([x[:, :1], out], 1)
-
-
-def resize_tokens_adjoint(y: Tensor, g_from: int) -> Tensor:
-    """The transpose of :func:`resize_tokens` (from g_from): ``<resize(x), y> == <x, adjoint(y)>``.
-
-    ``resize(X_A)^T X_B == X_A^T adjoint(X_B)``: the cross-covariance needs no upsampled copy of X_A.
-    """
-    n, t, d = y.shape
-    g_to = math.isqrt(t - 1)
-    if g_to == g_from:
-        return y
-    M = grid_resize_matrix(g_from, g_to, y.dtype, y.device)
-    grid = y[:, 1:].reshape(n, g_to, g_to, d)
-    out = torch.einsum("nabd,ia,jb->nijd", grid, M, M).reshape(n, g_from * g_from, d)
-    return torch.cat([y[:, :1], out], 1)
+    grid = x[:, 1:].reshape(n, g, g, d).permute(0, 3, 1, 2)  # a channels-last view: no copy
+    out = torch.nn.functional.interpolate(grid, size=(g_to, g_to), mode="bilinear", align_corners=False)
+    return torch.cat([x[:, :1], out.permute(0, 2, 3, 1).reshape(n, g_to * g_to, d)], 1)
 
 
 @dataclass
@@ -197,18 +190,13 @@ class CrossCovariance:
             return torch.float64
         return torch.float32
 
-    def update(self, xa: Tensor, xb: Tensor, cross: Optional[tuple[Tensor, Tensor]] = None) -> None:
-        """Add rows ``xa`` [n, d_A], ``xb`` [n, d_B] (row i of both = the same input).
-
-        ``cross = (fa, fb)`` with ``fa^T fb == xa^T xb`` replaces the product for C (used to avoid
-        materialising resized token grids).
-        """
+    def update(self, xa: Tensor, xb: Tensor) -> None:
+        """Add rows ``xa`` [n, d_A], ``xb`` [n, d_B] (row i of both = the same input)."""
         if xa.shape[0] != xb.shape[0] or xa.shape[1] != self.d_a or xb.shape[1] != self.d_b:
             raise ValueError(f"CrossCovariance.update: shapes {tuple(xa.shape)} and {tuple(xb.shape)} "
                              f"do not fit ({self.d_a}, {self.d_b})")
         pd = self._product_dtype(xa)
-        fa, fb = cross if cross is not None else (xa, xb)
-        self.C += (fa.to(pd).t() @ fb.to(pd)).to(torch.float64)
+        self.C += (xa.to(pd).t() @ xb.to(pd)).to(torch.float64)
         for i in range(0, xa.shape[0], _STAT_ROWS):  # float64 sums, a bounded slice at a time
             a, b = xa[i:i + _STAT_ROWS].to(torch.float64), xb[i:i + _STAT_ROWS].to(torch.float64)
             self.sum_a += a.sum(0)
@@ -279,5 +267,5 @@ class CrossCovariance:
         return math.sqrt(max(na - 2 * cross + nb, 0.0) / nb)
 
 
-__all__ = ["CrossCovariance", "polar", "procrustes_map", "naive_map", "matrix_power_sym", "resize_tokens",
-           "resize_tokens_adjoint", "grid_resize_matrix", "SVD_MAX", "EIGH_FLOAT64_MAX", "PRODUCT_FLOAT64_MAX"]
+__all__ = ["CrossCovariance", "polar", "polar_batch", "POLAR_MODES", "procrustes_map", "naive_map", "matrix_power_sym", "resize_tokens",
+           "SVD_MAX", "EIGH_FLOAT64_MAX", "PRODUCT_FLOAT64_MAX"]

@@ -4,8 +4,9 @@
 ``prepare`` runs BOTH pretrained models on the same calibration images (each with its own
 preprocessing; the source's patch grid is resized bilinearly to the target's, class token apart),
 accumulates for every activation space the cross-covariance ``C = X_A^T X_B`` (float64, streamed:
-the two forwards advance in lockstep, one module at a time, so no activations are stored), and turns
-each C into the rectangular Procrustes map ``T = U V^T`` (:mod:`transport.procrustes`).
+both models advance block by block over small chunks of images, so only one block's activations of
+one chunk are alive, besides the residual stream entering the block), and turns each block's C into
+the rectangular Procrustes maps ``T = U V^T`` (:mod:`transport.procrustes`) as soon as the block is done.
 ``apply`` maps every update in closed form: for a linear module with rows = outputs, columns = inputs,
 ``dW_B = T_out^T dW_A T_in`` and ``db_B = T_out^T db_A``; the final projection (used as ``x @ P``)
 ``dP_B = T_in^T dP_A T_out``; LayerNorm gains and biases by their LayerNorm's output map. Generally:
@@ -46,6 +47,11 @@ Choices (the paper's text was not available; these are ours, consistent with its
 - ``ln_post`` and ``proj`` use every token of the last residual stream (final LayerNorm and projection
   applied to each token), not only the pooled class token: with n images the class token alone
   leaves a d-dimensional map determined by n rows.
+- The polar factor (option ``polar``, :func:`transport.procrustes.polar`): ``'auto'`` takes the float64
+  eigendecomposition of the smaller Gram matrix up to 1024 wide and the float32 one above (the MLP
+  maps). That is the fast choice, but in float32 the squared spectrum loses the directions whose
+  singular value is below about 3e-4 of the largest; ``'svd32'`` keeps them at about 1.6x the cost of
+  a large map, ``'svd'`` is the float64 SVD (``python -m bench.theseus --polar`` measures all of them).
 - class token, positional embedding and patch embedding are set to zero (listed in ``zeroed``) unless
   ``transport_embeddings`` and their non-residual axes agree; tensors the source lacks are zero too.
 """
@@ -53,28 +59,26 @@ from __future__ import annotations
 
 import json
 import math
-import queue
 import re
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
 from transport.arch import ParamInfo, ViTArch, param_axes
 from transport.errors import TransportError
-from transport.functional import encode, preprocess
+from transport.functional import block, embed, preprocess
 from transport.methods import MethodInfo, Progress, TransportInputs, no_progress
-from transport.procrustes import CrossCovariance, naive_map, polar, resize_tokens, resize_tokens_adjoint
+from transport.procrustes import POLAR_MODES, CrossCovariance, naive_map, polar, resize_tokens
 from transport.task_vector import TaskVector
 
 Tensor = torch.Tensor
 
 OPTIONS: dict[str, Any] = {"calib_batches": 1, "calib_size": 32, "center": False, "whiten": 0.0, "eps": 1e-6,
-                           "hidden": "shared", "out_maps": "branch", "transport_embeddings": False}
+                           "hidden": "shared", "out_maps": "branch", "transport_embeddings": False, "polar": "auto"}
 OUT_MAPS = ("branch", "residual")
 HIDDEN = ("shared", "separate")
 PCA_ROWS = 256  # class-token rows kept per residual space for the PCA view
@@ -105,6 +109,8 @@ def check_options(options: dict) -> dict:
         raise TransportError(f"theseus: option hidden must be one of {', '.join(HIDDEN)}, got {o['hidden']!r}")
     if o["out_maps"] not in OUT_MAPS:
         raise TransportError(f"theseus: option out_maps must be one of {', '.join(OUT_MAPS)}, got {o['out_maps']!r}")
+    if o["polar"] not in POLAR_MODES:
+        raise TransportError(f"theseus: option polar must be one of {', '.join(POLAR_MODES)}, got {o['polar']!r}")
     for k in ("center", "transport_embeddings"):
         if not isinstance(o[k], bool):
             raise TransportError(f"theseus: option {k} must be true or false, got {o[k]!r}")
@@ -206,106 +212,53 @@ class TheseusAlignment:
 # recording: module records -> activation spaces
 # ----------------------------------------------------------------------------------------------
 _BLOCK_RECORD = re.compile(r"blocks\.(\d+)\.(ln1|ln2|attn\.q|attn\.k|attn\.v|attn\.o|mlp\.fc1|mlp\.fc2)")
+#: tokens per forward chunk: one block's activations of a chunk stay small (tens of MB for ViT-B)
+CHUNK_ROWS = 2048
 
 
-def _spaces_of(name: str, x: Tensor, y: Tensor, arch: ViTArch, params: dict[str, Tensor],
-               state: dict, hidden: str = "shared") -> list[tuple[str, Tensor]]:
-    """The activation spaces one recorded module reveals, each as [N, tokens, d]."""
-    if name == "ln_pre":
-        return [("embed", x), ("res:0", y)]
-    m = _BLOCK_RECORD.fullmatch(name)
-    if m is None:  # ln_post / head.proj see the pooled token only; their spaces are built below from all tokens
-        return []
-    l, what = int(m.group(1)), m.group(2)
-    if what == "ln1":
-        return ([("res:0", x)] if l == 0 and not arch.ln_pre else []) + [(f"ln1:{l}", y)]
-    if what in ("attn.q", "attn.k", "attn.v"):
-        return [(f"{what[-1]}:{l}", y)]
-    if what == "attn.o":
-        return [(f"ctx:{l}", x), (f"o:{l}", y)]
-    if what == "ln2":
-        state["ln2_in"] = x
-        return [(f"res:{l}a", x), (f"ln2:{l}", y)]
-    if what == "mlp.fc1":
-        return [(f"fc1:{l}", y)] if hidden == "separate" else []
-    res = state.pop("ln2_in") + y  # residual stream after block l
-    out = [(f"act:{l}", x), (f"fc2:{l}", y), (f"res:{l}m", res)]
-    if l == arch.layers - 1:
-        z = F.layer_norm(res, (res.shape[-1],), params["ln_post.weight"], params["ln_post.bias"], arch.ln_eps)
-        out.append(("ln_post", z))
-        if arch.output_dim:
-            out.append(("proj", z @ params["head.proj"]))
-    return out
+class _Spaces:
+    """A recorder that keeps, per activation space, the tensor [N, tokens, d] one block (or ln_pre) reveals."""
 
+    def __init__(self, hidden: str):
+        self.hidden = hidden
+        self.found: dict[str, Tensor] = {}
 
-class _Aborted(Exception):
-    pass
-
-
-class _Stepper:
-    """One model's forward in a worker thread, handing over its records one module at a time.
-
-    The consumer and the worker strictly alternate (the worker waits while the consumer works), so the
-    two models' forwards advance in lockstep and only the current module's activations are alive.
-    """
-
-    def __init__(self, run: Callable[[Callable], Any]):
-        self._q: queue.Queue = queue.Queue()
-        self._go = threading.Semaphore(0)
-        self._abort = False
-        self._thread = threading.Thread(target=self._main, args=(run,), daemon=True)
-        self._thread.start()
-
-    def _main(self, run) -> None:
-        self._go.acquire()
-        if self._abort:
+    def __call__(self, name: str, x: Tensor, y: Tensor) -> None:
+        if name == "ln_pre":
+            self.found.update({"embed": x, "res:0": y})
             return
-        try:
-            with torch.no_grad():
-                run(self._record)
-            self._q.put(("done", None))
-        except _Aborted:
-            pass
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer and raised there
-            self._q.put(("error", e))
-
-    def _record(self, name: str, x: Tensor, y: Tensor) -> None:
-        self._q.put(("rec", (name, x, y)))
-        self._go.acquire()
-        if self._abort:
-            raise _Aborted()
-
-    def next(self) -> Optional[tuple[str, Tensor, Tensor]]:
-        """Let the forward run to its next record: ``(name, x, y)``, or None when it has finished."""
-        self._go.release()
-        kind, item = self._q.get()
-        if kind == "error":
-            raise item
-        return None if kind == "done" else item
-
-    def close(self) -> None:
-        self._abort = True
-        self._go.release()
-        self._thread.join()
+        m = _BLOCK_RECORD.fullmatch(name)
+        if m is None:
+            return
+        l, what = int(m.group(1)), m.group(2)
+        if what == "ln1":
+            if l == 0 and "res:0" not in self.found:  # no ln_pre: the embedding output enters block 0
+                self.found["res:0"] = x
+            self.found[f"ln1:{l}"] = y
+        elif what in ("attn.q", "attn.k", "attn.v"):
+            self.found[f"{what[-1]}:{l}"] = y
+        elif what == "attn.o":
+            self.found.update({f"ctx:{l}": x, f"o:{l}": y})
+        elif what == "ln2":
+            self.found.update({f"res:{l}a": x, f"ln2:{l}": y})
+        elif what == "mlp.fc1":
+            if self.hidden == "separate":
+                self.found[f"fc1:{l}"] = y
+        else:
+            self.found.update({f"act:{l}": x, f"fc2:{l}": y})
 
 
-def _token_rows(xa: Tensor, xb: Tensor) -> tuple[Tensor, Tensor, Optional[tuple[Tensor, Tensor]]]:
-    """Rows of the paired activations; the source grid resized to the target's when token counts differ.
-
-    Returns (source rows on the target grid, target rows, cross) where ``cross = (fa, fb)`` gives the
-    cross-covariance ``fa^T fb`` without the upsampled copy (bilinear resizing is linear: R^T moves to X_B).
-    """
+def _token_rows(xa: Tensor, xb: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows of the paired activations, the source's patch grid resized to the target's when token counts differ."""
     if xa.shape[0] != xb.shape[0]:
         raise TransportError(f"theseus: calibration batch sizes differ ({xa.shape[0]} vs {xb.shape[0]})")
     ta, tb = xa.shape[1], xb.shape[1]
-    if ta == tb:
-        return xa.reshape(-1, xa.shape[-1]), xb.reshape(-1, xb.shape[-1]), None
-    ga, gb = math.isqrt(ta - 1), math.isqrt(tb - 1)
-    if ga * ga != ta - 1 or gb * gb != tb - 1:
-        raise TransportError(f"theseus: token counts {ta} and {tb} are not a class token plus a square patch grid")
-    xa_r = resize_tokens(xa, gb)
-    cross = (xa.reshape(-1, xa.shape[-1]), resize_tokens_adjoint(xb, ga).reshape(-1, xb.shape[-1]))
-    return xa_r.reshape(-1, xa.shape[-1]), xb.reshape(-1, xb.shape[-1]), cross
+    if ta != tb:
+        ga, gb = math.isqrt(ta - 1), math.isqrt(tb - 1)
+        if ga * ga != ta - 1 or gb * gb != tb - 1:
+            raise TransportError(f"theseus: token counts {ta} and {tb} are not a class token plus a square patch grid")
+        xa = resize_tokens(xa, gb)
+    return xa.reshape(-1, xa.shape[-1]), xb.reshape(-1, xb.shape[-1])
 
 
 def _calibration(task, n: int, seed: int) -> tuple[Tensor, Optional[Tensor]]:
@@ -330,7 +283,8 @@ def prepare(inputs: TransportInputs, options: dict, progress: Progress = no_prog
     images, labels = _calibration(inputs.task, o["calib_batches"] * o["calib_size"], inputs.seed)
     if len(images) == 0:
         raise TransportError(f"theseus: task {inputs.task.name} has no training images for calibration")
-    batches = [images[i:i + o["calib_size"]] for i in range(0, len(images), o["calib_size"])]
+    step = max(1, CHUNK_ROWS // max(A.arch.tokens, B.arch.tokens))
+    chunks = [slice(i, min(i + step, len(images))) for i in range(0, len(images), step)]
     pa = {k: v.to(device) for k, v in A.params.items()}
     pb = {k: v.to(device) for k, v in B.params.items()}
     acc: dict[str, CrossCovariance] = {}
@@ -341,75 +295,81 @@ def prepare(inputs: TransportInputs, options: dict, progress: Progress = no_prog
     cpu = {"forward": 0.0, "covariance": 0.0, "svd": 0.0}  # process CPU seconds (all threads) per phase
     n_rows_pca = min(PCA_ROWS, len(images))
 
-    def finish(space: str) -> None:
-        t0, c0 = time.perf_counter(), time.process_time()
-        cc = acc.pop(space)
-        T, S = polar(cc.target_matrix(o["center"], o["whiten"], o["eps"]))
-        maps[space] = T.float().cpu()
-        map_info.append({"space": space, "layer": space_layer(space), "d_source": cc.d_a, "d_target": cc.d_b,
-                         "residual_before": cc.residual_naive(o["center"]),
-                         "residual_after": cc.residual(T, o["center"]),
-                         "singular_values": [float(s) for s in S[:SPECTRUM].cpu()]})
-        timings["svd"] += time.perf_counter() - t0
-        cpu["svd"] += time.process_time() - c0
+    def clock(phase: str, t0: float, c0: float) -> None:
+        timings[phase] += time.perf_counter() - t0
+        cpu[phase] += time.process_time() - c0
 
-    def pair(space: str, xa: Tensor, xb: Tensor, seen: int, last: bool) -> None:
+    def finish() -> None:  # every space accumulated so far: its map and diagnostics
         t0, c0 = time.perf_counter(), time.process_time()
-        if space == "res:0" or space.startswith("res:") and space.endswith("m"):
-            keep = max(0, min(xa.shape[0], n_rows_pca - seen))
-            if keep:
-                s = pca.setdefault(space, {"source": [], "target": []})
-                s["source"].append(xa[:keep, 0].detach().to(torch.float16).cpu())
-                s["target"].append(xb[:keep, 0].detach().to(torch.float16).cpu())
-        ra, rb, cross = _token_rows(xa, xb)
-        if space not in acc:
-            d_a, d_b = ra.shape[1], rb.shape[1]
-            acc[space] = CrossCovariance(d_a, d_b, gram_a=d_a > d_b or o["whiten"] > 0, gram_b=o["whiten"] > 0,
-                                         device=device)
-        acc[space].update(ra, rb, cross)
-        timings["covariance"] += time.perf_counter() - t0
-        cpu["covariance"] += time.process_time() - c0
-        if last:
-            finish(space)
+        for space in list(acc):
+            cc = acc.pop(space)
+            T, S = polar(cc.target_matrix(o["center"], o["whiten"], o["eps"]), o["polar"])
+            maps[space] = T.float().cpu()
+            map_info.append({"space": space, "layer": space_layer(space), "d_source": cc.d_a, "d_target": cc.d_b,
+                             "residual_before": cc.residual_naive(o["center"]),
+                             "residual_after": cc.residual(T, o["center"]),
+                             "singular_values": [float(s) for s in S[:SPECTRUM].cpu()]})
+        clock("svd", t0, c0)
 
-    n_chunks, L = len(batches), A.arch.layers
-    seen = 0
-    for c, imgs in enumerate(batches):
-        last = c == n_chunks - 1
-        xa_pix = preprocess(A.arch, imgs.to(device))
-        xb_pix = preprocess(B.arch, imgs.to(device))
-        sa = _Stepper(lambda rec: encode(pa, A.arch, xa_pix, record=rec))
-        sb = _Stepper(lambda rec: encode(pb, B.arch, xb_pix, record=rec))
-        try:
-            pend_a: dict[str, Tensor] = {}
-            pend_b: dict[str, Tensor] = {}
-            st_a: dict = {}
-            st_b: dict = {}
-            done_a = done_b = False
-            while not (done_a and done_b):
-                t0, c0 = time.perf_counter(), time.process_time()
-                ra = None if done_a else sa.next()
-                rb = None if done_b else sb.next()
-                timings["forward"] += time.perf_counter() - t0
-                cpu["forward"] += time.process_time() - c0
-                done_a, done_b = done_a or ra is None, done_b or rb is None
-                with torch.no_grad():
-                    if ra is not None:
-                        pend_a.update(_spaces_of(*ra, A.arch, pa, st_a, o["hidden"]))
-                    if rb is not None:
-                        pend_b.update(_spaces_of(*rb, B.arch, pb, st_b, o["hidden"]))
-                    for space in [s for s in pend_a if s in pend_b]:
-                        pair(space, pend_a.pop(space), pend_b.pop(space), seen, last)
-                        if space.startswith(f"res:") and space.endswith("m"):
-                            l = space_layer(space)
-                            progress(min(0.99, (c + (l + 1) / L) / n_chunks),
-                                     f"theseus: batch {c + 1}/{n_chunks}, block {l + 1}/{L}")
-        finally:
-            sa.close()
-            sb.close()
-        seen += len(imgs)
-    if acc:  # a space met in one chunk only cannot happen with a fixed architecture; be explicit anyway
-        raise TransportError(f"theseus: activation spaces left unfinished: {', '.join(acc)}")
+    def pair(found_a: dict[str, Tensor], found_b: dict[str, Tensor], first: int) -> None:
+        t0, c0 = time.perf_counter(), time.process_time()
+        for space, xa in found_a.items():
+            xb = found_b[space]
+            if space == "res:0" or space.startswith("res:") and space.endswith("m"):
+                keep = max(0, min(xa.shape[0], n_rows_pca - first))
+                if keep:
+                    s = pca.setdefault(space, {"source": [], "target": []})
+                    s["source"].append(xa[:keep, 0].detach().to(torch.float16).cpu())
+                    s["target"].append(xb[:keep, 0].detach().to(torch.float16).cpu())
+            ra, rb = _token_rows(xa, xb)
+            if space not in acc:
+                d_a, d_b = ra.shape[1], rb.shape[1]
+                acc[space] = CrossCovariance(d_a, d_b, gram_a=d_a > d_b or o["whiten"] > 0, gram_b=o["whiten"] > 0,
+                                             device=device)
+            acc[space].update(ra, rb)
+        clock("covariance", t0, c0)
+
+    def run(fn_a, fn_b, ci: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        t0, c0 = time.perf_counter(), time.process_time()
+        sa, sb = _Spaces(o["hidden"]), _Spaces(o["hidden"])
+        xa[ci], xb[ci] = fn_a(sa), fn_b(sb)
+        clock("forward", t0, c0)
+        return sa.found, sb.found
+
+    L = A.arch.layers
+    xa: list[Optional[Tensor]] = [None] * len(chunks)  # the residual stream entering the next block, per chunk
+    xb: list[Optional[Tensor]] = [None] * len(chunks)
+    with torch.no_grad():
+        for ci, c in enumerate(chunks):
+            imgs = images[c].to(device)
+            found_a, found_b = run(lambda r: embed(pa, A.arch, preprocess(A.arch, imgs), r),
+                                   lambda r: embed(pb, B.arch, preprocess(B.arch, imgs), r), ci)
+            found_a.setdefault("res:0", xa[ci])
+            found_b.setdefault("res:0", xb[ci])
+            if "embed" not in found_a or "embed" not in found_b:  # both need an ln_pre for this space
+                found_a.pop("embed", None)
+                found_b.pop("embed", None)
+            pair(found_a, found_b, c.start)
+        finish()
+        for l in range(L):
+            for ci, c in enumerate(chunks):
+                found_a, found_b = run(lambda r: block(pa, A.arch, l, xa[ci], r),
+                                       lambda r: block(pb, B.arch, l, xb[ci], r), ci)
+                found_a.pop("res:0", None)
+                found_b.pop("res:0", None)
+                found_a[f"res:{l}m"], found_b[f"res:{l}m"] = xa[ci], xb[ci]
+                if l == L - 1:  # the final LayerNorm and projection act on every token of the last stream
+                    za = F.layer_norm(xa[ci], (xa[ci].shape[-1],), pa["ln_post.weight"], pa["ln_post.bias"],
+                                      A.arch.ln_eps)
+                    zb = F.layer_norm(xb[ci], (xb[ci].shape[-1],), pb["ln_post.weight"], pb["ln_post.bias"],
+                                      B.arch.ln_eps)
+                    found_a["ln_post"], found_b["ln_post"] = za, zb
+                    if A.arch.output_dim and B.arch.output_dim:
+                        found_a["proj"], found_b["proj"] = za @ pa["head.proj"], zb @ pb["head.proj"]
+                pair(found_a, found_b, c.start)
+                del found_a, found_b
+            finish()
+            progress(min(0.99, (l + 1) / L), f"theseus: block {l + 1}/{L} ({len(images)} images)")
     pca_sample = {}
     for space, s in pca.items():
         pca_sample[space] = {"source": torch.cat(s["source"]), "target": torch.cat(s["target"]),
