@@ -194,6 +194,20 @@ def _linear_resize_matrix(g_from: int, g_to: int) -> torch.Tensor:
     return M
 
 
+def test_float32_products_are_staged_then_summed_in_float64(monkeypatch):
+    import transport.procrustes as pr
+
+    monkeypatch.setattr(pr, "PRODUCT_FLOAT64_MAX", 0)  # every product in float32, as for wide maps on a CPU
+    monkeypatch.setattr(pr, "STAGE_ROWS", 50)
+    xa, xb = data(160, 7, 18).float(), data(160, 5, 19).float()
+    cc = moments(xa, xb, chunk=20, gram_a=True)  # stages of 60 rows, the last 40 still staged
+    assert set(cc._staged) == {"_C", "G_a"} and cc._staged["_C"][1] == 40
+    ref = xa.double().t() @ xb.double()
+    assert cc.C.dtype == torch.float64 and torch.allclose(cc.C, ref, rtol=1e-5, atol=1e-5)  # reading flushes
+    assert "_C" not in cc._staged
+    assert torch.allclose(cc.gram("a"), xa.double().t() @ xa.double(), rtol=1e-5, atol=1e-5) and not cc._staged
+
+
 @pytest.mark.parametrize("g_from,g_to", [(14, 15), (15, 14), (4, 7)])
 def test_token_resize_is_bilinear(g_from, g_to):
     x = torch.randn(3, 1 + g_from ** 2, 5, dtype=torch.float64)

@@ -28,6 +28,8 @@ EIGH_FLOAT64_MAX = 1024
 #: largest side for which the per-batch products X_A^T X_B run in float64 on a CPU (always on a GPU)
 PRODUCT_FLOAT64_MAX = 512
 _STAT_ROWS = 1024
+#: float32 products are summed in float32 over at most this many rows before joining the float64 total
+STAGE_ROWS = 8192
 
 
 def naive_map(d_a: int, d_b: int, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu") -> Tensor:
@@ -159,7 +161,12 @@ def resize_tokens(x: Tensor, g_to: int) -> Tensor:
 class CrossCovariance:
     """Streaming second moments of paired activations (float64): ``C = X_A^T X_B``, column sums and
     squared norms; the Gram matrices ``X_A^T X_A`` / ``X_B^T X_B`` only when asked (shrinking maps and
-    whitening need them)."""
+    whitening need them).
+
+    On a CPU the products of maps wider than :data:`PRODUCT_FLOAT64_MAX` are taken in float32 and
+    summed in place in float32 over at most :data:`STAGE_ROWS` rows (what one product over those rows
+    would do) before each addition to the float64 total.
+    """
 
     d_a: int
     d_b: int
@@ -167,17 +174,18 @@ class CrossCovariance:
     gram_b: bool = False
     device: str | torch.device = "cpu"
     n: int = 0
-    C: Tensor = field(init=False)
+    _C: Tensor = field(init=False, repr=False)
     sum_a: Tensor = field(init=False)
     sum_b: Tensor = field(init=False)
     sq_a: Tensor = field(init=False)  # diagonal of X_A^T X_A
     sq_b: Tensor = field(init=False)
     G_a: Optional[Tensor] = field(init=False, default=None)
     G_b: Optional[Tensor] = field(init=False, default=None)
+    _staged: dict = field(init=False, default_factory=dict, repr=False)  # name -> [float32 sum, rows in it]
 
     def __post_init__(self) -> None:
         z = dict(dtype=torch.float64, device=self.device)
-        self.C = torch.zeros(self.d_a, self.d_b, **z)
+        self._C = torch.zeros(self.d_a, self.d_b, **z)
         self.sum_a, self.sum_b = torch.zeros(self.d_a, **z), torch.zeros(self.d_b, **z)
         self.sq_a, self.sq_b = torch.zeros(self.d_a, **z), torch.zeros(self.d_b, **z)
         if self.gram_a:
@@ -196,7 +204,7 @@ class CrossCovariance:
             raise ValueError(f"CrossCovariance.update: shapes {tuple(xa.shape)} and {tuple(xb.shape)} "
                              f"do not fit ({self.d_a}, {self.d_b})")
         pd = self._product_dtype(xa)
-        self.C += (xa.to(pd).t() @ xb.to(pd)).to(torch.float64)
+        self._add("_C", xa.to(pd), xb.to(pd))
         for i in range(0, xa.shape[0], _STAT_ROWS):  # float64 sums, a bounded slice at a time
             a, b = xa[i:i + _STAT_ROWS].to(torch.float64), xb[i:i + _STAT_ROWS].to(torch.float64)
             self.sum_a += a.sum(0)
@@ -204,10 +212,35 @@ class CrossCovariance:
             self.sq_a += (a * a).sum(0)
             self.sq_b += (b * b).sum(0)
         if self.G_a is not None:
-            self.G_a += (xa.to(pd).t() @ xa.to(pd)).to(torch.float64)
+            self._add("G_a", xa.to(pd), xa.to(pd))
         if self.G_b is not None:
-            self.G_b += (xb.to(pd).t() @ xb.to(pd)).to(torch.float64)
+            self._add("G_b", xb.to(pd), xb.to(pd))
         self.n += xa.shape[0]
+
+    def _add(self, name: str, a: Tensor, b: Tensor) -> None:
+        """``name += a^T b``: directly in float64, or staged in float32 (see the class docstring)."""
+        if a.dtype == torch.float64:
+            getattr(self, name).addmm_(a.t(), b)
+            return
+        stage = self._staged.get(name)
+        if stage is None:
+            stage = self._staged[name] = [torch.zeros(a.shape[1], b.shape[1], dtype=a.dtype, device=a.device), 0]
+        stage[0].addmm_(a.t(), b)
+        stage[1] += a.shape[0]
+        if stage[1] >= STAGE_ROWS:
+            self._flush(name)
+
+    def _flush(self, *names: str) -> None:
+        for name in names or list(self._staged):
+            stage = self._staged.pop(name, None)
+            if stage is not None:
+                getattr(self, name).add_(stage[0].to(torch.float64))
+
+    @property
+    def C(self) -> Tensor:
+        """``X_A^T X_B`` so far (float64)."""
+        self._flush("_C")
+        return self._C
 
     # -- moments (optionally centred) ---------------------------------------------------------
     def cross(self, center: bool = False) -> Tensor:
@@ -216,6 +249,7 @@ class CrossCovariance:
         return self.C
 
     def gram(self, side: str, center: bool = False) -> Tensor:
+        self._flush("G_a" if side == "a" else "G_b")
         G = self.G_a if side == "a" else self.G_b
         if G is None:
             raise ValueError(f"CrossCovariance: Gram matrix of side {side} was not accumulated")

@@ -50,7 +50,7 @@ Choices (the paper's text was not available; these are ours, consistent with its
 - The polar factor (option ``polar``, :func:`transport.procrustes.polar`): ``'auto'`` takes the float64
   eigendecomposition of the smaller Gram matrix up to 1024 wide and the float32 one above (the MLP
   maps). That is the fast choice, but in float32 the squared spectrum loses the directions whose
-  singular value is below about 3e-4 of the largest; ``'svd32'`` keeps them at about 1.6x the cost of
+  singular value is below about 3e-4 of the largest; ``'svd32'`` keeps them at about 1.7x the cost of
   a large map, ``'svd'`` is the float64 SVD (``python -m bench.theseus --polar`` measures all of them).
 - class token, positional embedding and patch embedding are set to zero (listed in ``zeroed``) unless
   ``transport_embeddings`` and their non-residual axes agree; tensors the source lacks are zero too.
