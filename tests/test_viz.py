@@ -192,13 +192,13 @@ def test_fit_to_width_pads_and_truncates():
 
 
 def test_procrustes_residual_orders_spaces():
-    diag = {"maps": [{"space": "res:1a", "layer": 1, "residual_before": 0.9, "residual_after": 0.2},
-                     {"space": "res:0", "layer": -1, "residual_before": 1.0, "residual_after": 0.1},
-                     {"space": "res:0m", "layer": 0, "residual_before": 0.8, "residual_after": 0.3},
-                     {"space": "res:0a", "layer": 0, "residual_before": 0.7, "residual_after": 0.4}]}
+    order = ["embed", "res:0", "ln1:0", "q:0", "k:0", "v:0", "ctx:0", "o:0", "res:0a", "ln2:0", "act:0", "fc2:0",
+             "res:0m", "ln1:1", "res:1a", "act:1", "res:1m", "ln1:10", "ln_post", "proj"]
+    shuffled = order[::3] + order[1::3] + order[2::3]
+    diag = {"maps": [{"space": s, "residual_before": 1.0, "residual_after": order.index(s) / 100} for s in shuffled]}
     fig = theseus.procrustes_residual(diag)
-    assert list(fig.data[0].x) == ["res:0", "res:0a", "res:0m", "res:1a"]
-    assert list(fig.data[1].y) == [0.1, 0.4, 0.3, 0.2]
+    assert list(fig.data[0].x) == order  # forward order, block 10 after block 1
+    assert list(fig.data[1].y) == [i / 100 for i in range(len(order))]
     assert _xy(fig) == ("activation space (in layer order)", "||X_A T - X_B|| / ||X_B||")
 
 

@@ -94,16 +94,22 @@ def pca_figure(target, source, mapped, labels: Optional[Sequence[int]], classnam
     return finish(fig, title, height=520)
 
 
+#: where each kind of Theseus space sits inside a block, in forward order (``res`` with suffix a / m)
+_IN_BLOCK = {"ln1": 0, "q": 1, "k": 2, "v": 3, "ctx": 4, "o": 5, "res:a": 6, "ln2": 7, "fc1": 8, "act": 9,
+             "fc2": 10, "res:m": 11}
+_OUTSIDE = {"embed": (-2, 0), "res:0": (-1, 0), "ln_post": (10 ** 6, 0), "proj": (10 ** 6, 1)}
+
+
 def _space_order(space: str) -> tuple:
-    """Order residual/heads/mlp spaces by layer, then position inside the layer."""
-    if ":" not in space:
-        return (10**6, 0, space)
-    kind, where = space.split(":", 1)
+    """Theseus spaces in forward order: embeddings, block 0 input, each block's spaces, final LayerNorm, projection."""
+    if space in _OUTSIDE:
+        return (*_OUTSIDE[space], space)
+    kind, _, where = space.partition(":")
     digits = "".join(ch for ch in where if ch.isdigit())
-    l = int(digits) if digits else -1
-    pos = {"res": 0, "heads": 1, "mlp": 2}.get(kind, 3)
+    if not digits:
+        return (10 ** 6 - 1, 0, space)  # unknown names: after the blocks, alphabetically
     suffix = where[len(digits):]
-    return (l, pos * 2 + (1 if suffix == "m" else 0), space)
+    return (int(digits), _IN_BLOCK.get(f"{kind}:{suffix}" if suffix else kind, len(_IN_BLOCK)), space)
 
 
 def procrustes_residual(diag: Mapping) -> go.Figure:
