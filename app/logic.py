@@ -15,11 +15,9 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
-
-import torch
 
 from transport import cache as disk_cache
 from transport.data import Task, builtin_tasks, load_task

@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from transport.procrustes import CrossCovariance, naive_map, polar, polar_batch, procrustes_map, resize_tokens
 

@@ -15,7 +15,7 @@ from transport.methods import TransportInputs, get_method
 from transport.methods.theseus import (TheseusAlignment, apply, axis_space, naive_resize, prepare,
                                        transport_tensor)
 from transport.model import Model
-from transport.procrustes import CrossCovariance, naive_map, procrustes_map
+from transport.procrustes import CrossCovariance, procrustes_map
 from transport.task_vector import TaskVector
 
 torch.set_num_threads(1)
