@@ -130,14 +130,15 @@ def transfer(source_pre: Model, source_ft: Model, target: Model, method: str, ta
     tau = TaskVector.from_models(source_pre.params, source_ft.params, source_pre.arch)
     inputs = TransportInputs(source_pre, target, task, shots, seed, device)
     base = None
+    name = method if isinstance(method, str) else method.name
     if on is not None:
-        if on == (method if isinstance(method, str) else method.name):
+        if on == name:
             raise TransportError(f"cannot compose {on} with itself")
         base = _held(prepared_on, on, "prepared_on") or prepare(on, inputs, None, lambda f, m: progress(0.35 * f, m),
                                                                  use_cache, cache_dir)
         timings["prepare_" + base.method.name] = base.seconds
     lo = 0.0 if base is None else 0.35
-    prep = _held(prepared, method if isinstance(method, str) else method.name, "prepared") or prepare(
+    prep = _held(prepared, name, "prepared") or prepare(
         method, inputs, options, lambda f, m: progress(lo + (0.7 - lo) * f, m), use_cache, cache_dir)
     timings["prepare"] = prep.seconds
     t1 = time.perf_counter()

@@ -62,8 +62,8 @@ def polar(C: Tensor, mode: str = "auto", reference: Optional[Tensor] = None) -> 
 def polar_batch(C: Tensor, mode: str = "auto", reference: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """:func:`polar` of a stack of matrices ``C`` [B, d_A, d_B]: T [B, d_A, d_B] and S [B, min(d_A, d_B)].
 
-    One batched factorisation per step: LAPACK works on the members in parallel, which keeps every core
-    busy for maps too small to parallelise one by one.
+    Each step is one call over the whole stack (on a CPU torch still factorises the members one after
+    the other, so a stack is not faster than a loop there).
     """
     if C.dim() != 3:
         raise ValueError(f"polar_batch: C must be a stack of matrices, got shape {tuple(C.shape)}")

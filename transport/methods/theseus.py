@@ -232,8 +232,6 @@ class _Spaces:
             return
         l, what = int(m.group(1)), m.group(2)
         if what == "ln1":
-            if l == 0 and "res:0" not in self.found:  # no ln_pre: the embedding output enters block 0
-                self.found["res:0"] = x
             self.found[f"ln1:{l}"] = y
         elif what in ("attn.q", "attn.k", "attn.v"):
             self.found[f"{what[-1]}:{l}"] = y
@@ -246,6 +244,12 @@ class _Spaces:
                 self.found[f"fc1:{l}"] = y
         else:
             self.found.update({f"act:{l}": x, f"fc2:{l}": y})
+
+
+def _head_spaces(params: dict[str, Tensor], arch: ViTArch, x: Tensor, proj: bool) -> dict[str, Tensor]:
+    """``ln_post`` and (when both models project) ``proj``, from every token of the last residual stream."""
+    z = F.layer_norm(x, (x.shape[-1],), params["ln_post.weight"], params["ln_post.bias"], arch.ln_eps)
+    return {"ln_post": z, **({"proj": z @ params["head.proj"]} if proj and arch.output_dim else {})}
 
 
 def _token_rows(xa: Tensor, xb: Tensor) -> tuple[Tensor, Tensor]:
@@ -344,7 +348,7 @@ def prepare(inputs: TransportInputs, options: dict, progress: Progress = no_prog
             imgs = images[c].to(device)
             found_a, found_b = run(lambda r: embed(pa, A.arch, preprocess(A.arch, imgs), r),
                                    lambda r: embed(pb, B.arch, preprocess(B.arch, imgs), r), ci)
-            found_a.setdefault("res:0", xa[ci])
+            found_a.setdefault("res:0", xa[ci])  # without ln_pre the embedding output enters block 0
             found_b.setdefault("res:0", xb[ci])
             if "embed" not in found_a or "embed" not in found_b:  # both need an ln_pre for this space
                 found_a.pop("embed", None)
@@ -355,17 +359,10 @@ def prepare(inputs: TransportInputs, options: dict, progress: Progress = no_prog
             for ci, c in enumerate(chunks):
                 found_a, found_b = run(lambda r: block(pa, A.arch, l, xa[ci], r),
                                        lambda r: block(pb, B.arch, l, xb[ci], r), ci)
-                found_a.pop("res:0", None)
-                found_b.pop("res:0", None)
                 found_a[f"res:{l}m"], found_b[f"res:{l}m"] = xa[ci], xb[ci]
-                if l == L - 1:  # the final LayerNorm and projection act on every token of the last stream
-                    za = F.layer_norm(xa[ci], (xa[ci].shape[-1],), pa["ln_post.weight"], pa["ln_post.bias"],
-                                      A.arch.ln_eps)
-                    zb = F.layer_norm(xb[ci], (xb[ci].shape[-1],), pb["ln_post.weight"], pb["ln_post.bias"],
-                                      B.arch.ln_eps)
-                    found_a["ln_post"], found_b["ln_post"] = za, zb
-                    if A.arch.output_dim and B.arch.output_dim:
-                        found_a["proj"], found_b["proj"] = za @ pa["head.proj"], zb @ pb["head.proj"]
+                if l == L - 1:
+                    found_a.update(_head_spaces(pa, A.arch, xa[ci], bool(B.arch.output_dim)))
+                    found_b.update(_head_spaces(pb, B.arch, xb[ci], bool(A.arch.output_dim)))
                 pair(found_a, found_b, c.start)
                 del found_a, found_b
             finish()
