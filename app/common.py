@@ -32,7 +32,7 @@ def run_controls(setup: Setup, method: str, info: MethodInfo, key: str, label: O
                  hidden: tuple[str, ...] = (), shots_widget: bool = True) -> tuple[dict, int, bool]:
     """Parameters (typed from the method's defaults) and a Run button; returns (options, shots, pressed)."""
     with st.expander(f"{method} parameters", expanded=False):
-        options = ui.option_widgets(method, info.options, ui.option_choices(method), key, hidden)
+        options = ui.option_widgets(method, info.spec, key, hidden)
         shots = 2
         if info.data == "labelled" and shots_widget:
             shots = int(st.number_input("K labelled samples per class (train split)", min_value=1, max_value=256,

@@ -22,15 +22,11 @@ from typing import Any, Callable, Optional
 from transport import cache as disk_cache
 from transport.data import Task, builtin_tasks, load_task
 from transport.errors import NotImplementedYet, TransportError
-from transport.evaluate import accuracy, default_alpha_grid, parse_alpha_grid, sweep_alpha
+from transport.core.evaluate import accuracy, default_alpha_grid, parse_alpha_grid, sweep_alpha
 from transport.methods import METHOD_NAMES, MethodInfo, Progress, TransportInputs, check_compatible, get_method
-from transport.model import Model
+from transport.core.model import Model
 from transport.pipeline import Prepared, TransferResult, on_target, prepare, transfer
-from transport.task_vector import TaskVector
-
-# Options a method reads at apply time only: changing them re-applies, it never re-prepares.
-APPLY_OPTIONS: dict[str, tuple[str, ...]] = {"gradfix": ("variant", "mask_seed", "vote")}
-
+from transport.core.task_vector import TaskVector
 
 # ----------------------------------------------------------------------------------------------
 # where the app may write
@@ -171,7 +167,7 @@ class Loaded:
 
 
 def _load_model(mref: ModelRef, cache: MemoryCache) -> tuple[Model, str]:
-    from transport.io import load_model
+    from transport.sources import load_model, load_task_vector
 
     def make() -> tuple[Model, str]:
         m = load_model(mref.ref, arch=mref.arch or None)
@@ -201,8 +197,8 @@ def load_setup(setup: Setup, cache: MemoryCache = DEFAULT_CACHE, progress: Progr
         progress(0.03, f"loading task vector {setup.source_ft.short}")
 
         def make_ft() -> tuple[Model, str]:
-            tau = TaskVector.load(setup.source_ft.ref, arch=pre.arch if setup.source_ft.arch else None)
-            if not tau.arch.same_shapes(pre.arch):
+            tau = load_task_vector(setup.source_ft.ref, arch=pre.arch if setup.source_ft.arch else None)
+            if not same_shapes(tau.arch, pre.arch):
                 raise TransportError(f"{setup.source_ft.ref}: task vector is for {tau.arch.name}, the source "
                                      f"pretrained model {pre.ref} is {pre.arch.name}")
             ft = pre.with_params(tau.apply_to(pre.params), ref=setup.source_ft.ref)
@@ -212,7 +208,7 @@ def load_setup(setup: Setup, cache: MemoryCache = DEFAULT_CACHE, progress: Progr
     else:
         progress(0.03, f"loading fine-tuned source {setup.source_ft.short}")
         ft, h_ft = _load_model(setup.source_ft, cache)
-    if not pre.arch.same_shapes(ft.arch):
+    if not same_shapes(pre.arch, ft.arch):
         raise TransportError(f"{ft.ref} ({ft.arch.name}) does not have the architecture of the source "
                              f"pretrained model {pre.ref} ({pre.arch.name})")
     progress(0.06, f"loading target {setup.target.short}")
@@ -220,7 +216,7 @@ def load_setup(setup: Setup, cache: MemoryCache = DEFAULT_CACHE, progress: Progr
     oracle = None
     if setup.oracle is not None:
         oracle, _ = _load_model(setup.oracle, cache)
-        if not oracle.arch.same_shapes(tgt.arch):
+        if not same_shapes(oracle.arch, tgt.arch):
             raise TransportError(f"oracle {oracle.ref} ({oracle.arch.name}) does not have the target's "
                                  f"architecture ({tgt.arch.name})")
     progress(0.08, f"loading task {setup.task}")
@@ -321,7 +317,9 @@ def oracle_tau(run: Run) -> TaskVector:
 
 
 def _prepare_key(method: str, options: dict, loaded: Loaded, shots: int, seed: int, device: str) -> str:
-    return json.dumps(["prepare", method, sorted((k, str(v)) for k, v in options.items()),
+    """Memory-cache key of a prepared alignment: options the method reads only in ``apply`` are left out."""
+    apply_only = get_method(method).apply_only
+    return json.dumps(["prepare", method, sorted((k, str(v)) for k, v in options.items() if k not in apply_only),
                        loaded.hashes["source_pre"], loaded.hashes["target"], loaded.hashes["task"], shots, seed,
                        device])
 
@@ -365,7 +363,7 @@ def _cross_width_baseline(loaded: Loaded, result: TransferResult, grid: Optional
                           alpha: Optional[float], device: str) -> dict:
     """Across widths theta_B + alpha * tau does not exist; the baseline is tau zero-padded / truncated to the
     target's shapes (Theseus' ``naive_resize``), alpha picked on validation like every other row."""
-    if loaded.source_pre.arch.same_shapes(loaded.target.arch) or loaded.task is None:
+    if same_shapes(loaded.source_pre.arch, loaded.target.arch) or loaded.task is None:
         return {}
     try:
         from transport.methods.theseus import naive_resize

@@ -28,15 +28,10 @@ def shared_cache() -> logic.MemoryCache:
 # the demo zoo
 # ----------------------------------------------------------------------------------------------
 def zoo_module():
-    """``transport.zoo`` or None when this installation has no zoo module."""
-    import importlib
+    """The demo zoo's store (:mod:`transport.zoo`)."""
+    from transport import zoo
 
-    try:
-        return importlib.import_module("transport.zoo")
-    except ModuleNotFoundError as e:
-        if e.name == "transport.zoo":
-            return None
-        raise
+    return zoo
 
 
 def zoo_ready() -> bool:
@@ -54,38 +49,11 @@ def zoo_lists() -> dict:
 
 
 def build_zoo(on_progress) -> None:
-    """Build the demo zoo, reporting (fraction, message) to ``on_progress``.
+    """Build the demo zoo, reporting (fraction, message) to ``on_progress``."""
+    from transport.zoo.builder import build
 
-    ``zoo.build`` reports its steps to a tqdm bar; the bar it makes is swapped for one that forwards the
-    steps (the build runs in this process's main thread, its workers report through a queue).
-    """
-    import inspect
-
-    z = zoo_module()
-    params = inspect.signature(z.build).parameters
-    if hasattr(z, "_progress_bar"):
-        class _Bar:
-            def __init__(self, total: int, variant: str, enabled: bool):
-                self.total, self.n, self.variant = max(1, int(total)), 0, variant
-
-            def update(self, n: int = 1) -> None:
-                self.n += int(n)
-                on_progress(min(1.0, self.n / self.total), f"building the {self.variant} zoo: "
-                                                             f"{self.n}/{self.total} training steps")
-
-            def close(self) -> None:
-                on_progress(1.0, "zoo built")
-
-        original = z._progress_bar
-        z._progress_bar = _Bar
-        try:
-            z.build(progress=True) if "progress" in params else z.build()
-        finally:
-            z._progress_bar = original
-    else:
-        on_progress(0.0, "building the demo zoo (a few minutes)")
-        z.build()
-        on_progress(1.0, "zoo built")
+    on_progress(0.0, "building the demo zoo (a few minutes)")
+    build(progress=False, on_progress=on_progress)
 
 
 def build_zoo_button() -> None:
@@ -204,7 +172,7 @@ def sidebar_setup() -> Optional[Setup]:
             device = st.selectbox("Device", devices(), key="setup-device")
             grid = st.text_input("alpha grid LO:HI:N (empty: 0 to 2 in steps of 0.1)", key="setup-grid").strip()
             if grid:
-                from transport.evaluate import parse_alpha_grid
+                from transport.core.evaluate import parse_alpha_grid
 
                 parse_alpha_grid(grid)  # a bad grid is reported here, once
         if setup is None:

@@ -78,37 +78,36 @@ def not_available(method: str, reason: str) -> None:
             "nothing here is simulated.")
 
 
-def option_widgets(method: str, defaults: dict, choices: dict[str, tuple], key: str,
-                   hidden: tuple[str, ...] = ()) -> dict:
-    """One widget per method option, typed from its default; ``choices`` turn a string option into a select."""
+def option_widgets(method: str, spec: tuple, key: str, hidden: tuple[str, ...] = ()) -> dict:
+    """One widget per option the method declares (typed, bounded and with choices from its declaration)."""
     out: dict[str, Any] = {}
-    for name, default in defaults.items():
-        if name in hidden:
+    for o in spec:
+        if o.hidden or o.name in hidden:
             continue
-        k = f"{key}-{method}-{name}"
-        label = name.replace("_", " ")
-        if name in choices:
-            opts = list(choices[name])
-            out[name] = st.selectbox(label, opts, index=opts.index(default) if default in opts else 0, key=k)
+        k = f"{key}-{method}-{o.name}"
+        label = o.name.replace("_", " ")
+        default = o.default
+        if o.choices is not None:
+            opts = list(o.choices)
+            out[o.name] = st.selectbox(label, opts, index=opts.index(default) if default in opts else 0, key=k,
+                                       help=o.help)
         elif isinstance(default, bool):
-            out[name] = st.checkbox(label, value=default, key=k)
+            out[o.name] = st.checkbox(label, value=default, key=k, help=o.help)
         elif isinstance(default, int):
-            out[name] = int(st.number_input(label, value=int(default), min_value=0, step=1, key=k))
+            lo = int(o.minimum) if o.minimum is not None else None
+            hi = int(o.maximum) if o.maximum is not None else None
+            out[o.name] = int(st.number_input(label, value=int(default), min_value=lo, max_value=hi, step=1, key=k,
+                                              help=o.help))
         elif isinstance(default, float):
-            out[name] = float(st.number_input(label, value=float(default), key=k, format="%.4g"))
+            out[o.name] = float(st.number_input(label, value=float(default), min_value=o.minimum,
+                                                max_value=o.maximum, key=k, format="%.4g", help=o.help))
         elif isinstance(default, str):
-            out[name] = st.text_input(label, value=default, key=k)
+            out[o.name] = st.text_input(label, value=default, key=k, help=o.help)
     return out
 
 
 def option_choices(method: str) -> dict[str, tuple]:
-    """Allowed values of a method's string options, read from the method module's own tuples."""
-    import importlib
+    """Allowed values of a method's options that declare choices."""
+    from transport.methods import get_method
 
-    try:
-        mod = importlib.import_module(f"transport.methods.{method}")
-    except ModuleNotFoundError:
-        return {}
-    found = {"vote": "VOTES", "variant": "VARIANTS", "matching": "MATCHINGS", "out_maps": "OUT_MAPS",
-             "hidden": "HIDDEN", "polar": "POLAR_MODES"}
-    return {opt: tuple(getattr(mod, const)) for opt, const in found.items() if hasattr(mod, const)}
+    return {o.name: tuple(o.choices) for o in get_method(method).spec if o.choices is not None}

@@ -21,6 +21,7 @@ from typing import Callable
 
 import plotly.io as pio
 import torch
+from transport.zoo.builder import build as build_zoo
 
 
 def _time(fn: Callable[[], object], repeat: int) -> tuple[float, float]:
@@ -55,10 +56,10 @@ def main(argv: list[str] | None = None) -> None:
     if not zoo.is_built():
         os.environ["TRANSPORT_ZOO_DIR"] = tempfile.mkdtemp(prefix="bench-app-zoo-")
         print(f"building the test zoo into {os.environ['TRANSPORT_ZOO_DIR']} ...", flush=True)
-        zoo.build(variant="test")
+        build_zoo(variant="test")
 
     from app import logic
-    from transport.arch import param_axes
+    from transport.core.layout import param_axes
     from viz import gradfix as vg
     from viz import results
     from viz import theseus as vth
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
             add("Theseus", "layer select: mapped sample + PCA figure (2-D)", space_move)
 
     if len(runs) > 1:
-        taus = {m: r.result.transported for m, r in runs.items() if r.arch.same_shapes(runs[methods[0]].arch)}
+        taus = {m: r.result.transported for m, r in runs.items() if same_shapes(r.arch, runs[methods[0]].arch)}
         add("Compare", "cosine per layer + figure",
             lambda: _ship(results.layer_cosine_figure(results.layer_cosines(taus))))
 

@@ -14,8 +14,9 @@ def random_model(arch_name: str, seed: int = 0, layers: int = 0):
     """A random-init open_clip visual tower as a canonical :class:`transport.model.Model` (float32)."""
     import dataclasses
 
-    from transport.arch import build_open_clip_tower, open_clip_arch, to_canonical
-    from transport.model import Model
+    from transport.families.open_clip import build_open_clip_tower, open_clip_arch
+    from transport.sources import to_canonical
+    from transport.core.model import Model
 
     arch = open_clip_arch(arch_name)
     if layers:
@@ -80,7 +81,7 @@ def load_line() -> str:
 
 def tuned(target, delta, task, grid: list[float], device: str = "cpu") -> tuple[float, float]:
     """Test accuracy of theta_B + alpha * delta with alpha chosen on the validation split: (accuracy, alpha)."""
-    from transport.evaluate import accuracy, sweep_alpha
+    from transport.core.evaluate import accuracy, sweep_alpha
 
     sw = sweep_alpha(target, delta, task, grid, device)
     return accuracy(target, task, "test", delta.apply_to(target.params, sw.best_alpha), device=device), sw.best_alpha

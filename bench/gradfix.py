@@ -20,10 +20,11 @@ from bench.common import cpu_seconds, peak_bytes, reset_peak, run_child
 
 
 def _setup(arch_name: str, classes: int, shots: int, device: str):
-    from transport.arch import build_open_clip_tower, open_clip_arch, to_canonical
+    from transport.families.open_clip import build_open_clip_tower, open_clip_arch
+    from transport.sources import to_canonical
     from transport.data import Task
-    from transport.functional import Classifier
-    from transport.model import Model
+    from transport.core.heads import Classifier
+    from transport.core.model import Model
 
     arch = open_clip_arch(arch_name)
     torch.manual_seed(0)
@@ -44,8 +45,8 @@ def _setup(arch_name: str, classes: int, shots: int, device: str):
 
 
 def worker(mode: str, arch_name: str, classes: int, shots: int, device: str, micro_batch: int) -> dict:
-    from transport.functional import preprocess
-    from transport.losses import task_loss
+    from transport.core.stems import preprocess
+    from transport.core.losses import task_loss
     from transport.methods import TransportInputs
     from transport.methods.gradfix import prepare
 

@@ -19,22 +19,12 @@ METHODS = ("naive", "transfusion", "gradfix", "theseus")
 
 
 def _api():
-    """The loader and task-vector entry points, wherever this version of the package keeps them."""
-    try:
-        from transport.sources import load_model
-    except ImportError:
-        from transport.io import load_model
-    try:
-        from transport.core.task_vector import TaskVector
-    except ImportError:
-        from transport.task_vector import TaskVector
-    try:
-        from transport.core.symmetry import apply_permutation, random_permutation
-    except ImportError:
-        from transport.permutation import apply_permutation, random_permutation
     from transport.cache import hash_tensors
+    from transport.core.symmetry import apply_permutation, random_permutation
+    from transport.core.task_vector import TaskVector
     from transport.data import digits_task
     from transport.pipeline import transfer
+    from transport.sources import load_model
 
     return load_model, TaskVector, apply_permutation, random_permutation, hash_tensors, digits_task, transfer
 
@@ -50,9 +40,10 @@ def _run(case: str, pre, ft, target, methods, task, options=None) -> None:
 def zoo_cases(root: str) -> None:
     load_model, *_, digits_task, _ = _api()
     from transport import zoo
+    from transport.zoo.builder import build
 
     if not zoo.is_built(root):
-        zoo.build(root, variant="test", progress=False, workers=1)
+        build(root, variant="test", progress=False, workers=1)
     os.environ["TRANSPORT_ZOO_DIR"] = root
     task = digits_task("rot90")
     A, A_ft = load_model("zoo:A"), load_model("zoo:A+rot90")

@@ -44,7 +44,7 @@ def _task(n: int, size: int):
 def run_prepare(device: str, images: int, layers: int) -> dict:
     from transport.methods import TransportInputs
     from transport.methods.theseus import apply, prepare
-    from transport.task_vector import TaskVector
+    from transport.core.task_vector import TaskVector
 
     A, B = _models(layers)
     task = _task(images, B.arch.image_size)
@@ -75,7 +75,7 @@ def run_polar(device: str, images: int, layers: int) -> dict:
     """Real cross-covariances of block 0 (768 x 896 and 3072 x 3584): eigh-based polar vs float64 SVD."""
     import transport.methods.theseus as th
     from transport.methods import TransportInputs
-    from transport.procrustes import polar
+    from transport.core.procrustes import polar
 
     A, B = _models(1)
     captured = {}
@@ -124,9 +124,10 @@ def _best(fn, repeats: int) -> float:
 def run_floors(device: str, images: int, layers: int) -> dict:
     """Unavoidable costs, each measured alone: bare forwards, one product and one polar factor per map."""
     import transport.methods.theseus as th
-    from transport.functional import encode, preprocess
+    from transport.core.forward import encode
+    from transport.core.stems import preprocess
     from transport.methods import TransportInputs
-    from transport.procrustes import polar
+    from transport.core.procrustes import polar
 
     L = layers or 12
     A1, B1 = _models(1)

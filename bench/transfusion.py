@@ -27,7 +27,7 @@ from bench.common import cpu_seconds, load_line, peak_bytes, random_model, reset
 
 def worker(case: str, arch_name: str, device: str) -> dict:
     from transport.methods.transfusion import align
-    from transport.permutation import apply_permutation, random_permutation
+    from transport.core.symmetry import apply_permutation, random_permutation
 
     A = random_model(arch_name, 0)
     if case == "planted":

@@ -22,11 +22,12 @@ from typing import Optional
 import torch
 
 from transport.data import Task, load_task
-from transport.evaluate import accuracy, default_alpha_grid, sweep_alpha
+from transport.core.evaluate import accuracy, default_alpha_grid, sweep_alpha
 from transport.methods import TransportInputs, available_methods, get_method, no_progress
 from transport.methods import gradfix
-from transport.model import Model
-from transport.task_vector import TaskVector
+from transport.core.model import Model
+from transport.core.task_vector import TaskVector
+from transport.sources import load_zoo_model
 
 FT_LRS = (1e-3, 3e-3)
 FT_STEPS = (5, 10, 20, 40, 80, 160, 320)
@@ -47,7 +48,7 @@ def fewshot_finetune(model: Model, task: Task, shots: int, seed: int, device: st
     The learning rate and the number of steps (0 = no fine-tuning included) are chosen on the validation
     split; returns the test accuracy of the chosen run and the choice.
     """
-    from transport.train import Augment, TrainConfig, train
+    from transport.zoo.train import Augment, TrainConfig, train
 
     x, y = task.shots(shots, seed)
     head = model.classifier(task.classnames)
@@ -190,13 +191,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     grid = default_alpha_grid()
     results, t0 = [], time.perf_counter()
     for seed in seeds:
-        A = zoo.load(f"A@{seed}", a.root)
+        A = load_zoo_model(f"A@{seed}", a.root)
         for pk in a.pairs:
             tgt = pairs[pk].target
-            B = zoo.load(f"{tgt}@{seed}", a.root)
+            B = load_zoo_model(f"{tgt}@{seed}", a.root)
             for tname in tasks:
                 task = load_task(tname)
-                r = run_one(A, zoo.load(f"A+{tname}@{seed}", a.root), B, zoo.load(f"{tgt}+{tname}@{seed}", a.root),
+                r = run_one(A, load_zoo_model(f"A+{tname}@{seed}", a.root), B, load_zoo_model(f"{tgt}+{tname}@{seed}", a.root),
                             task, a.shots, seed, grid, a.device, has_tf)
                 results.append({"seed": seed, "pair": pk, "task": tname, **r})
                 print(f"seed {seed} {pk} {tname}: done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)

@@ -20,6 +20,7 @@ import time
 from typing import Optional
 
 import torch
+from transport.sources import load_zoo_model
 
 from bench.common import require_zoo, spread_cell, tuned
 
@@ -31,27 +32,27 @@ def run(root: Optional[str], pairs: list[str], batches: list[int], calib_size: i
         tasks: Optional[list[str]], options: Optional[dict] = None, progress: bool = True) -> list[dict]:
     from transport import zoo
     from transport.data import digits_task
-    from transport.evaluate import accuracy
+    from transport.core.evaluate import accuracy
     from transport.methods import TransportInputs
     from transport.methods.theseus import apply, naive_resize, prepare
-    from transport.task_vector import TaskVector
+    from transport.core.task_vector import TaskVector
 
     seeds = seeds or zoo.seeds(root)
     tasks = tasks or zoo.tasks(root)
     rows = []
     for seed in seeds:
-        A = zoo.load(f"A@{seed}", root)
+        A = load_zoo_model(f"A@{seed}", root)
         for tname in tasks:
             task = digits_task(tname)
-            A_ft = zoo.load(f"A+{tname}@{seed}", root)
+            A_ft = load_zoo_model(f"A+{tname}@{seed}", root)
             tau = TaskVector.from_models(A.params, A_ft.params, A.arch)
             for key in pairs:
                 tgt = PAIRS[key]
-                T = zoo.load(f"{tgt}@{seed}", root)
+                T = load_zoo_model(f"{tgt}@{seed}", root)
                 row = {"pair": key, "target": tgt, "task": tname, "seed": seed,
-                       "zero_shot": accuracy(T, task), "oracle": accuracy(zoo.load(f"{tgt}+{tname}@{seed}", root), task),
+                       "zero_shot": accuracy(T, task), "oracle": accuracy(load_zoo_model(f"{tgt}+{tname}@{seed}", root), task),
                        "source_finetuned": accuracy(A_ft, task)}
-                naive = tau if A.arch.same_shapes(T.arch) else naive_resize(tau, T.arch)
+                naive = tau if same_shapes(A.arch, T.arch) else naive_resize(tau, T.arch)
                 row["naive"], row["naive_alpha"] = tuned(T, naive, task, GRID)
                 if key == "wide_grown":
                     grown = zoo.grown_task_vector(tau, f"{tgt}@{seed}", root)

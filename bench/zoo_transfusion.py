@@ -23,6 +23,7 @@ import time
 from typing import Optional
 
 import torch
+from transport.sources import load_zoo_model
 
 from bench.common import require_zoo, spread_cell, tuned
 
@@ -32,7 +33,7 @@ MATCHINGS = ("weight", "activation")
 
 def _hidden_shuffle_agreement(perms: dict, arch, shuffle) -> dict[str, float]:
     """Share of units the recovered permutation sends where the zoo's hidden shuffle does, per kind."""
-    from transport.permutation import permutation_spec, split_head_permutation
+    from transport.core.symmetry import permutation_spec, split_head_permutation
 
     hits: dict[str, list[float]] = {"residual": [], "heads": [], "within-head": [], "mlp": []}
     for s, v in permutation_spec(arch).items():
@@ -52,10 +53,10 @@ def run(root: Optional[str], pairs: list[str], seeds: Optional[list[int]], tasks
         calibration: int = 128, progress: bool = True) -> tuple[list[dict], list[dict]]:
     from transport import zoo
     from transport.data import digits_task
-    from transport.evaluate import accuracy
+    from transport.core.evaluate import accuracy
     from transport.methods.transfusion import align, apply
-    from transport.permutation import apply_permutation
-    from transport.task_vector import TaskVector
+    from transport.core.symmetry import apply_permutation
+    from transport.core.task_vector import TaskVector
 
     grid = list(zoo.VARIANTS[zoo.build_info(root)["variant"]].alpha_grid)
     seeds = seeds or zoo.seeds(root)
@@ -63,10 +64,10 @@ def run(root: Optional[str], pairs: list[str], seeds: Optional[list[int]], tasks
     digits = digits_task(zoo.PRETRAIN_TASK)
     rows, quality = [], []
     for seed in seeds:
-        A = zoo.load(f"A@{seed}", root)
+        A = load_zoo_model(f"A@{seed}", root)
         for key in pairs:
             tgt = PAIRS[key]
-            B = zoo.load(f"{tgt}@{seed}", root)
+            B = load_zoo_model(f"{tgt}@{seed}", root)
             aligned = {}
             for matching in MATCHINGS:
                 t0 = time.perf_counter()
@@ -84,21 +85,21 @@ def run(root: Optional[str], pairs: list[str], seeds: Optional[list[int]], tasks
                 quality.append(q)
             for tname in tasks:
                 task = digits_task(tname)
-                A_ft = zoo.load(f"A+{tname}@{seed}", root)
+                A_ft = load_zoo_model(f"A+{tname}@{seed}", root)
                 tau = TaskVector.from_models(A.params, A_ft.params, A.arch)
                 row = {"pair": key, "target": tgt, "task": tname, "seed": seed, "zero_shot": accuracy(B, task),
                        "source_finetuned": accuracy(A_ft, task),
-                       "oracle": accuracy(zoo.load(f"{tgt}+{tname}@{seed}", root), task)}
+                       "oracle": accuracy(load_zoo_model(f"{tgt}+{tname}@{seed}", root), task)}
                 row["naive"], row["naive_alpha"] = tuned(B, tau, task, grid)
                 for matching, (al, _) in aligned.items():
                     row[f"tf_{matching}"], row[f"tf_{matching}_alpha"] = tuned(B, apply(al, tau), task, grid)
                 if key == "control":  # alpha = 1 must give the source fine-tune, relabelled, exactly
                     row["tf_weight_at_1"] = accuracy(B, task, "test", apply(aligned["weight"][0], tau).apply_to(B.params, 1.0))
-                    shuffled = TaskVector(B.arch, zoo.permute_params(tau.tensors, A.arch,
-                                                                     zoo.true_permutation(f"{tgt}@{seed}", root)))
+                    shuffled = TaskVector(B.arch, apply_permutation(tau.tensors, zoo.true_permutation(f"{tgt}@{seed}", root),
+                                                                         A.arch))
                     row["hidden_shuffle"] = accuracy(B, task, "test", shuffled.apply_to(B.params, 1.0))
                 elif key == "next":
-                    row["hidden_shuffle"] = tuned(zoo.load(f"B_next_unshuffled@{seed}", root), tau, task, grid)[0]
+                    row["hidden_shuffle"] = tuned(load_zoo_model(f"B_next_unshuffled@{seed}", root), tau, task, grid)[0]
                 rows.append(row)
                 if progress:
                     print(f"# seed {seed} {key} {tname}: " + ", ".join(

@@ -2,6 +2,7 @@ import os
 
 import pytest
 import torch
+from transport.zoo.builder import build as build_zoo
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -18,7 +19,7 @@ def tiny_zoo(tmp_path_factory):
     from transport import zoo
 
     root = tmp_path_factory.mktemp("zoo")
-    zoo.build(root, variant="test", progress=False, workers=1)
+    build_zoo(root, variant="test", progress=False, workers=1)
     old = os.environ.get("TRANSPORT_ZOO_DIR")
     os.environ["TRANSPORT_ZOO_DIR"] = str(root)
     try:

@@ -17,7 +17,7 @@ from streamlit.testing.v1 import AppTest
 
 from app import logic
 from transport.data import digits_task
-from transport.evaluate import accuracy
+from transport.core.evaluate import accuracy
 from transport.methods import get_method
 from transport.errors import NotImplementedYet
 

@@ -4,14 +4,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from transport.arch import (ViTArch, build_open_clip_tower, canonical_shapes, check_params, from_canonical,
-                            open_clip_arch, param_axes, tiny_arch, to_canonical)
+from transport.core.arch import Arch
+from transport.core.layout import canonical_shapes, check_params, param_axes
+from transport.core.symmetry import apply_permutation, from_head_index, random_permutation
+from transport.families.open_clip import build_open_clip_tower, open_clip_arch, tiny_arch
+from transport.sources import from_canonical, to_canonical
 from transport.errors import TransportError
-from transport.functional import encode, preprocess
-from transport.io import family_shapes
+from transport.core.forward import encode
+from transport.core.stems import preprocess
+from transport.sources import family_shapes
 
 
-def _tiny_tower(arch: ViTArch, seed: int = 0) -> torch.nn.Module:
+def _tiny_tower(arch: Arch, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     tower = build_open_clip_tower(arch).eval()
     with torch.no_grad():  # open_clip zero-inits some tensors; random values make every check meaningful
@@ -76,7 +80,7 @@ def test_encode_equals_open_clip_tower(act):
 def test_tiny_round_trip_hf_families():
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, ViTConfig, ViTModel
 
-    from transport.hf import _arch_from_config
+    from transport.sources import hf_arch_from_config as _arch_from_config
 
     torch.manual_seed(0)
     ccfg = CLIPVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -95,41 +99,28 @@ def test_tiny_round_trip_hf_families():
             assert torch.equal(v, sd[k]), k
 
 
-def _permute_by_axes(params: dict[str, torch.Tensor], arch: ViTArch, perms: dict[str, torch.Tensor]):
-    """Apply one permutation per space label to every axis labelled with it (residual spaces share 'res')."""
-    out = {}
-    for name, info in param_axes(arch).items():
-        t = params[name]
-        for axis, space in enumerate(info.axes):
-            if space is None:
-                continue
-            key = "res" if space.startswith("res:") else space
-            t = t.index_select(axis, perms[key])
-        out[name] = t
-    return out
-
-
 def test_axis_table_describes_function_preserving_permutations():
-    """Permuting every axis the table labels with a space (heads as whole blocks, MLP units, the residual
-    stream) leaves the function unchanged; a permutation that mixes dims across heads does not."""
+    """Permuting every axis the table labels with a space (whole heads with one within-head order, MLP units, one
+    residual permutation for every segment) leaves the function unchanged; a heads index that mixes dims across
+    heads does not, and neither does a within-head order that differs between q and k."""
     arch = tiny_arch(width=32, layers=2, heads=4, image_size=8, patch_size=2, output_dim=16)
     params = to_canonical(_tiny_tower(arch, seed=2).state_dict(), arch)
-    g = torch.Generator().manual_seed(0)
-    H, dh = arch.heads, arch.head_dim
-    perms = {"res": torch.randperm(arch.width, generator=g)}
-    for l in range(arch.layers):
-        heads = torch.randperm(H, generator=g)
-        within = torch.randperm(dh, generator=g)
-        perms[f"heads:{l}"] = (heads[:, None] * dh + within[None, :]).reshape(-1)
-        perms[f"mlp:{l}"] = torch.randperm(arch.mlp_width, generator=g)
+    perms = random_permutation(arch, seed=0, kinds=("res_shared", "mlp", "heads", "within"))
     x = preprocess(arch, torch.rand(4, 3, 8, 8))
     base = encode(params, arch, x)
-    permuted = _permute_by_axes(params, arch, perms)
+    permuted = apply_permutation(params, perms, arch)
     assert any(not torch.equal(permuted[k], params[k]) for k in params)
     assert torch.allclose(encode(permuted, arch, x), base, atol=1e-5, rtol=0)
+    # separate q/k and v/o within-head orders are a symmetry too (without rotary positions)
+    sep = random_permutation(arch, seed=1, kinds=("res_shared", "mlp", "heads", "within_qk", "within_vo"))
+    assert not torch.equal(sep["heads:0"].qk, sep["heads:0"].vo)
+    assert torch.allclose(encode(apply_permutation(params, sep, arch), arch, x), base, atol=1e-5, rtol=0)
     # Mixing dimensions across heads breaks the attention pattern: the check above can fail.
+    g = torch.Generator().manual_seed(0)
     bad = dict(perms, **{"heads:0": torch.randperm(arch.width, generator=g)})
-    assert not torch.allclose(encode(_permute_by_axes(params, arch, bad), arch, x), base, atol=1e-3)
+    assert not torch.allclose(encode(apply_permutation(params, bad, arch), arch, x), base, atol=1e-3)
+    with pytest.raises(TransportError, match="mixes dimensions of different heads"):
+        from_head_index(bad["heads:0"], arch)
 
 
 def test_check_params_errors_name_the_tensor():
@@ -150,8 +141,8 @@ def test_check_params_errors_name_the_tensor():
 
 def test_arch_json_round_trip_and_validation():
     arch = open_clip_arch("ViT-B-16-quickgelu")
-    assert ViTArch.from_json(arch.to_json()) == arch
+    assert Arch.from_json(arch.to_json()) == arch
     with pytest.raises(TransportError, match="not divisible by 5 heads"):
         tiny_arch(width=32, heads=5)
     with pytest.raises(TransportError, match="malformed architecture description"):
-        ViTArch.from_json("{not json")
+        Arch.from_json("{not json")

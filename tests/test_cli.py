@@ -13,14 +13,19 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import transport.methods as methods
-from transport.arch import build_open_clip_tower, from_canonical, tiny_arch, to_canonical
+from transport.families.open_clip import build_open_clip_tower, tiny_arch
+from transport.sources import from_canonical, load_task_vector, save_task_vector, to_canonical
 from transport.cli import collect_options, main
 from transport.data import DIGIT_NAMES, digits_task, load_image_folder
-from transport.evaluate import accuracy
-from transport.functional import Classifier, encode, preprocess
-from transport.io import load_model, read_safetensors_metadata, save_model
-from transport.model import Model
-from transport.task_vector import TaskVector
+from transport.core.evaluate import accuracy
+from transport.core.forward import encode
+from transport.core.heads import Classifier
+from transport.core.stems import preprocess
+from transport.files import read_safetensors_metadata
+from transport.sources import load_model, save_model
+from transport.core.model import Model
+from transport.core.task_vector import TaskVector
+from transport.sources import load_zoo_model
 
 ARCH = tiny_arch(width=32, layers=2, heads=4, image_size=8, patch_size=2, output_dim=16, name="zoo:cli-tiny")
 WIDE = tiny_arch(width=64, layers=2, heads=4, image_size=8, patch_size=2, output_dim=16, name="zoo:cli-wide")
@@ -144,7 +149,7 @@ def test_run_naive_on_a_task_writes_tau_and_report(files, tmp_path, capsys):
     with torch.no_grad():
         assert torch.allclose(tower(x), encode(theta, ARCH, x), atol=1e-6)
     # the written file loads back as a TaskVector with its metadata
-    back = TaskVector.load(out / "task_vector.safetensors")
+    back = load_task_vector(out / "task_vector.safetensors")
     assert back.allclose(tau) and back.meta["method"] == "naive"
 
 
@@ -166,7 +171,7 @@ def test_run_on_an_image_folder_with_fixed_alpha(files, tmp_path, capsys):
 
 def test_task_vector_file_instead_of_source_ft(files, tmp_path, capsys):
     pre, ft = load_model(str(files["A"])), load_model(str(files["A_ft"]))
-    tau_file = TaskVector.from_models(pre.params, ft.params, ARCH).save(tmp_path / "tau.safetensors")
+    tau_file = save_task_vector(TaskVector.from_models(pre.params, ft.params, ARCH), tmp_path / "tau.safetensors")
     a, b = tmp_path / "a", tmp_path / "b"
     assert _run(_base(files, a, **{"--alpha": "1"}), capsys)[0] == 0
     assert _run(_base(files, b, **{"--alpha": "1", "--source-ft": None, "--task-vector": tau_file}), capsys)[0] == 0
@@ -358,7 +363,7 @@ def test_zoo_references_end_to_end(request, tmp_path, capsys):
     assert rc == 0, err
     report = json.loads((o / "report.json").read_text())
     t = digits_task(task)
-    a, a_ft, b = zoo.load("A"), zoo.load(f"A+{task}"), zoo.load("B_control")
+    a, a_ft, b = load_zoo_model("A"), load_zoo_model(f"A+{task}"), load_zoo_model("B_control")
     assert report["accuracies"]["source_finetuned"] == accuracy(a_ft, t, "test")
     tau = TaskVector.from_models(a.params, a_ft.params, a.arch)
     assert report["accuracies"]["naive"] == accuracy(b, t, "test", tau.apply_to(b.params, report["alpha"]))
@@ -406,4 +411,4 @@ def test_cross_width_method_writes_the_targets_names_and_shapes(files, tmp_path,
     report = json.loads((out / "report.json").read_text())
     assert report["options"]["calib_size"] == 16 and report["inputs"]["target_arch"] == WIDE.name
     assert "naive" not in report["accuracies"]  # no naive baseline across widths
-    assert TaskVector.load(out / "task_vector.safetensors").arch.width == 64
+    assert load_task_vector(out / "task_vector.safetensors").arch.width == 64

@@ -7,16 +7,20 @@ import json
 import pytest
 import torch
 
-from transport.arch import build_open_clip_tower, param_axes, tiny_arch, to_canonical
+from transport.core.layout import param_axes
+from transport.families.open_clip import build_open_clip_tower, tiny_arch
+from transport.sources import to_canonical
 from transport.data import Task, digits_task
 from transport.errors import TransportError
-from transport.functional import Classifier, encode, preprocess
-from transport.losses import classification_loss, mean_loss
+from transport.core.forward import encode
+from transport.core.heads import Classifier
+from transport.core.stems import preprocess
+from transport.core.losses import classification_loss, mean_loss
 from transport.methods import TransportInputs, get_method
 from transport.methods.gradfix import (GradFixAlignment, apply, collect_votes, invariant_tensors,
                                        per_sample_grads, prepare)
-from transport.model import Model
-from transport.task_vector import TaskVector
+from transport.core.model import Model
+from transport.core.task_vector import TaskVector
 
 ARCH = tiny_arch(width=32, layers=2, heads=4, output_dim=16)
 VOTED = [k for k in param_axes(ARCH) if k not in invariant_tensors(ARCH)]
@@ -453,7 +457,7 @@ def test_bad_inputs():
 
 
 def test_automatic_micro_batch_fits_the_memory_budget():
-    from transport.arch import open_clip_arch
+    from transport.families.open_clip import open_clip_arch
     from transport.methods.gradfix import auto_micro_batch
 
     big = open_clip_arch("ViT-B-16")

@@ -9,13 +9,19 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from transport import hf, openclip
-from transport.arch import build_open_clip_tower, from_canonical, open_clip_arch, tiny_arch, to_canonical
+from transport import hub, sources
+from transport.core import heads
+from transport.families import open_clip as openclip
+from transport.families.open_clip import build_open_clip_tower, open_clip_arch, tiny_arch
+from transport.sources import from_canonical, to_canonical
 from transport.data import load_image_folder
 from transport.errors import TransportError
-from transport.functional import Classifier, encode, preprocess
-from transport.io import load_model, read_checkpoint, save_model
-from transport.model import Model
+from transport.core.forward import encode
+from transport.core.heads import Classifier
+from transport.core.stems import preprocess
+from transport.files import read_checkpoint
+from transport.sources import load_model, save_model
+from transport.core.model import Model
 
 ARCH = tiny_arch(width=32, layers=2, heads=4, image_size=8, patch_size=2, output_dim=16, name="zoo:test-tiny")
 
@@ -50,7 +56,7 @@ def no_network(monkeypatch):
         asked.append(host)
         return False
 
-    monkeypatch.setattr(hf, "network_reachable", probe)
+    monkeypatch.setattr(hub, "network_reachable", probe)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     return asked
@@ -180,14 +186,14 @@ def test_open_clip_offline_env_skips_the_probe(empty_caches, monkeypatch):
     def probe(*a, **k):
         raise AssertionError("must not touch the network when HF_HUB_OFFLINE is set")
 
-    monkeypatch.setattr(hf, "network_reachable", probe)
+    monkeypatch.setattr(hub, "network_reachable", probe)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(TransportError, match="not in the local cache and the network is unreachable"):
         openclip.load_open_clip("open_clip:ViT-B-32:laion2b_s34b_b79k")
 
 
 def test_real_probe_answers_false_for_an_unresolvable_host():
-    assert hf.network_reachable("transport-test.invalid", timeout=1.0) is False
+    assert hub.network_reachable("transport-test.invalid", timeout=1.0) is False
 
 
 def test_open_clip_pretrained_tag_loads_from_the_cache_without_network(tmp_path, monkeypatch, empty_caches,
@@ -209,7 +215,7 @@ def test_open_clip_pretrained_tag_loads_from_the_cache_without_network(tmp_path,
     def probe(*a, **k):
         raise AssertionError("cached weights must load without a network probe")
 
-    monkeypatch.setattr(hf, "network_reachable", probe)
+    monkeypatch.setattr(hub, "network_reachable", probe)
     model = openclip.load_open_clip(f"open_clip:{name}:mytag")
     assert model.arch.act == "quick_gelu" and model.arch.mean == (0.5, 0.5, 0.5) and model.arch.std[0] == 0.25
     want = to_canonical(clip.visual.state_dict(), model.arch)
@@ -257,11 +263,11 @@ def test_hf_clip_dir_forward_zero_shot_and_round_trip(hf_clip_dir, monkeypatch):
     from transformers import AutoTokenizer
 
     d, ref = hf_clip_dir
-    model = hf.load_hf(str(d))
+    model = sources.load_hf(str(d))
     arch = model.arch
-    assert (arch.family, arch.act, arch.ln_eps, arch.output_dim, arch.ln_pre, arch.patch_bias) == \
+    assert (arch.family, arch.act, arch.norm_eps, arch.output_dim, arch.ln_pre, arch.patch_bias) == \
         ("hf_clip", "gelu", 1e-6, 16, True, False)
-    assert hf.hf_arch(str(d)) == arch
+    assert sources.hf_arch(str(d)) == arch
     x = preprocess(arch, torch.rand(3, 3, 8, 8))
     with torch.no_grad():
         out = ref.get_image_features(pixel_values=x)
@@ -275,7 +281,7 @@ def test_hf_clip_dir_forward_zero_shot_and_round_trip(hf_clip_dir, monkeypatch):
         {"visual_projection.weight"}
     assert all(torch.equal(v, sd[k]) for k, v in back.items())
     # zero-shot from the text tower: with one template it is exactly CLIP's own logits
-    monkeypatch.setattr(openclip, "PROMPT_TEMPLATES", ("a photo of a {}.",))
+    monkeypatch.setattr(heads, "PROMPT_TEMPLATES", ("a photo of a {}.",))
     names = ["cat", "dog"]
     tok = AutoTokenizer.from_pretrained(str(d))
     enc = tok([f"a photo of a {c}." for c in names], padding=True, return_tensors="pt")
@@ -295,7 +301,7 @@ def test_hf_clip_vision_models(tmp_path):
         ref = _randomize(cls(cfg), 2)
         d = tmp_path / cls.__name__
         ref.save_pretrained(str(d))
-        model = hf.load_hf(str(d))
+        model = sources.load_hf(str(d))
         assert model.arch.output_dim == dim and model.arch.act == "quick_gelu" and model.zero_shot is None
         px = preprocess(model.arch, x)
         with torch.no_grad():
@@ -320,9 +326,9 @@ def hf_vit_dir(tmp_path_factory):
 
 def test_hf_vit_classifier_dir(hf_vit_dir):
     d, ref = hf_vit_dir
-    model = hf.load_hf(str(d))
+    model = sources.load_hf(str(d))
     a = model.arch
-    assert (a.family, a.ln_pre, a.patch_bias, a.mean, a.std, a.ln_eps) == \
+    assert (a.family, a.ln_pre, a.patch_bias, a.mean, a.std, a.norm_eps) == \
         ("hf_vit", False, True, (0.5,) * 3, (0.5,) * 3, 1e-12)
     assert model.head is not None and model.head.classnames == ["ant", "bee", "wasp"]
     x = preprocess(a, torch.rand(4, 3, 8, 8))
@@ -353,7 +359,7 @@ def test_hf_vit_legacy_key_names_load_to_the_same_tensors(hf_vit_dir, tmp_path):
     from transformers import ViTConfig, ViTModel
 
     d, _ = hf_vit_dir
-    new = hf.load_hf(str(d))
+    new = sources.load_hf(str(d))
     sd = read_checkpoint(d / "model.safetensors")[0]
     legacy = {_legacy_vit_key(k[len("vit."):]) if k.startswith("vit.") else k: v for k, v in sd.items()}
     legacy = {("vit." + k if not k.startswith("classifier.") else k): v.contiguous() for k, v in legacy.items()}
@@ -362,7 +368,7 @@ def test_hf_vit_legacy_key_names_load_to_the_same_tensors(hf_vit_dir, tmp_path):
     ld.mkdir()
     (ld / "config.json").write_text((d / "config.json").read_text())
     save_file(legacy, str(ld / "model.safetensors"))
-    old = hf.load_hf(str(ld))
+    old = sources.load_hf(str(ld))
     assert set(old.params) == set(new.params)
     assert all(torch.equal(old.params[k], new.params[k]) for k in new.params)
     assert torch.equal(old.head.weight, new.head.weight)
@@ -373,7 +379,7 @@ def test_hf_vit_legacy_key_names_load_to_the_same_tensors(hf_vit_dir, tmp_path):
     vm.save_pretrained(str(vd))
     sd = read_checkpoint(vd / "model.safetensors")[0]
     save_file({_legacy_vit_key(k): v.contiguous() for k, v in sd.items()}, str(vd / "model.safetensors"))
-    m = hf.load_hf(str(vd))
+    m = sources.load_hf(str(vd))
     x = preprocess(m.arch, torch.rand(2, 3, 8, 8))
     with torch.no_grad():
         want = vm(pixel_values=x).last_hidden_state[:, 0]
@@ -388,7 +394,7 @@ def test_hf_preprocessor_config_sets_normalisation(hf_vit_dir, tmp_path):
         (c / f).write_bytes((d / f).read_bytes())
     (c / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.4, 0.4, 0.4],
                                                             "image_std": [0.2, 0.2, 0.2]}))
-    assert hf.hf_arch(str(c)).mean == (0.4, 0.4, 0.4) and hf.hf_arch(str(c)).std == (0.2, 0.2, 0.2)
+    assert sources.hf_arch(str(c)).mean == (0.4, 0.4, 0.4) and sources.hf_arch(str(c)).std == (0.2, 0.2, 0.2)
 
 
 def test_hf_id_from_the_local_cache_and_offline_error(hf_vit_dir, empty_caches, no_network):
@@ -397,7 +403,7 @@ def test_hf_id_from_the_local_cache_and_offline_error(hf_vit_dir, empty_caches, 
                        {"config.json": d / "config.json", "model.safetensors": d / "model.safetensors"})
     model = load_model("hf:acme/tiny-vit")
     assert model.ref == "hf:acme/tiny-vit" and model.arch.name == "hf:acme/tiny-vit" and no_network == []
-    assert all(torch.equal(model.params[k], hf.load_hf(str(d)).params[k]) for k in model.params)
+    assert all(torch.equal(model.params[k], sources.load_hf(str(d)).params[k]) for k in model.params)
     with pytest.raises(TransportError) as err:
         load_model("hf:acme/not-cached")
     assert str(err.value).startswith("weights for hf:acme/not-cached are not in the local cache and the network "
@@ -407,12 +413,12 @@ def test_hf_id_from_the_local_cache_and_offline_error(hf_vit_dir, empty_caches, 
 
 def test_hf_bad_inputs(tmp_path):
     with pytest.raises(TransportError, match="not a Hugging Face model directory"):
-        hf.load_hf(str(tmp_path))
+        sources.load_hf(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(TransportError, match="model type 'bert' is not supported"):
-        hf.load_hf(str(tmp_path))
+        sources.load_hf(str(tmp_path))
     with pytest.raises(TransportError, match="expected hf:ORG/NAME"):
-        hf.load_hf("hf:just-a-name")
+        sources.load_hf("hf:just-a-name")
 
 
 # ----------------------------------------------------------------------------------------------

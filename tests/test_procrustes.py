@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from transport.procrustes import CrossCovariance, naive_map, polar, polar_batch, procrustes_map, resize_tokens
+from transport.core.procrustes import CrossCovariance, naive_map, polar, polar_batch, procrustes_map, resize_tokens
 
 MODES = ("svd", "svd32", "eigh", "eigh32")
 FLOAT32 = ("svd32", "eigh32")

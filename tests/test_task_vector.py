@@ -6,14 +6,18 @@ import torch
 from safetensors import safe_open
 
 from transport import __version__
-from transport.arch import build_open_clip_tower, from_canonical, param_axes, tiny_arch, to_canonical
+from transport.core.layout import param_axes
+from transport.families.open_clip import build_open_clip_tower, tiny_arch
+from transport.sources import from_canonical, load_task_vector, save_task_vector, to_canonical
 from transport.data import digits_task
 from transport.errors import TransportError
-from transport.evaluate import accuracy
-from transport.functional import Classifier, encode, preprocess
-from transport.model import Model
+from transport.core.evaluate import accuracy
+from transport.core.forward import encode
+from transport.core.heads import Classifier
+from transport.core.stems import preprocess
+from transport.core.model import Model
 from transport.pipeline import transfer
-from transport.task_vector import TaskVector
+from transport.core.task_vector import TaskVector
 
 ARCH = tiny_arch(width=32, layers=2, heads=4, image_size=8, patch_size=2, output_dim=16, name="zoo:tv-tiny")
 WIDE = tiny_arch(width=64, layers=2, heads=4, image_size=8, patch_size=2, output_dim=16, name="zoo:tv-wide")
@@ -105,8 +109,8 @@ def test_restrict_and_per_layer_norms():
 
 def test_save_load_round_trip_with_metadata(tmp_path):
     tau = _tau(6)
-    path = tau.save(tmp_path / "tau.safetensors", method="naive", source="zoo:A", target="zoo:B", alpha="0.5")
-    back = TaskVector.load(path)
+    path = save_task_vector(tau, tmp_path / "tau.safetensors", method="naive", source="zoo:A", target="zoo:B", alpha="0.5")
+    back = load_task_vector(path)
     assert back.arch == ARCH
     assert all(torch.equal(back[k], tau[k]) for k in tau)
     assert back.meta["method"] == "naive" and back.meta["target"] == "zoo:B" and back.meta["alpha"] == "0.5"
@@ -130,15 +134,15 @@ def test_load_errors(tmp_path):
     sd = {k: v.contiguous() for k, v in from_canonical(tau.tensors, ARCH).items()}
     save_file(sd, str(tmp_path / "bare.safetensors"))
     with pytest.raises(TransportError, match="no architecture in the file's metadata; pass --arch"):
-        TaskVector.load(tmp_path / "bare.safetensors")
-    assert TaskVector.load(tmp_path / "bare.safetensors", ARCH).allclose(tau)
+        load_task_vector(tmp_path / "bare.safetensors")
+    assert load_task_vector(tmp_path / "bare.safetensors", ARCH).allclose(tau)
     save_file({**sd, "foo": torch.zeros(1)}, str(tmp_path / "extra.safetensors"))
     with pytest.raises(TransportError, match="unexpected keys for zoo:tv-tiny: foo"):
-        TaskVector.load(tmp_path / "extra.safetensors", ARCH)
+        load_task_vector(tmp_path / "extra.safetensors", ARCH)
     with pytest.raises(TransportError, match="unexpected keys|shape mismatch|missing keys"):
-        TaskVector.load(tmp_path / "bare.safetensors", WIDE)
+        load_task_vector(tmp_path / "bare.safetensors", WIDE)
     with pytest.raises(TransportError, match="file not found"):
-        TaskVector.load(tmp_path / "nope.safetensors")
+        load_task_vector(tmp_path / "nope.safetensors")
 
 
 def _model(seed: int, head: Classifier, ref: str) -> Model:

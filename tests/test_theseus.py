@@ -7,16 +7,19 @@ import math
 import pytest
 import torch
 
-from transport.arch import build_open_clip_tower, param_axes, tiny_arch, to_canonical
+from transport.core.layout import param_axes
+from transport.families.open_clip import build_open_clip_tower, tiny_arch
+from transport.sources import to_canonical
 from transport.data import digits_task
 from transport.errors import TransportError
-from transport.functional import encode, preprocess
+from transport.core.forward import encode
+from transport.core.stems import preprocess
 from transport.methods import TransportInputs, get_method
 from transport.methods.theseus import (TheseusAlignment, apply, axis_space, naive_resize, prepare,
                                        transport_tensor)
-from transport.model import Model
-from transport.procrustes import CrossCovariance, procrustes_map
-from transport.task_vector import TaskVector
+from transport.core.model import Model
+from transport.core.procrustes import CrossCovariance, procrustes_map
+from transport.core.task_vector import TaskVector
 
 torch.set_num_threads(1)
 F64 = torch.float64
@@ -368,7 +371,7 @@ def embed_model(A: Model, seed: int = 0):
     a = A.arch
     d, H, dh, m, e, L = a.width, a.heads, a.head_dim, a.mlp_width, a.output_dim, a.layers
     D, M, e_w = 2 * d, 2 * m, e + 16
-    arch = dataclasses.replace(a, width=D, heads=2 * H, mlp_width=M, output_dim=e_w, ln_eps=a.ln_eps / 2,
+    arch = dataclasses.replace(a, width=D, heads=2 * H, mlp_width=M, output_dim=e_w, norm_eps=a.norm_eps / 2,
                                name="zoo:planted-wide")
     g = torch.Generator().manual_seed(seed)
     E_res = (torch.cat([torch.eye(d), torch.eye(d)], 1) / math.sqrt(2))[:, torch.randperm(D, generator=g)].double()

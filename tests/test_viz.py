@@ -9,9 +9,11 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
-from transport.arch import param_axes, tiny_arch
-from transport.evaluate import AlphaSweep
-from transport.task_vector import TaskVector
+from transport.core.layout import param_axes
+from transport.families.open_clip import tiny_arch
+from transport.core.evaluate import AlphaSweep
+from transport.core.task_vector import TaskVector
+from transport.sources import load_task_vector
 from viz import export, gradfix, results, theseus, transfusion
 from viz.common import block_mean
 
@@ -253,7 +255,7 @@ def test_exports_round_trip(tmp_path):
     data = export.task_vector_bytes(tau, alpha="0.5")
     f = tmp_path / "tau.safetensors"
     f.write_bytes(data)
-    back = TaskVector.load(f)
+    back = load_task_vector(f)
     assert back.allclose(tau) and back.meta["alpha"] == "0.5"
     rep = json.loads(export.report_json({"accuracies": {"x": float("nan"), "y": 0.5}, "alpha": np.float32(1.5)}))
     assert rep == {"accuracies": {"x": None, "y": 0.5}, "alpha": 1.5}

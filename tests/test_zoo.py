@@ -7,14 +7,22 @@ import pytest
 import torch
 
 from transport import zoo
-from transport.arch import param_axes, tiny_arch
+from transport.core.layout import param_axes
+from transport.families.open_clip import tiny_arch
 from transport.data import digits_task
 from transport.errors import TransportError
-from transport.evaluate import accuracy
-from transport.functional import encode, preprocess
-from transport.io import read_safetensors
-from transport.task_vector import TaskVector
-from transport.train import Augment, TrainConfig, init_head, init_params, train
+from transport.core.evaluate import accuracy
+from transport.core.forward import encode
+from transport.core.stems import preprocess
+from transport.files import read_safetensors
+from transport.core.task_vector import TaskVector
+from transport.zoo.train import Augment, TrainConfig, init_head, init_params, train
+from transport.core.symmetry import apply_permutation
+from transport.zoo.builder import _main as zoo_main
+from transport.zoo.builder import build as build_zoo
+from transport.core.symmetry import invert
+from transport.zoo.shuffle import random_shuffle
+from transport.sources import load_zoo_model
 
 ARCH = tiny_arch(width=32, layers=2, heads=4, output_dim=16)
 
@@ -35,8 +43,8 @@ def _randomized(arch, seed=0):
 # ----------------------------------------------------------------------------------------------
 def test_shuffle_is_exactly_function_preserving_and_moves_units():
     params = _randomized(ARCH)
-    perm = zoo.random_unit_permutation(ARCH, seed=3)
-    shuffled = zoo.permute_params(params, ARCH, perm)
+    perm = random_shuffle(ARCH, seed=3)
+    shuffled = apply_permutation(params, perm, ARCH)
     x = _pixels(ARCH)
     torch.testing.assert_close(encode(shuffled, ARCH, x), encode(params, ARCH, x), atol=1e-5, rtol=0)
     # it really moved things: every matrix differs, and most entries of the big ones changed place
@@ -45,24 +53,24 @@ def test_shuffle_is_exactly_function_preserving_and_moves_units():
             assert (shuffled[k] != params[k]).float().mean() > 0.8, k
     dh = ARCH.head_dim
     for l in range(ARCH.layers):  # whole heads move by `heads`; one within-head shuffle for Q, K, V and O
-        assert torch.equal(perm.qk[l][::dh] // dh, perm.heads[l]) and torch.equal(perm.qk[l], perm.vo[l])
-        within = perm.qk[l].reshape(ARCH.heads, dh) % dh
+        assert torch.equal(perm[f"heads:{l}"].index("k")[::dh] // dh, perm[f"heads:{l}"].kv) and torch.equal(perm[f"heads:{l}"].index("k"), perm[f"heads:{l}"].index("v"))
+        within = perm[f"heads:{l}"].index("k").reshape(ARCH.heads, dh) % dh
         assert not torch.equal(within, torch.arange(dh).repeat(ARCH.heads, 1))  # dims inside heads do move
-    back = zoo.permute_params(shuffled, ARCH, zoo.invert_permutation(perm))
+    back = apply_permutation(shuffled, invert(perm), ARCH)
     assert all(torch.equal(back[k], params[k]) for k in params)
 
 
 def test_inconsistent_shuffle_changes_the_function():
     """The check above can fail: moving Q's rows but not K's breaks q.k, moving fc1 alone breaks the MLP."""
     params = _randomized(ARCH)
-    perm = zoo.random_unit_permutation(ARCH, seed=3)
+    perm = random_shuffle(ARCH, seed=3)
     x = _pixels(ARCH)
     ref = encode(params, ARCH, x)
     bad = dict(params)
-    bad["blocks.0.attn.q.weight"] = params["blocks.0.attn.q.weight"][perm.qk[0]]
+    bad["blocks.0.attn.q.weight"] = params["blocks.0.attn.q.weight"][perm[f"heads:{0}"].index("k")]
     assert (encode(bad, ARCH, x) - ref).abs().max() > 1e-3
     bad = dict(params)
-    bad["blocks.1.mlp.fc1.weight"] = params["blocks.1.mlp.fc1.weight"][perm.mlp[1]]
+    bad["blocks.1.mlp.fc1.weight"] = params["blocks.1.mlp.fc1.weight"][perm[f"mlp:{1}"]]
     assert (encode(bad, ARCH, x) - ref).abs().max() > 1e-3
 
 
@@ -70,19 +78,19 @@ def test_widening_is_function_preserving_and_linear():
     wide = tiny_arch(width=64, layers=2, heads=8, output_dim=16)
     assert wide.head_dim == ARCH.head_dim
     params = _randomized(ARCH, seed=1)
-    grown = zoo.grow_params(params, ARCH, wide)
+    grown = grow_params(params, ARCH, wide)
     assert {k: tuple(v.shape) for k, v in grown.items()} == {k: i.shape for k, i in param_axes(wide).items()}
     x = _pixels(ARCH)
     torch.testing.assert_close(encode(grown, wide, x), encode(params, ARCH, x), atol=1e-5, rtol=0)
     tau = {k: 0.01 * torch.randn(v.shape, generator=torch.Generator().manual_seed(2)) for k, v in params.items()}
-    lhs = zoo.grow_params({k: params[k] + tau[k] for k in params}, ARCH, wide)
-    rhs = zoo.grow_params(tau, ARCH, wide)
+    lhs = grow_params({k: params[k] + tau[k] for k in params}, ARCH, wide)
+    rhs = grow_params(tau, ARCH, wide)
     assert all(torch.allclose(lhs[k], grown[k] + rhs[k], atol=1e-7) for k in lhs)
     # noise breaks the equality: the comparison is sharp enough to notice a change
     noisy = {k: v + 0.01 * torch.randn(v.shape) for k, v in grown.items()}
     assert (encode(noisy, wide, x) - encode(params, ARCH, x)).abs().max() > 1e-4
     with pytest.raises(TransportError, match="cannot grow .* need 2x width"):
-        zoo.grow_params(params, ARCH, tiny_arch(width=64, layers=2, heads=4, output_dim=16))
+        grow_params(params, ARCH, tiny_arch(width=64, layers=2, heads=4, output_dim=16))
 
 
 def test_training_is_deterministic():
@@ -100,19 +108,19 @@ def test_training_is_deterministic():
 def test_not_built_and_bad_variant(tmp_path):
     assert not zoo.is_built(tmp_path)
     with pytest.raises(TransportError, match=r"not built at .*python -m transport zoo build"):
-        zoo.load("A", root=tmp_path)
+        load_zoo_model("A", root=tmp_path)
     with pytest.raises(TransportError, match="unknown zoo variant 'huge'"):
-        zoo.build(tmp_path, variant="huge")
+        build_zoo(tmp_path, variant="huge")
 
 
 def test_summary_statistics():
     rows = [{"pair": "control", "target": "B_control", "task": "rot90", "seed": s, "zero_shot_target": z,
              "naive": n, "true_map": None, "source_finetuned": 0.9, "oracle": 0.9}
             for s, z, n in ((0, 0.1, 0.1), (1, 0.2, 0.3))]
-    (s,) = zoo.summarize(rows)
+    (s,) = summarize(rows)
     assert s["seeds"] == 2 and s["naive"] == pytest.approx(0.2) and s["naive_std"] == pytest.approx(0.1)
     assert s["true_map"] is None and s["oracle_std"] == 0.0
-    assert "20.0 +- 10.0" in zoo.format_table(rows)
+    assert "20.0 +- 10.0" in format_table(rows)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,13 +138,13 @@ def test_list_load_arch_round_trip(tiny_zoo):
         for t in zoo.tasks():
             assert f"{p.target}+{t}" in names
     for e in entries:
-        m = zoo.load(e.ref)
+        m = load_zoo_model(e.ref)
         assert m.arch == zoo.arch_of(e.ref) and m.arch.name == e.arch
         assert m.ref == f"zoo:{e.ref}" and m.head is not None and m.head.num_classes == 10
         assert (e.kind == "finetuned") == (e.task is not None)
         if e.base:
-            assert zoo.load(e.base).arch == m.arch
-    a, a0 = zoo.load("A"), zoo.load("A@0")
+            assert load_zoo_model(e.base).arch == m.arch
+    a, a0 = load_zoo_model("A"), load_zoo_model("A@0")
     assert all(torch.equal(a.params[k], a0.params[k]) for k in a.params)
     wide = zoo.arch_of("W_grown")
     assert wide.width == 2 * a.arch.width and wide.heads == 2 * a.arch.heads and wide.head_dim == a.arch.head_dim
@@ -148,9 +156,9 @@ def test_list_load_arch_round_trip(tiny_zoo):
 
 def test_unknown_names(tiny_zoo):
     with pytest.raises(TransportError, match=r"zoo has no model 'C' \(known: A, B_control, B_next,"):
-        zoo.load("C")
+        load_zoo_model("C")
     with pytest.raises(TransportError, match="zoo has no model 'A\\+hflip'"):
-        zoo.load("A+hflip")  # not a task of the test zoo
+        load_zoo_model("A+hflip")  # not a task of the test zoo
     with pytest.raises(TransportError, match=r"zoo model 'A@7': no seed 7 \(seeds: 0\)"):
         zoo.arch_of("A@7")
     with pytest.raises(TransportError, match=r"^zoo model .A. was not made by a shuffle \(only B_control, B_next and W_grown are\)$"):
@@ -158,18 +166,18 @@ def test_unknown_names(tiny_zoo):
 
 
 def test_shuffled_releases_are_exact_relabellings(tiny_zoo):
-    A, Bc = zoo.load("A"), zoo.load("B_control")
+    A, Bc = load_zoo_model("A"), load_zoo_model("B_control")
     perm = zoo.true_permutation("B_control")
-    shuffled = zoo.permute_params(A.params, A.arch, perm)
+    shuffled = apply_permutation(A.params, perm, A.arch)
     assert all(torch.equal(shuffled[k], Bc.params[k]) for k in A.params)
     assert torch.equal(A.head.weight, Bc.head.weight)
     x = preprocess(A.arch, digits_task("digits").split("test")[0][:64])
     torch.testing.assert_close(encode(Bc.params, A.arch, x), encode(A.params, A.arch, x), atol=1e-5, rtol=0)
     for t in zoo.tasks():  # the control oracle is A's fine-tune shuffled alike
-        ft = zoo.permute_params(zoo.load(f"A+{t}").params, A.arch, perm)
-        assert all(torch.equal(ft[k], zoo.load(f"B_control+{t}").params[k]) for k in ft)
-    Bn, Bu = zoo.load("B_next"), zoo.load("B_next_unshuffled")
-    renamed = zoo.permute_params(Bu.params, A.arch, zoo.true_permutation("B_next"))
+        ft = apply_permutation(load_zoo_model(f"A+{t}").params, perm, A.arch)
+        assert all(torch.equal(ft[k], load_zoo_model(f"B_control+{t}").params[k]) for k in ft)
+    Bn, Bu = load_zoo_model("B_next"), load_zoo_model("B_next_unshuffled")
+    renamed = apply_permutation(Bu.params, zoo.true_permutation("B_next"), A.arch)
     assert all(torch.equal(renamed[k], Bn.params[k]) for k in renamed)
     assert any(not torch.equal(Bn.params[k], A.params[k]) for k in A.params)
 
@@ -179,10 +187,10 @@ def test_source_is_reproducible_from_its_config(tiny_zoo):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the build trains single-threaded
     try:
-        res = zoo.pretrain_source(cfg, 0)
+        res = pretrain_source(cfg, 0)
     finally:
         torch.set_num_threads(threads)
-    A = zoo.load("A")
+    A = load_zoo_model("A")
     assert all(torch.equal(res.params[k], A.params[k]) for k in A.params)
     assert torch.equal(res.head.weight, A.head.weight)
 
@@ -204,30 +212,30 @@ def test_phenomenon_on_test_variant(tiny_zoo):
 
     r = next(r for r in table if r["pair"] == "next" and r["task"] == "rot90")
     task = digits_task("rot90")
-    Bn, A, Aft = zoo.load("B_next"), zoo.load("A"), zoo.load("A+rot90")
+    Bn, A, Aft = load_zoo_model("B_next"), load_zoo_model("A"), load_zoo_model("A+rot90")
     tau = TaskVector.from_models(A.params, Aft.params, A.arch)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the build
     try:
-        assert accuracy(zoo.load("B_next+rot90"), task) == r["oracle"]
+        assert accuracy(load_zoo_model("B_next+rot90"), task) == r["oracle"]
         assert accuracy(Bn, task, "test", tau.apply_to(Bn.params, r["naive_alpha"])) == r["naive"]
     finally:
         torch.set_num_threads(threads)
 
 
 def test_build_skips_when_built_and_refuses_other_configs(tiny_zoo):
-    info = zoo.build(tiny_zoo, variant="test", progress=False)
+    info = build_zoo(tiny_zoo, variant="test", progress=False)
     assert info["skipped"] and info["variant"] == "test" and info["build_seconds"] > 0
     assert set(info["model_seconds"]) >= {"A@0", "W_indep+rot90@0"}
     with pytest.raises(TransportError, match="another configuration"):
-        zoo.build(tiny_zoo, variant="full", progress=False)
+        build_zoo(tiny_zoo, variant="full", progress=False)
 
 
 def test_module_cli_lists_models(tiny_zoo, capsys):
-    assert zoo._main(["list"]) == 0
+    assert zoo_main(["list"]) == 0
     out = capsys.readouterr().out
     assert "B_next+invert@0" in out and "finetuned" in out
-    assert zoo._main(["list", "--root", str(tiny_zoo / "nowhere")]) == 2
+    assert zoo_main(["list", "--root", str(tiny_zoo / "nowhere")]) == 2
     assert "python -m transport zoo build" in capsys.readouterr().err
 
 
@@ -236,15 +244,15 @@ def test_grown_release_hides_its_unit_order(tiny_zoo):
     widening map (grow, then the shuffle) carries the fine-tuning over, as the build's table says."""
     from transport.methods.theseus import naive_resize
 
-    A = zoo.load("A")
-    W = zoo.load("W_grown")
+    A = load_zoo_model("A")
+    W = load_zoo_model("W_grown")
     assert torch.equal(zoo.true_permutation("W_grown").res.sort().values, torch.arange(W.arch.width))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the build
     try:
         for r in (r for r in zoo.phenomenon_table() if r["pair"] == "wide_grown"):
             task = digits_task(r["task"])
-            tau = TaskVector.from_models(A.params, zoo.load(f"A+{r['task']}").params, A.arch)
+            tau = TaskVector.from_models(A.params, load_zoo_model(f"A+{r['task']}").params, A.arch)
             mapped = zoo.grown_task_vector(tau, "W_grown")
             assert accuracy(W, task, "test", mapped.apply_to(W.params, r["true_map_alpha"])) == r["true_map"]
             padded = naive_resize(tau, W.arch)

@@ -1,12 +1,16 @@
-"""transport: move fine-tuning (task vectors) between pretrained vision transformers.
+"""transport: move fine-tuning (task vectors) between pretrained transformers.
 
-The package never imports streamlit. Public entry points:
+The package never imports streamlit. Layers, imports pointing one way:
 
-- :mod:`transport.arch` -- architecture as data (canonical parameter names, family adapters)
-- :mod:`transport.functional` -- one functional forward for every supported family
-- :mod:`transport.task_vector` -- :class:`TaskVector` with tensor-like arithmetic
-- :mod:`transport.io` -- loading models from zoo / open_clip / Hugging Face / files
-- :mod:`transport.methods` -- registry of transport methods (``prepare`` + ``apply``)
+- leaves: :mod:`transport.errors`, :mod:`transport.files` (checkpoint I/O, deterministic atomic writes),
+  :mod:`transport.hub` (offline-first Hugging Face hub), :mod:`transport.cache`, :mod:`transport.data`
+- :mod:`transport.core` -- architecture switches, the axis table, symmetries, one functional forward, heads,
+  task vectors (``+``, ``-``, scalar ``*``, ``sum``), Procrustes maps, assignment solvers, evaluation
+- :mod:`transport.families` -- one adapter plus a JSON name table per model family
+- :mod:`transport.methods` -- naive, TransFusion, GradFix, Theseus (``prepare`` + ``apply``; read the core only)
+- :mod:`transport.sources` -- a reference -> a model, and files in a family's own names
+- :mod:`transport.zoo` -- the demo zoo's store (:mod:`transport.zoo.builder` trains it)
+- :mod:`transport.pipeline`, :mod:`transport.cli` -- the end-to-end transfer and the command line
 """
 from __future__ import annotations
 

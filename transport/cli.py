@@ -21,15 +21,32 @@ from transport.errors import NotImplementedYet, TransportError
 
 EXIT_OK, EXIT_ERROR = 0, 2
 
-# method-specific flags -> the option name a method declares in MethodInfo.options
-METHOD_FLAGS: dict[str, str] = {
-    "vote": "vote",  # gradfix
-    "variant": "variant",  # gradfix
-    "max_iter": "max_iter",  # transfusion
-    "matching": "matching",  # transfusion
-    "calib_batches": "calib_batches",  # theseus
-    "calib_size": "calib_size",  # theseus
-}
+
+
+def method_flags() -> dict[str, list]:
+    """Option name -> [(method, Option)] for every option a registered method gives its own flag."""
+    from transport.methods import available_methods, get_method
+
+    out: dict[str, list] = {}
+    for name in available_methods():
+        for o in get_method(name).spec:
+            if o.flag:
+                out.setdefault(o.name, []).append((name, o))
+    return out
+
+
+def _add_method_flags(group: argparse._ArgumentGroup) -> None:
+    """One flag per flagged option, typed and constrained by its declaration (shared across methods)."""
+    for name, decl in method_flags().items():
+        o = decl[0][1]
+        kwargs: dict[str, Any] = {"help": "; ".join(f"{m}: {d.help}" for m, d in decl)}
+        if o.choices is not None:
+            kwargs["choices"] = list(o.choices)
+        elif isinstance(o.default, bool):
+            kwargs["type"] = lambda t: _parse_value(name, t, False)
+        elif isinstance(o.default, (int, float)):
+            kwargs.update(type=type(o.default), metavar="N")
+        group.add_argument(f"--{name.replace('_', '-')}", dest=name, **kwargs)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -75,13 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-cache", action="store_true", help="recompute the alignment even if it is cached")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="any option the method declares")
-    m = r.add_argument_group("method options (passed only to methods that declare them)")
-    m.add_argument("--vote", choices=["majority", "mean"], help="gradfix: how the sign vote is taken")
-    m.add_argument("--variant", choices=["normal", "force", "random", "oracle"], help="gradfix variant")
-    m.add_argument("--max-iter", type=int, metavar="N", help="transfusion: weight-matching sweeps")
-    m.add_argument("--matching", choices=["weight", "activation"], help="transfusion: what the permutations match")
-    m.add_argument("--calib-batches", type=int, metavar="N", help="theseus: calibration batches")
-    m.add_argument("--calib-size", type=int, metavar="B", help="theseus: calibration batch size")
+    _add_method_flags(r.add_argument_group("method options (passed only to methods that declare them)"))
 
     z = sub.add_parser("zoo", help="build or list the built-in demo zoo")
     zsub = z.add_subparsers(dest="zoo_command", required=True, parser_class=_Parser, metavar="{build,list}")
@@ -127,12 +138,12 @@ def collect_options(args: argparse.Namespace, declared: dict[str, Any], method: 
     """Options for ``method`` from its dedicated flags and ``--option``; undeclared ones are an error."""
     out: dict[str, Any] = {}
     known = ", ".join(declared) or "none"
-    for dest, name in METHOD_FLAGS.items():
-        value = getattr(args, dest, None)
+    for name in method_flags():
+        value = getattr(args, name, None)
         if value is None:
             continue
         if name not in declared:
-            raise TransportError(f"--{dest.replace('_', '-')} is not an option of method {method} (its options: {known})")
+            raise TransportError(f"--{name.replace('_', '-')} is not an option of method {method} (its options: {known})")
         out[name] = value
     for item in args.option or []:
         key, sep, text = item.partition("=")
@@ -225,12 +236,13 @@ def _json_safe(obj: Any) -> Any:
 def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     import torch
 
+    from transport.core.evaluate import parse_alpha_grid
+    from transport.core.layout import same_shapes
+    from transport.core.task_vector import TaskVector
     from transport.data import load_image_folder, load_task
-    from transport.evaluate import parse_alpha_grid
-    from transport.io import load_model, parse_arch
     from transport.methods import TransportInputs, check_compatible, get_method, resolve_device
     from transport.pipeline import transfer
-    from transport.task_vector import TaskVector
+    from transport.sources import load_model, load_task_vector, parse_arch, save_task_vector
 
     out = Path(args.out)
     check_out_dir(out, args.force)
@@ -249,8 +261,8 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     tgt_arch = parse_arch(args.target_arch) if args.target_arch else src_arch
     source_pre = load_model(args.source_pre, src_arch, args.trust_pickle, args.seed)
     if args.task_vector:
-        tau = TaskVector.load(args.task_vector, src_arch)
-        if not tau.arch.same_shapes(source_pre.arch):
+        tau = load_task_vector(args.task_vector, src_arch)
+        if not same_shapes(tau.arch, source_pre.arch):
             raise TransportError(f"{args.task_vector}: the task vector is for {tau.arch.name}, "
                                  f"{args.source_pre} is {source_pre.arch.name} (shapes differ)")
         tau = TaskVector(source_pre.arch, tau.tensors, tau.meta)
@@ -259,10 +271,10 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         source_ft = load_model(args.source_ft, src_arch, args.trust_pickle, args.seed)
     target = load_model(args.target, tgt_arch, args.trust_pickle, args.seed)
     oracle = load_model(args.oracle, tgt_arch, args.trust_pickle, args.seed) if args.oracle else None
-    if not source_pre.arch.same_shapes(source_ft.arch):
+    if not same_shapes(source_pre.arch, source_ft.arch):
         raise TransportError(f"{source_ft.ref} does not have the architecture of {source_pre.ref} "
                              f"({source_ft.arch.name} vs {source_pre.arch.name})")
-    if oracle is not None and not oracle.arch.same_shapes(target.arch):
+    if oracle is not None and not same_shapes(oracle.arch, target.arch):
         raise TransportError(f"{oracle.ref} does not have the architecture of the target {target.ref}")
     for a, b in ((source_pre, source_ft), (target, oracle)):
         if b is not None and (a.arch.act, a.arch.mean, a.arch.std) != (b.arch.act, b.arch.mean, b.arch.std):
@@ -299,7 +311,7 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         bar.close()
 
     transported = result.transported
-    if not transported.arch.same_shapes(target.arch):
+    if not same_shapes(transported.arch, target.arch):
         raise TransportError(f"{info.name} returned a task vector for {transported.arch.name}, "
                              f"not for the target {target.arch.name}")
     # Canonical tensors are family-free: save them under the TARGET's own names and shapes.
@@ -318,7 +330,7 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             "source_arch": source_pre.arch.to_json()}
 
     def writer(tmp: Path) -> None:
-        transported.save(tmp / "task_vector.safetensors", **meta)
+        save_task_vector(transported, tmp / "task_vector.safetensors", **meta)
         (tmp / "report.json").write_text(json.dumps(_json_safe(report), indent=2, sort_keys=True) + "\n")
 
     write_atomically(out, args.force, writer)
@@ -334,26 +346,17 @@ def _print_summary(result: Any, out: Path) -> None:
     print(f"wrote {out / 'task_vector.safetensors'} and {out / 'report.json'}")
 
 
-def _zoo_module():
-    import importlib
-
-    try:
-        zoo = importlib.import_module("transport.zoo")
-    except ModuleNotFoundError as e:
-        if e.name == "transport.zoo":
-            raise NotImplementedYet("the demo zoo is not implemented yet") from None
-        raise
-    return zoo
-
-
 def cmd_zoo(args: argparse.Namespace) -> int:
-    zoo = _zoo_module()
+    from transport import zoo
+
     if args.zoo_command == "build":
-        info = zoo.build(root=args.root, variant=args.variant, seeds=args.seeds, force=args.force, progress=True)
-        if isinstance(info, dict) and info.get("skipped"):  # a fresh build prints its own summary and table
+        from transport.zoo.builder import build, format_table
+
+        info = build(root=args.root, variant=args.variant, seeds=args.seeds, force=args.force, progress=True)
+        if info.get("skipped"):  # a fresh build prints its own summary and table
             print(f"zoo already built ({info.get('build_seconds', '?')} s to build); --force rebuilds")
-            if info.get("table") and hasattr(zoo, "format_table"):
-                print(zoo.format_table(info["table"]))
+            if info.get("table"):
+                print(format_table(info["table"]))
         return EXIT_OK
     entries = zoo.list_models(root=args.root)
     rows = [("reference", "kind", "task", "arch", "description")]
@@ -374,7 +377,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
         except NotImplementedYet:
             print(f"{name:<12} not implemented yet")
             continue
-        opts = ", ".join(f"{k}={v!r}" for k, v in info.options.items()) or "none"
+        opts = ", ".join(f"{o.name}={o.default!r}" + (" (apply)" if o.apply_only else "")
+                         for o in info.spec if not o.hidden) or "none"
         arch = "same architecture" if info.same_arch else "any widths"
         print(f"{name:<12} {info.summary}\n{'':<12} needs: {info.data} data, {arch}; options: {opts}")
     return EXIT_OK
@@ -398,4 +402,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
 
 
-__all__ = ["main", "build_parser", "collect_options", "write_atomically", "METHOD_FLAGS"]
+__all__ = ["main", "build_parser", "collect_options", "write_atomically", "method_flags"]

@@ -9,13 +9,14 @@ from typing import Any, Optional
 import torch
 
 from transport import __version__, cache
+from transport.core.evaluate import AlphaSweep, accuracy, default_alpha_grid, sweep_alpha
+from transport.core.layout import same_shapes
+from transport.core.model import Model
+from transport.core.task_vector import TaskVector
 from transport.data import Task
 from transport.errors import TransportError
-from transport.evaluate import AlphaSweep, accuracy, default_alpha_grid, sweep_alpha
 from transport.methods import (MethodInfo, Progress, TransportInputs, check_compatible, get_method, no_progress,
                                resolve_device)
-from transport.model import Model
-from transport.task_vector import TaskVector
 
 
 @dataclass
@@ -39,15 +40,15 @@ def data_hash(task: Optional[Task], method: MethodInfo, shots: int, seed: int) -
 
 def prepare(method: str | MethodInfo, inputs: TransportInputs, options: Optional[dict] = None,
             progress: Progress = no_progress, use_cache: bool = True, cache_dir: Optional[Path] = None) -> Prepared:
-    """Run (or fetch from the content-hashed cache) a method's expensive ``prepare``."""
+    """Run (or fetch from the content-hashed cache) a method's expensive ``prepare``.
+
+    Options a method reads only in ``apply`` are not part of the cache key: changing them re-applies.
+    """
     info = get_method(method) if isinstance(method, str) else method
     check_compatible(info, inputs)
-    opts = {**info.options, **(options or {})}
-    unknown = [k for k in (options or {}) if k not in info.options]
-    if unknown:
-        raise TransportError(f"{info.name}: unknown option(s) {', '.join(unknown)} "
-                             f"(known: {', '.join(info.options) or 'none'})")
-    key = cache.alignment_key(info.name, opts, cache.hash_tensors(inputs.source.params),
+    opts = info.resolve(options)
+    keyed = {k: v for k, v in opts.items() if k not in info.apply_only}
+    key = cache.alignment_key(info.name, keyed, cache.hash_tensors(inputs.source.params),
                               cache.hash_tensors(inputs.target.params),
                               data_hash(inputs.task, info, inputs.shots, inputs.seed),
                               {"shots": inputs.shots if info.data == "labelled" else None, "seed": inputs.seed})
@@ -69,7 +70,7 @@ def on_target(moved: TaskVector, prep: Prepared, target: Model) -> TaskVector:
     """A method's output labelled with the target's architecture (same shapes required)."""
     if moved.arch == target.arch:
         return moved
-    if not moved.arch.same_shapes(target.arch):
+    if not same_shapes(moved.arch, target.arch):
         raise TransportError(f"{prep.method.name} returned a task vector for {moved.arch.name}, "
                              f"not for the target {target.arch.name}")
     return TaskVector(target.arch, moved.tensors, moved.meta)  # same shapes: the target's names
@@ -123,7 +124,7 @@ def transfer(source_pre: Model, source_ft: Model, target: Model, method: str, ta
     used instead of preparing (or loading from the cache) again.
     """
     device = resolve_device(device)
-    if not source_pre.arch.same_shapes(source_ft.arch):
+    if not same_shapes(source_pre.arch, source_ft.arch):
         raise TransportError(f"{source_ft.ref} does not have the architecture of {source_pre.ref}")
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -162,7 +163,7 @@ def transfer(source_pre: Model, source_ft: Model, target: Model, method: str, ta
         acc["zero_shot_target"] = accuracy(target, task, "test", device=device)
         acc[prep.method.name] = accuracy(target, task, "test", transported.apply_to(target.params, result.alpha),
                                          device=device)
-        if prep.method.name != "naive" and source_pre.arch.same_shapes(target.arch):
+        if prep.method.name != "naive" and same_shapes(source_pre.arch, target.arch):
             if alpha is None:
                 result.naive_sweep = sweep_alpha(target, tau, task, grid, device)
                 a_naive = result.naive_sweep.best_alpha

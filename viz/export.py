@@ -52,16 +52,3 @@ def accuracies_csv(accuracies: Mapping[str, float], alpha: float | None = None, 
     for r in accuracy_rows(accuracies):
         w.writerow([r["model"], r["key"], r["test accuracy (%)"], method, "" if alpha is None else alpha])
     return buf.getvalue().encode("utf-8")
-
-
-def task_vector_bytes(tau, **meta: str) -> bytes:
-    """The transported task vector as a safetensors file in the target family's own names (same as
-    ``TaskVector.save``), built in memory."""
-    from safetensors.torch import save
-
-    from transport import __version__
-
-    md = {**tau.meta, **{k: str(v) for k, v in meta.items()}, "arch": tau.arch.to_json(),
-          "format": "transport.task_vector", "transport_version": __version__}
-    tensors = {k: v.detach().float().contiguous().cpu() for k, v in tau.family_state_dict().items()}
-    return save(tensors, metadata=md)

@@ -88,7 +88,7 @@ def layer_cosines(taus: Mapping[str, Any]) -> dict[str, dict[int, float]]:
     Layer -1 holds the global tensors (embeddings, final LayerNorm, projection). NaN where either is zero.
     Returns ``{"a vs b": {layer: cosine}}``.
     """
-    from transport.arch import param_axes
+    from transport.core.layout import param_axes
 
     names = list(taus)
     out: dict[str, dict[int, float]] = {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import streamlit as st
 
 from app import common, logic, state, ui
-from transport.arch import param_axes
+from transport.core.layout import param_axes
 from viz import gradfix as vg
 
 

@@ -5,6 +5,7 @@ import streamlit as st
 
 from app import common, logic, state, ui
 from transport.methods import METHOD_NAMES
+from transport.sources import task_vector_bytes
 from viz import export, results
 
 st.title("Transport a task vector")
@@ -71,7 +72,7 @@ with ui.guarded():
     st.subheader("Export")
     e1, e2, e3 = st.columns(3)
     e1.download_button("transported tau (.safetensors)",
-                       data=lambda: export.task_vector_bytes(run.apply(float(alpha)), alpha=str(alpha),
+                       data=lambda: task_vector_bytes(run.apply(float(alpha)), alpha=str(alpha),
                                                              method=run.method, target=run.loaded.target.ref),
                        file_name=f"tau-{run.method}-alpha{alpha:.2f}.safetensors",
                        mime="application/octet-stream", on_click="ignore", key=f"dl-tau-{run.id}")

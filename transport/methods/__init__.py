@@ -8,20 +8,25 @@
 - ``apply(alignment, tau, alpha, options) -> TaskVector``: cheap; returns alpha * (transported tau) in
   the TARGET architecture's canonical names (so ``target.params + result`` is a standard model).
 
-The CLI and the app only go through :func:`get_method` / :func:`available_methods`.
+Options are data (:class:`Option`: default, choices, bounds, whether changing it only re-applies, whether
+it has its own command-line flag); the CLI flags, ``python -m transport methods`` and the app's widgets
+are generated from them. Methods read the core only (never a family's names). The CLI and the app only
+go through :func:`get_method` / :func:`available_methods`.
 """
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Protocol
 
 import torch
 
+from transport.core.layout import same_shapes
+from transport.core.model import Model
+from transport.core.task_vector import TaskVector
 from transport.data import Task
 from transport.errors import NotImplementedYet, TransportError
-from transport.model import Model
-from transport.task_vector import TaskVector
 
 Progress = Callable[[float, str], None]  # (fraction done in [0, 1], phase message)
 
@@ -49,6 +54,56 @@ class TransportInputs:
     source_finetuned: Optional[Model] = None  # only for oracle-style diagnostics; prepare must not need it
 
 
+@dataclass(frozen=True)
+class Option:
+    """One option a method declares.
+
+    ``apply_only``: the method reads it in ``apply`` only, so changing it re-applies a prepared alignment
+    (and it is not part of the alignment's cache key). ``flag``: it has its own command-line flag
+    ``--NAME`` (every option is also reachable as ``--option NAME=VALUE``). ``hidden``: not a user-facing
+    widget (e.g. an object passed by the program). ``minimum`` / ``maximum`` bound numeric values.
+    """
+
+    name: str
+    default: Any
+    help: str
+    choices: Optional[tuple] = None
+    apply_only: bool = False
+    flag: bool = False
+    hidden: bool = False
+    minimum: Optional[float] = None
+    maximum: Optional[float] = None
+
+    @property
+    def kind(self) -> type:
+        return type(self.default)
+
+    def check(self, value: Any, method: str) -> Any:
+        """``value`` if it is allowed (ints widen to floats), else a one-line TransportError naming the option."""
+        where = f"{method}: option {self.name}"
+        if self.hidden or self.default is None:
+            return value
+        if isinstance(self.default, bool):
+            if not isinstance(value, bool):
+                raise TransportError(f"{where} must be true or false, got {value!r}")
+        elif isinstance(self.default, int):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TransportError(f"{where} must be an integer, got {value!r}")
+        elif isinstance(self.default, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise TransportError(f"{where} must be a finite number, got {value!r}")
+            value = float(value)
+        elif isinstance(self.default, str) and not isinstance(value, str):
+            raise TransportError(f"{where} must be a string, got {value!r}")
+        if self.choices is not None and value not in self.choices:
+            raise TransportError(f"{where} must be one of {', '.join(map(str, self.choices))}, got {value!r}")
+        if self.minimum is not None and value < self.minimum:
+            raise TransportError(f"{where} must be >= {self.minimum:g}, got {value!r}")
+        if self.maximum is not None and value > self.maximum:
+            raise TransportError(f"{where} must be <= {self.maximum:g}, got {value!r}")
+        return value
+
+
 @dataclass
 class MethodInfo:
     name: str
@@ -58,7 +113,31 @@ class MethodInfo:
     prepare: Callable[[TransportInputs, dict, Progress], Any]
     apply: Callable[[Any, TaskVector, float, dict], TaskVector]
     load_alignment: Callable[[Any], Any]
-    options: dict[str, Any] = field(default_factory=dict)  # option name -> default
+    spec: tuple[Option, ...] = ()
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """Option name -> default."""
+        return {o.name: o.default for o in self.spec}
+
+    def option(self, name: str) -> Option:
+        for o in self.spec:
+            if o.name == name:
+                return o
+        raise TransportError(f"{self.name}: unknown option {name} (known: {', '.join(self.options) or 'none'})")
+
+    @property
+    def apply_only(self) -> tuple[str, ...]:
+        return tuple(o.name for o in self.spec if o.apply_only)
+
+    def resolve(self, options: Optional[dict] = None) -> dict:
+        """Defaults filled in, unknown names refused, every value checked against its declaration."""
+        given = dict(options or {})
+        unknown = [k for k in given if k not in self.options]
+        if unknown:
+            raise TransportError(f"{self.name}: unknown option(s) {', '.join(unknown)} "
+                                 f"(known: {', '.join(self.options) or 'none'})")
+        return {o.name: o.check(given[o.name], self.name) if o.name in given else o.default for o in self.spec}
 
 
 METHOD_NAMES = ("naive", "transfusion", "gradfix", "theseus")
@@ -94,7 +173,7 @@ def available_methods() -> list[str]:
 def check_compatible(info: MethodInfo, inputs: TransportInputs) -> None:
     """One-line errors for requests a method cannot serve (architecture, data)."""
     a, b = inputs.source.arch, inputs.target.arch
-    if info.same_arch and not a.same_shapes(b):
+    if info.same_arch and not same_shapes(a, b):
         raise TransportError(f"{info.name} needs source and target of the same architecture: "
                              f"{inputs.source.ref} is {a.name} (width {a.width}, {a.layers} layers), "
                              f"{inputs.target.ref} is {b.name} (width {b.width}, {b.layers} layers)")

@@ -20,20 +20,29 @@ from typing import Any, Optional
 
 import torch
 
-from transport.arch import ViTArch, param_axes
+from transport.core.arch import Arch
+from transport.core.layout import param_axes, same_shapes
+from transport.core.losses import LossFn, task_loss
+from transport.core.stems import preprocess
+from transport.core.task_vector import TaskVector
 from transport.errors import TransportError
-from transport.functional import preprocess
-from transport.losses import LossFn, task_loss
-from transport.methods import MethodInfo, Progress, TransportInputs, no_progress
-from transport.task_vector import TaskVector
+from transport.files import read_safetensors, write_safetensors
+from transport.methods import MethodInfo, Option, Progress, TransportInputs, no_progress
 
 Tensor = torch.Tensor
 
 VOTES = ("majority", "mean")
 VARIANTS = ("normal", "force", "random", "oracle")
-# variant, mask_seed, oracle_tau (a TaskVector of the target: its own fine-tune) and vote are read by apply;
-# micro_batch (0 = from a memory budget) and vote by prepare.
-DEFAULT_OPTIONS = {"vote": "majority", "variant": "normal", "micro_batch": 0, "mask_seed": 0, "oracle_tau": None}
+SPEC = (
+    Option("vote", "majority", "how the sign vote is taken: majority of per-sample signs, or the sign of the "
+           "mean gradient", choices=VOTES, apply_only=True, flag=True),
+    Option("variant", "normal", "normal mask, force (|tau| x vote), random mask of the same keep-rate, or the "
+           "oracle sign of the target's own task vector", choices=VARIANTS, apply_only=True, flag=True),
+    Option("micro_batch", 0, "samples per per-sample-gradient call (0: from a memory budget)", minimum=0),
+    Option("mask_seed", 0, "seed of the random-mask control", apply_only=True, minimum=0),
+    Option("oracle_tau", None, "the target's own task vector (variant oracle)", apply_only=True, hidden=True),
+)
+DEFAULT_OPTIONS = {o.name: o.default for o in SPEC}
 VOTES_FILE, META_FILE = "votes.safetensors", "alignment.json"
 
 
@@ -55,12 +64,13 @@ def per_sample_grads(loss_fn: LossFn, params: dict[str, Tensor], pixels: Tensor,
     return grads, losses
 
 
-def invariant_tensors(arch: ViTArch) -> list[str]:
-    """Tensors no loss depends on: the key bias adds q·b_k to every logit of a query, which softmax ignores.
+def invariant_tensors(arch: Arch) -> list[str]:
+    """Tensors no loss depends on (the axis table marks them): without rotary positions the key bias adds
+    q·b_k to every logit of a query, which softmax ignores.
 
     Their gradient is rounding noise, so they take no vote and pass through ``apply`` unmasked.
     """
-    return [k for k, i in param_axes(arch).items() if i.block == "K" and i.is_bias]
+    return [k for k, i in param_axes(arch).items() if i.invariant]
 
 
 def count_dtype(n: int) -> torch.dtype:
@@ -74,14 +84,14 @@ def _is_oom(e: BaseException) -> bool:
 
 
 def auto_micro_batch(params: dict[str, Tensor], names: list[str], pixels: Tensor,
-                     arch: Optional[ViTArch] = None) -> int:
+                     arch: Optional[Arch] = None) -> int:
     """Samples per vmap call: per-sample gradients plus activations must fit a memory budget."""
     dev = pixels.device
     item = params[names[0]].element_size() if names else 4
     grads = item * sum(params[k].numel() for k in names)
     acts = grads
     if arch is not None:  # saved activations of one sample, per block: ~10 d-wide and 2 m-wide rows per token
-        t, d, m = arch.tokens, arch.width, arch.mlp_width
+        t, d, m = max(arch.tokens, 1), arch.width, arch.mlp_width
         acts = item * arch.layers * (t * (10 * d + 2 * m) + 2 * arch.heads * t * t)
     if dev.type == "cuda":
         budget = 0.5 * torch.cuda.mem_get_info(dev)[0]
@@ -103,7 +113,7 @@ class Votes:
 
 
 def collect_votes(loss_fn: LossFn, params: dict[str, Tensor], pixels: Tensor, labels: Tensor,
-                  names: Optional[list[str]] = None, micro_batch: int = 0, arch: Optional[ViTArch] = None,
+                  names: Optional[list[str]] = None, micro_batch: int = 0, arch: Optional[Arch] = None,
                   progress: Progress = no_progress) -> Votes:
     """Per-sample gradient signs summed chunk by chunk (peak memory: one micro-batch of gradients).
 
@@ -166,7 +176,7 @@ class GradFixAlignment:
     ``no_grad``: tensors the loss does not reach (they pass through ``apply`` unmasked).
     """
 
-    arch: ViTArch
+    arch: Arch
     counts: dict[str, Tensor]
     grad: dict[str, Tensor]
     n_samples: int
@@ -224,7 +234,7 @@ class GradFixAlignment:
             raise TransportError(f"gradfix: unknown variant '{variant}' (use {', '.join(VARIANTS)})")
         if vote not in VOTES:
             raise TransportError(f"gradfix: unknown vote '{vote}' (use {' or '.join(VOTES)})")
-        if not tau.arch.same_shapes(self.arch):
+        if not same_shapes(tau.arch, self.arch):
             raise TransportError(f"gradfix: the task vector is for {tau.arch.name}, the vote was taken on "
                                  f"{self.arch.name} (shapes differ)")
         oracle = opts.get("oracle_tau")
@@ -232,7 +242,7 @@ class GradFixAlignment:
             if not isinstance(oracle, TaskVector):
                 raise TransportError("gradfix: variant 'oracle' needs options['oracle_tau'], the target's own "
                                      "task vector")
-            if not oracle.arch.same_shapes(self.arch):
+            if not same_shapes(oracle.arch, self.arch):
                 raise TransportError(f"gradfix: oracle task vector is for {oracle.arch.name}, not {self.arch.name}")
         gen = torch.Generator().manual_seed(int(opts["mask_seed"]))
         info = param_axes(self.arch)
@@ -319,13 +329,11 @@ class GradFixAlignment:
                 "agreement_total": stats["agreement_total"], "no_grad": no_grad}
 
     def save(self, directory) -> None:
-        from safetensors.torch import save_file
-
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         tensors = {f"counts/{k}": v.contiguous() for k, v in self.counts.items()}
         tensors.update({f"grad/{k}": v.contiguous() for k, v in self.grad.items()})
-        save_file(tensors, str(d / VOTES_FILE))
+        write_safetensors(d / VOTES_FILE, tensors)
         meta = {"method": "gradfix", "arch": self.arch.to_json(), "n_samples": self.n_samples, "vote": self.vote,
                 "shots": self.shots, "no_grad": self.no_grad, "mean_loss": self.mean_loss,
                 "micro_batch": self.micro_batch, "last": self.last, "order": list(self.counts)}
@@ -333,8 +341,6 @@ class GradFixAlignment:
 
     @classmethod
     def load(cls, directory) -> "GradFixAlignment":
-        from transport.io import read_safetensors
-
         d = Path(directory)
         try:
             meta = json.loads((d / META_FILE).read_text())
@@ -349,7 +355,7 @@ class GradFixAlignment:
             grad = {k: tensors[f"grad/{k}"] for k in order}
         except KeyError as e:
             raise TransportError(f"{d / VOTES_FILE}: missing tensor {e}") from None
-        return cls(ViTArch.from_json(meta["arch"]), counts, grad, int(meta["n_samples"]), meta["vote"],
+        return cls(Arch.from_json(meta["arch"]), counts, grad, int(meta["n_samples"]), meta["vote"],
                    int(meta["shots"]), list(meta["no_grad"]), float(meta["mean_loss"]), int(meta["micro_batch"]),
                    meta.get("last"))
 
@@ -406,4 +412,4 @@ def load_alignment(directory: Any) -> GradFixAlignment:
 
 METHOD = MethodInfo(name="gradfix", summary="keep the entries of tau whose sign agrees with the target's few-shot "
                     "gradient-sign vote", same_arch=True, data="labelled", prepare=prepare, apply=apply,
-                    load_alignment=load_alignment, options=dict(DEFAULT_OPTIONS))
+                    load_alignment=load_alignment, spec=SPEC)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from transport.methods import MethodInfo, Progress, TransportInputs
-from transport.task_vector import TaskVector
+from transport.core.task_vector import TaskVector
 
 
 @dataclass

@@ -59,28 +59,42 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 
-from transport.arch import ParamInfo, ViTArch, param_axes
+from transport.core.arch import Arch
+from transport.core.forward import block, embed, norm
+from transport.core.layout import ParamInfo, param_axes, same_shapes, site_layer
+from transport.core.procrustes import POLAR_MODES, CrossCovariance, naive_map, polar, resize_tokens
+from transport.core.stems import preprocess
+from transport.core.task_vector import TaskVector
 from transport.errors import TransportError
-from transport.functional import block, embed, preprocess
-from transport.methods import MethodInfo, Progress, TransportInputs, no_progress
-from transport.procrustes import POLAR_MODES, CrossCovariance, naive_map, polar, resize_tokens
-from transport.task_vector import TaskVector
+from transport.files import read_safetensors, write_safetensors
+from transport.methods import MethodInfo, Option, Progress, TransportInputs, no_progress
 
 Tensor = torch.Tensor
 
-OPTIONS: dict[str, Any] = {"calib_batches": 1, "calib_size": 32, "center": False, "whiten": 0.0, "eps": 1e-6,
-                           "hidden": "shared", "out_maps": "branch", "transport_embeddings": False, "polar": "auto"}
 OUT_MAPS = ("branch", "residual")
 HIDDEN = ("shared", "separate")
+SPEC = (
+    Option("calib_batches", 1, "calibration batches", flag=True, minimum=1),
+    Option("calib_size", 32, "calibration batch size", flag=True, minimum=1),
+    Option("center", False, "centre the activations before the cross-covariance"),
+    Option("whiten", 0.0, "partial whitening exponent p in [0, 0.5]", minimum=0.0, maximum=0.5),
+    Option("eps", 1e-6, "relative regulariser of the whitening", minimum=0.0),
+    Option("hidden", "shared", "MLP hidden units: one map from the post-activation, or a separate "
+           "pre-activation map for fc1's rows", choices=HIDDEN),
+    Option("out_maps", "branch", "output side of o and fc2: their branch's output map, or the residual "
+           "stream's", choices=OUT_MAPS, apply_only=True),
+    Option("transport_embeddings", False, "also transport the embeddings (class token, positions, patch "
+           "embedding)", apply_only=True),
+    Option("polar", "auto", "how polar factors are computed (see the docs)", choices=POLAR_MODES),
+)
+OPTIONS: dict[str, Any] = {o.name: o.default for o in SPEC}
 PCA_ROWS = 256  # class-token rows kept per residual space for the PCA view
 SPECTRUM = 256  # singular values kept per map in the diagnostics
 
@@ -94,6 +108,8 @@ def check_options(options: dict) -> dict:
     if unknown:
         raise TransportError(f"theseus: unknown option(s) {', '.join(unknown)} (known: {', '.join(OPTIONS)})")
     o = {**OPTIONS, **options}
+    if isinstance(o["whiten"], int) and not isinstance(o["whiten"], bool):
+        o["whiten"] = float(o["whiten"])
     for k in ("calib_batches", "calib_size"):
         if isinstance(o[k], bool) or not isinstance(o[k], int) or o[k] < 1:
             raise TransportError(f"theseus: option {k} must be a positive integer, got {o[k]!r}")
@@ -122,18 +138,15 @@ def check_options(options: dict) -> dict:
 # ----------------------------------------------------------------------------------------------
 def space_layer(space: str) -> int:
     """Block index of an activation space (-1 for ``embed``, ``res:0``, ``ln_post`` and ``proj``)."""
-    m = re.fullmatch(r"[a-z0-9]+:(\d+)|res:(\d+)[am]", space)
-    if m is None or space == "res:0":
-        return -1
-    return int(m.group(1) or m.group(2))
+    return site_layer(space)
 
 
 @dataclass
 class TheseusAlignment:
     """Procrustes maps ``T`` [d_source, d_target] (float32) per activation space, plus what the app draws."""
 
-    source_arch: ViTArch
-    target_arch: ViTArch
+    source_arch: Arch
+    target_arch: Arch
     maps: dict[str, Tensor]
     info: dict  # diagnostics (see :meth:`diagnostics`)
     options: dict = field(default_factory=dict)
@@ -169,8 +182,6 @@ class TheseusAlignment:
 
     # -- files --------------------------------------------------------------------------------
     def save(self, directory) -> None:
-        from safetensors.torch import save_file
-
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         tensors = {f"map/{k}": v.detach().float().contiguous().cpu() for k, v in self.maps.items()}
@@ -181,7 +192,7 @@ class TheseusAlignment:
             if s.get("labels") is not None:
                 tensors[f"pca/{space}/labels"] = s["labels"].contiguous().cpu()
             pca_labels[space] = s.get("labels") is not None
-        save_file(tensors, str(d / "theseus.safetensors"))
+        write_safetensors(d / "theseus.safetensors", tensors)
         meta = {"format": "transport.theseus", "source_arch": self.source_arch.to_json(),
                 "target_arch": self.target_arch.to_json(), "options": self.options, "info": self.info,
                 "map_order": list(self.maps), "pca_order": list(self.pca_sample)}
@@ -189,8 +200,6 @@ class TheseusAlignment:
 
     @classmethod
     def load(cls, directory) -> "TheseusAlignment":
-        from transport.io import read_safetensors
-
         d = Path(directory)
         try:
             meta = json.loads((d / "alignment.json").read_text())
@@ -204,51 +213,36 @@ class TheseusAlignment:
         for space in meta["pca_order"]:
             pca[space] = {"source": tensors[f"pca/{space}/source"], "target": tensors[f"pca/{space}/target"],
                           "labels": tensors.get(f"pca/{space}/labels")}
-        return cls(ViTArch.from_json(meta["source_arch"]), ViTArch.from_json(meta["target_arch"]), maps,
+        return cls(Arch.from_json(meta["source_arch"]), Arch.from_json(meta["target_arch"]), maps,
                    meta["info"], meta["options"], pca)
 
 
 # ----------------------------------------------------------------------------------------------
 # recording: module records -> activation spaces
 # ----------------------------------------------------------------------------------------------
-_BLOCK_RECORD = re.compile(r"blocks\.(\d+)\.(ln1|ln2|attn\.q|attn\.k|attn\.v|attn\.o|mlp\.fc1|mlp\.fc2)")
 #: tokens per forward chunk: one block's activations of a chunk stay small (tens of MB for ViT-B)
 CHUNK_ROWS = 2048
+_PRE_ACTIVATION = ("fc1", "gate")  # sites kept only with hidden='separate'
 
 
 class _Spaces:
-    """A recorder that keeps, per activation space, the tensor [N, tokens, d] one block (or ln_pre) reveals."""
+    """A recorder that keeps, per activation site, the tensor [N, tokens, width] one stage reveals."""
 
     def __init__(self, hidden: str):
         self.hidden = hidden
         self.found: dict[str, Tensor] = {}
 
-    def __call__(self, name: str, x: Tensor, y: Tensor) -> None:
-        if name == "ln_pre":
-            self.found.update({"embed": x, "res:0": y})
+    def __call__(self, site: str, x: Tensor) -> None:
+        if site.split(":")[0] in _PRE_ACTIVATION and self.hidden != "separate":
             return
-        m = _BLOCK_RECORD.fullmatch(name)
-        if m is None:
+        if site in ("ln_post", "proj"):  # the pooled features: Theseus maps every token instead
             return
-        l, what = int(m.group(1)), m.group(2)
-        if what == "ln1":
-            self.found[f"ln1:{l}"] = y
-        elif what in ("attn.q", "attn.k", "attn.v"):
-            self.found[f"{what[-1]}:{l}"] = y
-        elif what == "attn.o":
-            self.found.update({f"ctx:{l}": x, f"o:{l}": y})
-        elif what == "ln2":
-            self.found.update({f"res:{l}a": x, f"ln2:{l}": y})
-        elif what == "mlp.fc1":
-            if self.hidden == "separate":
-                self.found[f"fc1:{l}"] = y
-        else:
-            self.found.update({f"act:{l}": x, f"fc2:{l}": y})
+        self.found[site] = x
 
 
-def _head_spaces(params: dict[str, Tensor], arch: ViTArch, x: Tensor, proj: bool) -> dict[str, Tensor]:
+def _head_spaces(params: dict[str, Tensor], arch: Arch, x: Tensor, proj: bool) -> dict[str, Tensor]:
     """``ln_post`` and (when both models project) ``proj``, from every token of the last residual stream."""
-    z = F.layer_norm(x, (x.shape[-1],), params["ln_post.weight"], params["ln_post.bias"], arch.ln_eps)
+    z = norm(x, params, "ln_post", arch)
     return {"ln_post": z, **({"proj": z @ params["head.proj"]} if proj and arch.output_dim else {})}
 
 
@@ -382,32 +376,21 @@ def prepare(inputs: TransportInputs, options: dict, progress: Progress = no_prog
 # apply
 # ----------------------------------------------------------------------------------------------
 def axis_space(info: ParamInfo, axis: int, out_maps: str = "branch", hidden: str = "shared") -> Optional[str]:
-    """The activation space whose map acts on ``axis`` of the canonical tensor ``info`` (None: no map)."""
-    l, b, s = info.layer, info.block, info.axes[axis]
-    if b == "embed":
-        return "embed" if s == "res:0" else None
-    if b == "ln_pre":
-        return "res:0"
-    if b == "ln_post":
-        return "ln_post"
-    if b == "proj":
-        return "ln_post" if axis == 0 else "proj"
-    if s is None:
+    """The activation space whose map acts on ``axis`` of the canonical tensor ``info`` (None: no map).
+
+    Read off the axis table: the site the axis indexes; with ``hidden='shared'`` an MLP unit axis uses the
+    post-activation map; with ``out_maps='residual'`` a branch output uses the residual stream it joins.
+    """
+    a = info.axes[axis]
+    if a is None or a.site is None:
         return None
-    if s.startswith("heads:"):
-        return f"ctx:{l}" if b == "O" else f"{b.lower()}:{l}"
-    if s.startswith("mlp:"):
-        return f"fc1:{l}" if b == "fc1" and hidden == "separate" else f"act:{l}"
-    # residual-stream axes
-    if b in ("Q", "K", "V", "ln1"):
-        return f"ln1:{l}"
-    if b in ("ln2", "fc1"):
-        return f"ln2:{l}"
-    if b == "O":
-        return f"o:{l}" if out_maps == "branch" else f"res:{l}a"
-    if b == "fc2":
-        return f"fc2:{l}" if out_maps == "branch" else f"res:{l}m"
-    return None
+    if info.block == "embed":
+        return a.site if a.space == "res:0" else None
+    if a.space is not None and a.space.startswith("mlp:") and hidden == "shared":
+        return f"act:{info.layer}"
+    if a.residual is not None and out_maps == "residual":
+        return a.residual
+    return a.site
 
 
 def _plan(name: str, source: dict[str, ParamInfo], target: dict[str, ParamInfo], maps: dict[str, Tensor],
@@ -433,7 +416,7 @@ def _plan(name: str, source: dict[str, ParamInfo], target: dict[str, ParamInfo],
     return plan
 
 
-def _zeroed_names(a: ViTArch, b: ViTArch, maps: dict[str, Tensor], o: dict) -> list[str]:
+def _zeroed_names(a: Arch, b: Arch, maps: dict[str, Tensor], o: dict) -> list[str]:
     source, target = param_axes(a), param_axes(b)
     return [n for n in target if _plan(n, source, target, maps, o) is None]
 
@@ -455,7 +438,7 @@ def apply(alignment: TheseusAlignment, tau: TaskVector, alpha: float = 1.0, opti
     """alpha * (tau transported to the target architecture), in the target's canonical names (every tensor)."""
     o = check_options({**{k: v for k, v in alignment.options.items() if k in OPTIONS},
                        **{k: v for k, v in (options or {}).items() if k in OPTIONS}})
-    if not tau.arch.same_shapes(alignment.source_arch):
+    if not same_shapes(tau.arch, alignment.source_arch):
         raise TransportError(f"theseus: the task vector is for {tau.arch.name} (width {tau.arch.width}), "
                              f"the alignment was prepared from source {alignment.source_arch.name} "
                              f"(width {alignment.source_arch.width})")
@@ -481,7 +464,7 @@ def apply(alignment: TheseusAlignment, tau: TaskVector, alpha: float = 1.0, opti
 # ----------------------------------------------------------------------------------------------
 # the naive baseline across widths
 # ----------------------------------------------------------------------------------------------
-def naive_resize(tau: TaskVector, target_arch: ViTArch, alpha: float = 1.0) -> TaskVector:
+def naive_resize(tau: TaskVector, target_arch: Arch, alpha: float = 1.0) -> TaskVector:
     """alpha * tau zero-padded / truncated to the target's shapes (leading corner kept): no alignment at all."""
     target = param_axes(target_arch)
     out = {}
@@ -503,7 +486,7 @@ METHOD = MethodInfo(name="theseus",
                     summary="closed-form transport across widths: Procrustes maps between activations of both "
                             "pretrained models on a few unlabelled images, dW_B = T_out^T dW_A T_in",
                     same_arch=False, data="unlabelled", prepare=prepare, apply=apply, load_alignment=_load,
-                    options=dict(OPTIONS))
+                    spec=SPEC)
 
 __all__ = ["METHOD", "OPTIONS", "TheseusAlignment", "prepare", "apply", "naive_resize", "transport_tensor",
            "axis_space", "check_options", "space_layer"]

@@ -3,209 +3,127 @@
 ``prepare`` aligns the source pretrained theta_A to the target pretrained theta_B of the same
 architecture; tau plays no part and, with the default weight matching, no data is used:
 
-1. head assignment per block from the singular-value spectra of each head's Q, K, V rows and O columns
-   (cost = sum of unsquared L2 distances of the sorted spectra; Hungarian);
-2. within-head permutations (shared by Q/K/V/O of a head), the 2L+1 residual permutations and the L MLP
-   permutations by weight matching: coordinate ascent on sum_t <W_B^t, pi(W_A^t)>, each variable solved
-   exactly by a linear assignment given all the others, in a seeded visiting order.
+1. head assignment per block from the singular-value spectra of each head's q, k, v rows and o columns
+   (cost = sum of unsquared L2 distances of the sorted spectra; Hungarian). Under grouped-query
+   attention the unit is a key/value group: its key and value heads plus its query heads, matched
+   inside the group by a small Hungarian of their q/o spectra (a query head never leaves its group);
+2. within-head orders, the residual permutations and the MLP permutations by weight matching
+   (:mod:`transport.methods.weight_matching`): coordinate ascent on sum_t <W_B^t, pi(W_A^t)>, each
+   variable solved exactly by a linear assignment given all the others, in a seeded visiting order.
 
 ``apply`` returns alpha * pi(tau) in the target's canonical names: a pure gather, linear and norm-preserving.
-
-Weight matching is accelerated without changing its result: a variable whose neighbours did not change
-since it was last solved is not revisited (its similarity, hence its optimum, is unchanged); similarity
-matrices are updated by low-rank corrections when few neighbour units moved; an assignment that takes every
-row's maximum is optimal, so the solver is skipped for it.
 """
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Optional
+from typing import Mapping, Optional
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
-from transport.arch import ViTArch, check_params, param_axes, res_in
+from transport.core.arch import Arch
+from transport.core.assignment import lap_max, lap_min_cost
+from transport.core.forward import encode
+from transport.core.layout import check_params, param_axes, same_shapes
+from transport.core.stems import preprocess
+from transport.core.symmetry import (HeadPermutation, Perms, apply_permutation, axis_index, check_permutations,
+                                     fixed_points, flatten, permutation_spec, residual_names, unflatten)
+from transport.core.task_vector import TaskVector
 from transport.errors import TransportError
-from transport.methods import MethodInfo, Progress, TransportInputs, no_progress
-from transport.permutation import (Perms, apply_permutation, check_permutations, fixed_points,
-                                   head_axis_permutation, permutation_spec, residual_names, split_head_permutation)
-from transport.task_vector import TaskVector
+from transport.files import read_safetensors, write_safetensors
+from transport.methods import MethodInfo, Option, Progress, TransportInputs, no_progress
+from transport.methods.weight_matching import WITHIN, MatchStats, WeightMatcher, matching_objective
 
 Tensor = torch.Tensor
 
-OPTIONS = {"matching": "weight", "max_iter": 100, "seed": 0, "calibration": 128}
 MATCHINGS = ("weight", "activation")
-_SPARSE_MIN = 1024  # assignment problems at least this large use the sparse solver with a dense certificate
-
-
-# ----------------------------------------------------------------------------------------------
-# linear assignment
-# ----------------------------------------------------------------------------------------------
-def _lap_max(S: Tensor) -> Tensor:
-    """Column index per row of the assignment maximising sum_i S[i, p[i]] (scipy's exact solver)."""
-    _, col = linear_sum_assignment(S.detach().double().cpu().numpy(), maximize=True)
-    return torch.from_numpy(col.astype(np.int64))
-
-
-def _lap_min_cost(C: np.ndarray) -> tuple[np.ndarray, float]:
-    r, c = linear_sum_assignment(C)
-    return c, float(C[r, c].sum())
-
-
-def _candidates(S: Tensor, k: int, hint: Tensor) -> Tensor:
-    """Sorted unique flat indices i*n + j of edges that include every row's k largest entries and ``hint``.
-
-    Rows are cut into blocks of 16; the k-th largest block maximum is a threshold that at least k entries
-    reach, so every entry above the row's k-th largest is kept (more may be, which is harmless).
-    """
-    n = S.shape[0]
-    b = 16 if n % 16 == 0 and n // 16 > k else 1
-    if b == 1:
-        thr = torch.topk(S, k, dim=1).values[:, -1]
-    else:
-        thr = torch.topk(S.view(n, n // b, b).amax(2), k, dim=1).values[:, -1]
-    flat = torch.nonzero((S >= thr[:, None]).view(-1)).flatten()
-    rows = torch.arange(n, device=S.device)
-    return torch.unique(torch.cat([flat, rows * n + hint]))
-
-
-def _potentials(S: Tensor, p: Tensor, edges: Tensor, y0: Optional[Tensor], tol: float,
-                max_rounds: int = 256) -> Optional[Tensor]:
-    """Column potentials y with y[j] >= y[p[i]] + S[i, j] - S[i, p[i]] for every candidate edge i*n + j.
-
-    Longest paths from zero (or from ``y0``) in the graph of column swaps, by Bellman-Ford rounds that only
-    rescan edges of rows whose own column moved. They exist iff p is optimal on the candidate edges.
-    None when they do not settle within ``max_rounds`` (at most n + 1 are ever needed): either p is not
-    optimal, or the certificate is too slow to find and the caller falls back to an exact dense solve.
-    """
-    n = S.shape[0]
-    max_rounds = min(int(max_rounds), n + 1)
-    rr, cl = edges // n, edges % n
-    g = S.view(-1)[edges].double() - S[rr, p[rr]].double()
-    src = p[rr]
-    pinv = torch.empty_like(p)
-    pinv[p] = torch.arange(n, device=S.device)
-    y = torch.zeros(n, dtype=torch.float64, device=S.device) if y0 is None else y0.clone()
-    sel = None
-    for _ in range(max_rounds):
-        new = y.clone()
-        if sel is None:
-            new.scatter_reduce_(0, cl, y[src] + g, "amax")
-        else:
-            new.scatter_reduce_(0, cl[sel], y[src[sel]] + g[sel], "amax")
-        up = new > y + tol
-        if not bool(up.any()):
-            return new
-        y = new
-        active = torch.zeros(n, dtype=torch.bool, device=S.device)
-        active[pinv[up]] = True
-        sel = torch.nonzero(active[rr]).flatten()
-    return None
-
-
-def _sparse_lap(S: Tensor, edges: Tensor) -> Optional[Tensor]:
-    """Max-sum assignment of S restricted to the candidate edges (sorted unique flat indices)."""
-    from scipy.sparse import csr_matrix
-    from scipy.sparse.csgraph import min_weight_full_bipartite_matching
-
-    n = S.shape[0]
-    rr, cl = edges // n, edges % n
-    vals = S.view(-1)[edges].double()
-    data = float(vals.max()) - vals + 1.0  # positive costs: no explicit zeros
-    indptr = np.concatenate([[0], np.cumsum(torch.bincount(rr, minlength=n).cpu().numpy())])
-    try:
-        M = csr_matrix((data.cpu().numpy(), cl.cpu().numpy(), indptr), shape=(n, n))
-        _, col = min_weight_full_bipartite_matching(M)
-    except ValueError:  # no perfect matching on the candidates
-        return None
-    return torch.from_numpy(col.astype(np.int64)).to(S.device)
-
-
-def _row_best(S: Tensor, y: Tensor, p: Tensor, chunk: int = 256) -> tuple[Tensor, Tensor]:
-    """Per row: the column maximising S[i, j] - y[j] and how much it beats column p[i] (float64, in chunks)."""
-    n = S.shape[0]
-    best = torch.empty(n, dtype=torch.long, device=S.device)
-    slack = torch.empty(n, dtype=torch.float64, device=S.device)
-    for a in range(0, n, chunk):
-        r = S[a:a + chunk].double() - y[None, :]
-        m, j = r.max(1)
-        best[a:a + chunk] = j
-        slack[a:a + chunk] = m - r.gather(1, p[a:a + chunk, None]).squeeze(1)
-    return best, slack
-
-
-def solve_assignment(S: Tensor, hint: Optional[Tensor] = None, k: int = 48,
-                     attempts: int = 4) -> tuple[Tensor, Optional[Tensor], bool]:
-    """Exact max-sum assignment of a square S: (perm, column potentials certifying it, used the dense solver).
-
-    Large problems are solved on each row's k best columns (plus ``hint``, so a perfect matching exists)
-    with scipy's sparse solver. Potentials computed on the candidate edges are checked on ALL edges;
-    each violated row gets its best column by reduced value added and the check repeats. The answer is
-    therefore exact; if it does not settle in a few attempts the dense solver decides.
-    """
-    n = S.shape[0]
-    if n < _SPARSE_MIN or k + 1 >= n:
-        return _lap_max(S).to(S.device), None, True
-    hint = torch.arange(n, device=S.device) if hint is None else hint
-    lo, hi = S.aminmax()
-    scale = max(float(hi), -float(lo), 1e-30)
-    edges = _candidates(S, k, hint)
-    rows = torch.arange(n, device=S.device)
-    p: Optional[Tensor] = None
-    y: Optional[Tensor] = None
-    for _ in range(attempts):
-        if p is None:
-            p = _sparse_lap(S, edges)
-            if p is None:
-                break
-            y = None
-        y = _potentials(S, p, edges, y, 1e-13 * scale)
-        if y is None:  # p not optimal on the enlarged candidates: solve them again
-            p = None
-            continue
-        best, slack = _row_best(S, y, p)
-        bad = slack > 1e-9 * scale
-        if not bool(bad.any()):
-            return p, y, False
-        edges = torch.unique(torch.cat([edges, rows[bad] * n + best[bad]]))
-    return _lap_max(S).to(S.device), None, True
+SPEC = (
+    Option("matching", "weight", "what the permutations match: weights (data-free) or activations on "
+           "unlabelled images", choices=MATCHINGS, flag=True),
+    Option("max_iter", 100, "weight-matching sweeps at most", flag=True, minimum=0),
+    Option("seed", 0, "seed of the weight-matching visiting order and the calibration sample", minimum=0),
+    Option("calibration", 128, "calibration images for activation matching", minimum=0),
+    Option("within", "shared", "within-head order: one shared by q, k, v and o (the paper's) or separate "
+           "q/k and v/o orders (the larger symmetry group)", choices=WITHIN),
+)
+OPTIONS = {o.name: o.default for o in SPEC}
+ROLES = ("q", "k", "v", "o")
 
 
 # ----------------------------------------------------------------------------------------------
 # level 1: spectral head assignment
 # ----------------------------------------------------------------------------------------------
-def head_blocks(params: Mapping[str, Tensor], arch: ViTArch, layer: int) -> Tensor:
-    """[4, H, d_h, d]: each head's rows of Q, K, V and its columns of O (transposed), via the axis table."""
+def head_blocks(params: Mapping[str, Tensor], arch: Arch, layer: int) -> dict[str, Tensor]:
+    """Per role [heads of that role, d_h, d]: each head's rows of q, k, v and its columns of o (transposed)."""
     info = param_axes(arch)
-    H, dh, hs = arch.heads, arch.head_dim, f"heads:{layer}"
-    out = []
-    for block in ("Q", "K", "V", "O"):
-        name = next(n for n, i in info.items() if i.layer == layer and i.block == block and not i.is_bias)
-        ax = info[name].axes.index(hs)
-        w = params[name].movedim(ax, 0)
-        out.append(w.reshape(H, dh, -1))
-    return torch.stack(out)
+    hs, dh = f"heads:{layer}", arch.head_dim
+    out = {}
+    for name, i in info.items():
+        if i.layer != layer or i.is_bias:
+            continue
+        for ax, axis in enumerate(i.axes):
+            if axis is not None and axis.space == hs:
+                w = params[name].movedim(ax, 0)
+                out[axis.role] = w.reshape(w.shape[0] // dh, dh, -1)
+    return {r: out[r] for r in ROLES}
 
 
-def head_spectra(params: Mapping[str, Tensor], arch: ViTArch, device: str = "cpu") -> Tensor:
-    """[L, 4, H, d_h] singular values (descending) of every head block of every layer."""
-    out = []
-    for l in range(arch.layers):
-        x = head_blocks(params, arch, l).to(device, torch.float64)
+def _spectra(blocks: dict[str, Tensor], device: str) -> dict[str, Tensor]:
+    out = {}
+    for role, x in blocks.items():
+        x = x.to(device, torch.float64)
         # singular values via the small d_h x d_h Gram matrices (d_h << d): sqrt of their eigenvalues
         ev = torch.linalg.eigvalsh(x @ x.transpose(-1, -2))
-        out.append(ev.clamp_min(0).sqrt().flip(-1))
-    return torch.stack(out)
+        out[role] = ev.clamp_min(0).sqrt().flip(-1)
+    return out
 
 
-def head_cost(spec_B: Tensor, spec_A: Tensor) -> Tensor:
-    """C[i, j] = sum over Q, K, V, O of ||s_B(i) - s_A(j)||_2, for spectra [4, H, d_h] of one layer."""
+def head_spectra(params: Mapping[str, Tensor], arch: Arch, device: str = "cpu") -> list[dict[str, Tensor]]:
+    """Per layer, per role, the singular values (descending) of every head block [heads, d_h]."""
+    return [_spectra(head_blocks(params, arch, l), device) for l in range(arch.layers)]
+
+
+def stack_spectra(spectra: list[dict[str, Tensor]]) -> Tensor:
+    """[L, 4, H, d_h] (roles q, k, v, o) of :func:`head_spectra` without grouped-query attention."""
+    return torch.stack([torch.stack([s[x] for x in ROLES]) for s in spectra])
+
+
+def head_cost(spec_B: Tensor | dict, spec_A: Tensor | dict) -> Tensor:
+    """C[i, j] = sum over q, k, v, o of ||s_B(i) - s_A(j)||_2, for spectra [4, H, d_h] (or per role) of one layer."""
+    if isinstance(spec_B, dict):
+        spec_B, spec_A = torch.stack([spec_B[x] for x in ROLES]), torch.stack([spec_A[x] for x in ROLES])
     diff = spec_B[:, :, None, :].double() - spec_A[:, None, :, :].double()
     return diff.norm(dim=-1).sum(0)
+
+
+def group_cost(spec_B: dict[str, Tensor], spec_A: dict[str, Tensor], group_size: int) -> tuple[Tensor, Tensor]:
+    """Cost of matching target group i to source group j, and the best query order inside each pair.
+
+    C[i, j] = ||s_k|| + ||s_v|| distances + the minimum over query-head assignments of the q and o
+    distances of the matched query heads; ``order[i, j]`` [r] is that assignment. Without grouped-query
+    attention (r = 1) this is :func:`head_cost`.
+    """
+    r = group_size
+    if r == 1:
+        C = head_cost(torch.stack([spec_B[x] for x in ROLES]), torch.stack([spec_A[x] for x in ROLES]))
+        return C, torch.zeros(*C.shape, 1, dtype=torch.long)
+
+    def dist(x: str) -> Tensor:  # [n_B, n_A]
+        return (spec_B[x][:, None, :].double() - spec_A[x][None, :, :].double()).norm(dim=-1)
+
+    kv = dist("k") + dist("v")
+    G = kv.shape[0]
+    qo = (dist("q") + dist("o")).reshape(G, r, G, r).permute(0, 2, 1, 3)  # [G_B, G_A, r, r]
+    C = torch.empty(G, G, dtype=torch.float64)
+    order = torch.empty(G, G, r, dtype=torch.long)
+    for i in range(G):
+        for j in range(G):
+            col, inner = lap_min_cost(qo[i, j].numpy())
+            C[i, j], order[i, j] = kv[i, j] + inner, torch.from_numpy(col.astype(np.int64))
+    return C, order
 
 
 def assign_heads(C: Tensor) -> tuple[Tensor, list[float]]:
@@ -215,7 +133,7 @@ def assign_heads(C: Tensor) -> tuple[Tensor, list[float]]:
     head (0 means an equally good alternative exists: the assignment of that head is not determined).
     """
     Cn = C.double().cpu().numpy()
-    sigma, best = _lap_min_cost(Cn)
+    sigma, best = lap_min_cost(Cn)
     big = (np.abs(Cn).max() + 1.0) * (len(Cn) + 1)
     margins = []
     for i in range(len(Cn)):
@@ -224,340 +142,106 @@ def assign_heads(C: Tensor) -> tuple[Tensor, list[float]]:
             continue
         Cf = Cn.copy()
         Cf[i, sigma[i]] = big
-        _, alt = _lap_min_cost(Cf)
+        _, alt = lap_min_cost(Cf)
         margins.append(max(0.0, alt - best))
     return torch.from_numpy(sigma.astype(np.int64)), margins
 
 
-# ----------------------------------------------------------------------------------------------
-# level 2: weight matching
-# ----------------------------------------------------------------------------------------------
-@dataclass
-class _Part:
-    """One (tensor, axis) contribution to a variable's similarity, as [n, R * n_r] matrices of B and A."""
-
-    B: Tensor
-    A: Tensor
-    tiles: int
-
-
-@dataclass
-class _Var:
-    name: str
-    kind: str
-    size: int
-    static: Tensor  # similarity from tensors with no other permuted axis ([n, n], or [H, d_h, d_h] for heads)
-    parts: dict[str, list[_Part]]  # neighbour variable -> contributions whose other axis lives there
-    S: Optional[Tensor] = None
-    seen: dict[str, int] = field(default_factory=dict)  # neighbour versions S was built from
-    used: dict[str, Tensor] = field(default_factory=dict)  # neighbour perms S was built from
-
-
-@dataclass
-class MatchStats:
-    sweeps: int = 0
-    objective: list[float] = field(default_factory=list)
-    solves: int = 0
-    solves_skipped: int = 0
-    visits_skipped: int = 0
-    similarity_s: float = 0.0
-    hungarian_s: float = 0.0
-    sweeps_s: float = 0.0
-    dense_solves: int = 0
-    by_kind: dict = field(default_factory=dict)  # kind -> counters and CPU seconds (benchmarks)
-
-
-def _mat(t: Tensor, axis: int, other: Optional[int]) -> Tensor:
-    """t with ``axis`` first and flattened to [n, -1]; the ``other`` permuted axis (if any) last."""
-    rest = [i for i in range(t.dim()) if i != axis and i != other]
-    order = [axis] + rest + ([other] if other is not None else [])
-    return t.permute(order).reshape(t.shape[axis], -1)
-
-
-class WeightMatcher:
-    """Coordinate ascent on the weight-matching objective over residual, MLP and within-head permutations."""
-
-    def __init__(self, theta_A: Mapping[str, Tensor], theta_B: Mapping[str, Tensor], arch: ViTArch,
-                 sigma: dict[int, Tensor], device: str = "cpu"):
-        self.arch, self.device = arch, device
-        self.spec = permutation_spec(arch)
-        info = param_axes(arch)
-        H, dh = arch.heads, arch.head_dim
-        self.sigma = {l: s.to(device) for l, s in sigma.items()}
-        A = {k: v.to(device, torch.float32) for k, v in theta_A.items()}
-        B = {k: v.to(device, torch.float32) for k, v in theta_B.items()}
-        self.A, self.B = A, B
-        self.perms: Perms = {}
-        self.version: dict[str, int] = {}
-        self.vars: dict[str, _Var] = {}
-        for s, v in self.spec.items():
-            parts: dict[str, list[_Part]] = {}
-            static_B, static_A = [], []
-            for name, ax in v.uses:
-                others = [i for i, sp in enumerate(info[name].axes) if sp is not None and i != ax]
-                if len(others) > 1:
-                    raise TransportError(f"{arch.name}: tensor {name} has more than two permuted axes")
-                o = others[0] if others else None
-                mb, ma = _mat(B[name], ax, o), _mat(A[name], ax, o)
-                if o is None:
-                    static_B.append(mb)
-                    static_A.append(ma)
-                else:
-                    r = info[name].axes[o]
-                    parts.setdefault(r, []).append(_Part(mb, ma, mb.shape[1] // self.spec[r].size))
-            if v.kind == "heads":
-                l = v.layer
-                rows = self._sigma_rows(l)
-                st = torch.zeros(H, dh, dh, device=device)
-                for mb, ma in zip(static_B, static_A):
-                    st += torch.bmm(mb.reshape(H, dh, -1), ma[rows].reshape(H, dh, -1).transpose(1, 2))
-                self.perms[s] = head_axis_permutation(self.sigma[l].cpu(), torch.arange(dh).repeat(H, 1), arch).to(device)
-            else:
-                st = torch.zeros(v.size, v.size, device=device)
-                for mb, ma in zip(static_B, static_A):
-                    st += mb @ ma.t()
-                self.perms[s] = torch.arange(v.size, device=device)
-            self.version[s] = 0
-            self.vars[s] = _Var(s, v.kind, v.size, st, parts)
-        self.stats = MatchStats()
-
-    def _sigma_rows(self, layer: int) -> Tensor:
-        dh = self.arch.head_dim
-        return (self.sigma[layer][:, None] * dh + torch.arange(dh, device=self.device)).reshape(-1)
-
-    @staticmethod
-    def _cols(q: Tensor, idx: Tensor, tiles: int) -> Tensor:
-        """Column indices (over all tiles) of units ``idx`` mapped through ``q``."""
-        n = q.numel()
-        base = torch.arange(tiles, device=q.device)[:, None] * n
-        return (base + q[idx][None, :]).reshape(-1)
-
-    # -- similarity ---------------------------------------------------------------------------
-    def _heads_similarity(self, v: _Var) -> Tensor:
-        H, dh = self.arch.heads, self.arch.head_dim
-        layer = int(v.name.split(":")[1])
-        rows = self._sigma_rows(layer)
-        S = v.static.clone()
-        for r, parts in v.parts.items():
-            q = self.perms[r]
-            for p in parts:
-                cols = self._cols(q, torch.arange(q.numel(), device=q.device), p.tiles)
-                a = p.A[rows][:, cols]
-                S += torch.bmm(p.B.reshape(H, dh, -1), a.reshape(H, dh, -1).transpose(1, 2))
-        return S
-
-    def _similarity(self, v: _Var, incremental: bool) -> Tensor:
-        """[n, n] similarity of a residual/MLP variable given the current neighbour perms.
-
-        Incremental: S = sum_c B[:, c] A[:, q(c)]^T, so when q moves on a set of units only those columns
-        are exchanged: S += B[:, moved] (A[:, q_new(moved)] - A[:, q_old(moved)])^T.
-        """
-        if v.S is None or not incremental:
-            S = v.static.clone()
-            for r, parts in v.parts.items():
-                q = self.perms[r]
-                for p in parts:
-                    cols = self._cols(q, torch.arange(q.numel(), device=q.device), p.tiles)
-                    S.addmm_(p.B, p.A[:, cols].t())
-            return S
-        S = v.S
-        for r, parts in v.parts.items():
-            q, old = self.perms[r], v.used[r]
-            moved = torch.nonzero(q != old).flatten()
-            if moved.numel() == 0:
-                continue
-            n = q.numel()
-            for p in parts:
-                own = (torch.arange(p.tiles, device=q.device)[:, None] * n + moved[None, :]).reshape(-1)
-                new_c, old_c = self._cols(q, moved, p.tiles), self._cols(old, moved, p.tiles)
-                S.addmm_(p.B[:, own], (p.A[:, new_c] - p.A[:, old_c]).t())
-        return S
-
-    # -- one variable -------------------------------------------------------------------------
-    def _neighbours_changed(self, v: _Var) -> bool:
-        return any(self.version[r] != v.seen.get(r, -1) for r in v.parts)
-
-    def visit(self, name: str, accelerate: bool = True) -> float:
-        """Solve variable ``name`` given all the others; returns the objective gain."""
-        v = self.vars[name]
-        if accelerate and v.seen and not self._neighbours_changed(v):
-            self.stats.visits_skipped += 1
-            return 0.0
-        t0, c0 = time.perf_counter(), time.process_time()
-        if v.kind == "heads":
-            S = self._heads_similarity(v)
-        else:
-            S = self._similarity(v, incremental=accelerate)
-            v.S = S if accelerate else None
-        v.seen = {r: self.version[r] for r in v.parts}
-        v.used = {r: self.perms[r].clone() for r in v.parts}
-        t1, c1 = time.perf_counter(), time.process_time()
-        self.stats.similarity_s += t1 - t0
-        cur = self.perms[name]
-        if v.kind == "heads":
-            gain, new = self._solve_heads(v, S, cur, accelerate)
-        else:
-            gain, new = self._solve(S, cur, accelerate, v)
-        self.stats.hungarian_s += time.perf_counter() - t1
-        bk = self.stats.by_kind.setdefault(v.kind, {"visits": 0, "changes": 0, "similarity_cpu": 0.0,
-                                                     "solve_cpu": 0.0})
-        bk["visits"] += 1
-        bk["similarity_cpu"] += c1 - c0
-        bk["solve_cpu"] += time.process_time() - c1
-        if new is not None and not torch.equal(new, cur):
-            bk["changes"] += 1
-            self.perms[name] = new
-            self.version[name] += 1
-        return gain
-
-    def _solve(self, S: Tensor, cur: Tensor, accelerate: bool, v: Optional[_Var] = None) -> tuple[float, Optional[Tensor]]:
-        n = S.shape[0]
-        if accelerate and n < _SPARSE_MIN and torch.equal(S.argmax(1), cur):
-            self.stats.solves_skipped += 1  # every row takes its maximum: the current perm is optimal
-            return 0.0, None
-        self.stats.solves += 1
-        if accelerate and n >= _SPARSE_MIN:
-            new, _, dense = solve_assignment(S, cur)
-            self.stats.dense_solves += int(dense)
-        else:
-            new = _lap_max(S).to(cur.device)
-        rows = torch.arange(n, device=S.device)
-        gain = float(S[rows, new].double().sum() - S[rows, cur].double().sum())
-        if gain <= 0.0:  # ties or rounding: keep the current perm (never move without strict improvement)
-            return 0.0, None
-        return gain, new
-
-    def _solve_heads(self, v: _Var, S: Tensor, cur: Tensor, accelerate: bool) -> tuple[float, Optional[Tensor]]:
-        H, dh = self.arch.heads, self.arch.head_dim
-        layer = int(v.name.split(":")[1])
-        sigma, rho = split_head_permutation(cur.cpu(), self.arch)
-        rho = rho.clone()
-        gain = 0.0
-        for h in range(H):
-            g, new = self._solve(S[h], rho[h].to(S.device), accelerate)
-            if new is not None:
-                rho[h] = new.cpu()
-                gain += g
-        return gain, head_axis_permutation(self.sigma[layer].cpu(), rho, self.arch).to(self.device)
-
-    # -- objective and loop -------------------------------------------------------------------
-    def objective(self, perms: Optional[Mapping[str, Tensor]] = None) -> float:
-        """sum over canonical tensors of <W_B, pi(W_A)> (float64 accumulation)."""
-        return matching_objective(self.A, self.B, self.perms if perms is None else perms, self.arch)
-
-    def within_heads(self) -> float:
-        """One within-head matching pass for every block (always run, whatever max_iter is)."""
-        gain = 0.0
-        for s, v in self.vars.items():
-            if v.kind == "heads":
-                gain += self.visit(s, accelerate=False)
-        return gain
-
-    def run(self, max_iter: int = 100, seed: int = 0, accelerate: bool = True,
-            progress: Progress = no_progress) -> MatchStats:
-        t0 = time.perf_counter()
-        obj = self.objective()
-        obj += self.within_heads()
-        self.stats.objective.append(obj)
-        g = torch.Generator().manual_seed(int(seed))
-        names = list(self.vars)
-        for it in range(int(max_iter)):
-            order = [names[i] for i in torch.randperm(len(names), generator=g).tolist()]
-            before = dict(self.version)
-            gain = 0.0
-            for s in order:
-                gain += self.visit(s, accelerate)
-            obj += gain
-            self.stats.sweeps += 1
-            self.stats.objective.append(obj)
-            progress(min(1.0, (it + 1) / max(1, max_iter)), f"weight matching: sweep {it + 1}, objective {obj:.6g}")
-            if before == self.version or gain <= 1e-12:
-                break
-        self.stats.sweeps_s = time.perf_counter() - t0
-        return self.stats
-
-
-def matching_objective(theta_A: Mapping[str, Tensor], theta_B: Mapping[str, Tensor], perms: Mapping[str, Tensor],
-                       arch: ViTArch) -> float:
-    """sum_t <W_B^t, pi(W_A^t)>, the quantity weight matching maximises."""
-    total = 0.0
-    for k in param_axes(arch):
-        a = apply_permutation({k: theta_A[k]}, perms, arch)[k]
-        total += float((a.double() * theta_B[k].to(a.device).double()).sum())
-    return total
+def assign_groups(spec_B: dict[str, Tensor], spec_A: dict[str, Tensor], arch: Arch
+                  ) -> tuple[HeadPermutation, Tensor, list[float]]:
+    """The head order of one layer (groups, query heads within them; identity within heads), cost, margins."""
+    C, order = group_cost(spec_B, spec_A, arch.group_size)
+    kv, margins = assign_heads(C)
+    q = order[torch.arange(len(kv)), kv]
+    dh, G = arch.head_dim, arch.kv_heads
+    ident = torch.arange(dh).repeat(G, 1)
+    return HeadPermutation(kv, q, ident, ident.clone()), C, margins
 
 
 # ----------------------------------------------------------------------------------------------
 # activation matching (optional; needs calibration images)
 # ----------------------------------------------------------------------------------------------
-def _activation_sites(arch: ViTArch) -> dict[str, list[tuple[str, str]]]:
-    """Variable -> recorded (module, 'in'|'out') activations that live in its space."""
-    L = arch.layers
-    sites: dict[str, list[tuple[str, str]]] = {"res:0": [("blocks.0.ln1", "in")]}
-    for l in range(L):
-        b = f"blocks.{l}"
-        sites[f"heads:{l}"] = [(f"{b}.attn.q", "out"), (f"{b}.attn.k", "out"), (f"{b}.attn.v", "out"),
-                               (f"{b}.attn.o", "in")]
-        sites[f"res:{l}a"] = [(f"{b}.ln2", "in")]
-        sites[f"mlp:{l}"] = [(f"{b}.mlp.fc2", "in")]
-        sites[f"res:{l}m"] = [(f"blocks.{l + 1}.ln1", "in")] if l + 1 < L else [("ln_post", "in")]
-    return sites
+def _variable_sites(arch: Arch) -> dict[str, list[tuple[str, str]]]:
+    """Variable -> (activation site, role) pairs recorded for it (residual streams, MLP hidden, heads)."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    for s, v in permutation_spec(arch).items():
+        if v.kind == "res":
+            out[s] = [(s, "all")] + ([(f"res:{arch.layers - 1}m", "all")] if arch.tied_embeddings and s == "res:0"
+                                     else [])
+        elif v.kind == "mlp":
+            out[s] = [(f"act:{v.layer}", "all")]
+        else:
+            l = v.layer
+            out[s] = [(f"q:{l}", "q"), (f"k:{l}", "k"), (f"v:{l}", "v"), (f"ctx:{l}", "o")]
+    return out
 
 
-def activation_similarity(theta_A: Mapping[str, Tensor], theta_B: Mapping[str, Tensor], arch: ViTArch,
-                          images01: Tensor, device: str = "cpu", batch_size: int = 64) -> dict[str, Tensor]:
-    """Per variable, the [n, n] correlation between units of B (rows) and A (columns) on the same images."""
-    from transport.functional import encode, preprocess
-
-    sites = _activation_sites(arch)
-    wanted = {(m, io): s for s, lst in sites.items() for m, io in lst}
-    spec = permutation_spec(arch)
+def activation_similarity(theta_A: Mapping[str, Tensor], theta_B: Mapping[str, Tensor], arch: Arch,
+                          images01: Tensor, device: str = "cpu", batch_size: int = 64) -> dict[str, dict[str, Tensor]]:
+    """Per variable and role, the correlation [n, n] between units of B (rows) and A (columns) on the same images."""
+    sites = _variable_sites(arch)
+    wanted = {site: (s, role) for s, lst in sites.items() for site, role in lst}
     acc: dict[str, dict[str, Tensor]] = {}
     pa = {k: v.to(device, torch.float32) for k, v in theta_A.items()}
     pb = {k: v.to(device, torch.float32) for k, v in theta_B.items()}
     for i in range(0, len(images01), batch_size):
         x = preprocess(arch, images01[i:i + batch_size].to(device))
-        rec: dict[str, dict[tuple[str, str], Tensor]] = {"A": {}, "B": {}}
+        rec: dict[str, dict[str, Tensor]] = {"A": {}, "B": {}}
         for tag, p in (("A", pa), ("B", pb)):
-            def hook(name: str, xin: Tensor, yout: Tensor, tag: str = tag) -> None:
-                for io, t in (("in", xin), ("out", yout)):
-                    if (name, io) in wanted:
-                        rec[tag][(name, io)] = t.detach().reshape(-1, t.shape[-1]).double()
+            def hook(site: str, t: Tensor, tag: str = tag) -> None:
+                if site in wanted:
+                    rec[tag][site] = t.detach().reshape(-1, t.shape[-1]).double()
             with torch.no_grad():
                 encode(p, arch, x, record=hook)
-        for key, s in wanted.items():
-            a, b = rec["A"][key], rec["B"][key]
-            st = acc.setdefault(s, {})
+        for site in wanted:
+            a, b = rec["A"][site], rec["B"][site]
+            st = acc.setdefault(site, {})
             for nm, val in (("ba", b.t() @ a), ("sa", a.sum(0)), ("sb", b.sum(0)), ("qa", (a * a).sum(0)),
                             ("qb", (b * b).sum(0)), ("n", torch.tensor(float(a.shape[0]), dtype=torch.float64))):
                 st[nm] = st[nm] + val if nm in st else val
-    out = {}
-    for s, st in acc.items():
+    out: dict[str, dict[str, Tensor]] = {}
+    for site, st in acc.items():
         n = st["n"]
         ma, mb = st["sa"] / n, st["sb"] / n
         cov = st["ba"] / n - mb[:, None] * ma[None, :]
         sa = (st["qa"] / n - ma * ma).clamp_min(0).sqrt() + 1e-8
         sb = (st["qb"] / n - mb * mb).clamp_min(0).sqrt() + 1e-8
-        corr = cov / (sb[:, None] * sa[None, :])
-        if corr.shape[0] != spec[s].size:
-            raise TransportError(f"activation matching: {s} has {corr.shape[0]} units, expected {spec[s].size}")
-        out[s] = corr.float()
+        s, role = wanted[site]
+        corr = (cov / (sb[:, None] * sa[None, :])).float()
+        prev = out.setdefault(s, {}).get(role)
+        out[s][role] = corr if prev is None else prev + corr
     return out
 
 
-def match_activations(corr: Mapping[str, Tensor], arch: ViTArch, sigma: dict[int, Tensor]) -> Perms:
-    """Each variable solved once on its activation correlation; heads keep sigma, only rho is matched."""
-    H, dh = arch.heads, arch.head_dim
+def match_activations(corr: Mapping[str, dict[str, Tensor]], arch: Arch, groups: dict[int, HeadPermutation],
+                      within: str = "shared") -> Perms:
+    """Each variable solved once on its activation correlation; heads keep their order, only the
+    within-head orders are matched (per group: its query heads and key head for q/k, value head and o's
+    columns for v/o)."""
+    dh, G = arch.head_dim, arch.kv_heads
+    separate = within == "separate" or arch.position == "rope"
     perms: Perms = {}
     for s, v in permutation_spec(arch).items():
-        C = corr[s]
-        if v.kind == "heads":
-            sg = sigma[v.layer].to(C.device)
-            rho = torch.stack([_lap_max(C[h * dh:(h + 1) * dh, int(sg[h]) * dh:(int(sg[h]) + 1) * dh])
-                               for h in range(H)])
-            perms[s] = head_axis_permutation(sg.cpu(), rho, arch)
+        if v.kind != "heads":
+            perms[s] = lap_max(corr[s]["all"])
+            continue
+        hp = groups[v.layer]
+        blocks = {}
+        for role, C in corr[s].items():
+            idx = axis_index(hp, role).to(C.device)
+            sub = C[:, idx]  # B's units (rows) against A's units moved into B's head order
+            n = sub.shape[0] // dh
+            diag = torch.stack([sub[h * dh:(h + 1) * dh, h * dh:(h + 1) * dh] for h in range(n)])
+            blocks[role] = diag if n == G else diag.reshape(G, n // G, dh, dh).sum(1)
+        qk_S = blocks["q"] + blocks["k"]
+        vo_S = blocks["v"] + blocks["o"]
+        if separate:
+            qk = hp.qk.clone() if arch.position == "rope" else torch.stack([lap_max(qk_S[g]) for g in range(G)])
+            vo = torch.stack([lap_max(vo_S[g]) for g in range(G)])
         else:
-            perms[s] = _lap_max(C)
+            qk = torch.stack([lap_max(qk_S[g] + vo_S[g]) for g in range(G)])
+            vo = qk.clone()
+        perms[s] = HeadPermutation(hp.kv.clone(), hp.q.clone(), qk, vo)
     return perms
 
 
@@ -566,74 +250,75 @@ def match_activations(corr: Mapping[str, Tensor], arch: ViTArch, sigma: dict[int
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class TransFusionAlignment:
-    """All permutations aligning theta_A to theta_B (``perms``: variable -> LongTensor, new = old[p]) + diagnostics."""
+    """All permutations aligning theta_A to theta_B (``perms``: variable -> index or HeadPermutation) + diagnostics."""
 
-    arch: ViTArch
-    perms: dict[str, Tensor]
+    arch: Arch
+    perms: Perms
     info: dict
 
     def diagnostics(self) -> dict:
         return json.loads(json.dumps(self.info))
 
     def save(self, directory) -> None:
-        from safetensors.torch import save_file
-
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().long().contiguous() for k, v in self.perms.items()},
-                  str(d / "permutations.safetensors"), metadata={"arch": self.arch.to_json()})
+        write_safetensors(d / "permutations.safetensors",
+                          {k: v.detach().cpu().long() for k, v in flatten(self.perms).items()},
+                          {"arch": self.arch.to_json()})
         (d / "alignment.json").write_text(json.dumps({"arch": json.loads(self.arch.to_json()),
-                                                      "diagnostics": self.info}))
+                                                      "diagnostics": self.info}, sort_keys=True))
 
     @classmethod
     def load(cls, directory) -> "TransFusionAlignment":
-        from transport.io import read_safetensors
-
         d = Path(directory)
         meta_file = d / "alignment.json"
         if not meta_file.exists():
             raise TransportError(f"{meta_file}: file not found (not a TransFusion alignment directory)")
         try:
             meta = json.loads(meta_file.read_text())
-            arch = ViTArch.from_json(json.dumps(meta["arch"]))
+            arch = Arch.from_json(meta["arch"])
             info = meta["diagnostics"]
         except (ValueError, KeyError, TypeError) as e:
             raise TransportError(f"{meta_file}: malformed alignment file ({type(e).__name__}: {e})") from None
+        where = str(d / "permutations.safetensors")
         tensors, _ = read_safetensors(d / "permutations.safetensors")
-        perms = {k: v.long() for k, v in tensors.items()}
-        check_permutations(perms, arch, str(d / "permutations.safetensors"))
+        perms = unflatten(tensors, arch, where)
+        check_permutations(perms, arch, where)
         missing = [s for s in permutation_spec(arch) if s not in perms]
         if missing:
-            raise TransportError(f"{d / 'permutations.safetensors'}: missing permutations {', '.join(missing[:4])}")
+            raise TransportError(f"{where}: missing permutations {', '.join(missing[:4])}")
         return cls(arch, perms, info)
 
 
-def _diagnostics(arch: ViTArch, perms: Perms, matching: str, costs: dict[int, Tensor], margins: dict[int, list],
-                 stats: MatchStats, timings: dict[str, float]) -> dict:
+def _diagnostics(arch: Arch, perms: Perms, matching: str, within: str, costs: dict[int, Tensor],
+                 margins: dict[int, list], stats: MatchStats, timings: dict[str, float]) -> dict:
     layers = []
     for l in range(arch.layers):
-        sigma, rho = split_head_permutation(perms[f"heads:{l}"], arch)
+        hp: HeadPermutation = perms[f"heads:{l}"]  # type: ignore[assignment]
         layers.append({
             "layer": l,
-            "head_perm": [int(x) for x in sigma],
+            "head_perm": [int(x) for x in hp.kv],
+            "query_perm": [[int(x) for x in row] for row in hp.q.tolist()],
             "head_cost": [[float(x) for x in row] for row in costs[l].tolist()],
             "head_margin": [float(x) for x in margins[l]],
-            "within_head_perms": [[int(x) for x in r] for r in rho.tolist()],
+            "within_head_perms": [[int(x) for x in r] for r in hp.qk.tolist()],
+            "within_head_perms_vo": [[int(x) for x in r] for r in hp.vo.tolist()],
             "mlp_fixed_points": fixed_points(perms[f"mlp:{l}"]),
             "mlp_size": int(arch.mlp_width),
             "res_attn_fixed_points": fixed_points(perms[f"res:{l}a"]),
-            "res_mlp_fixed_points": fixed_points(perms[f"res:{l}m"]),
-            "head_fixed_points": fixed_points(sigma),
+            "res_mlp_fixed_points": fixed_points(perms.get(f"res:{l}m", perms["res:0"])),
+            "head_fixed_points": fixed_points(hp.kv),
         })
     residual = {s: {"fixed_points": fixed_points(perms[s]), "size": int(arch.width)} for s in residual_names(arch)}
-    return {"method": "transfusion", "matching": matching, "sweeps": int(stats.sweeps),
+    return {"method": "transfusion", "matching": matching, "within": within, "sweeps": int(stats.sweeps),
+            "kv_heads": int(arch.kv_heads), "group_size": int(arch.group_size),
             "objective_per_sweep": [float(x) for x in stats.objective], "layers": layers, "residual": residual,
             "timings": {k: float(v) for k, v in timings.items()}}
 
 
-def align(theta_A: Mapping[str, Tensor], theta_B: Mapping[str, Tensor], arch: ViTArch, matching: str = "weight",
+def align(theta_A: Mapping[str, Tensor], theta_B: Mapping[str, Tensor], arch: Arch, matching: str = "weight",
           max_iter: int = 100, seed: int = 0, device: str = "cpu", calibration: Optional[Tensor] = None,
-          accelerate: bool = True, progress: Progress = no_progress) -> TransFusionAlignment:
+          accelerate: bool = True, progress: Progress = no_progress, within: str = "shared") -> TransFusionAlignment:
     """All TransFusion permutations aligning theta_A to theta_B (canonical tensors of ``arch``)."""
     if matching not in MATCHINGS:
         raise TransportError(f"transfusion: unknown matching '{matching}' (use {' or '.join(MATCHINGS)})")
@@ -647,31 +332,33 @@ def align(theta_A: Mapping[str, Tensor], theta_B: Mapping[str, Tensor], arch: Vi
     spec_A, spec_B = head_spectra(theta_A, arch, device), head_spectra(theta_B, arch, device)
     t1 = time.perf_counter()
     timings["spectra"] = t1 - t0
-    costs, margins, sigma = {}, {}, {}
+    costs, margins, groups = {}, {}, {}
     for l in range(arch.layers):
-        costs[l] = head_cost(spec_B[l], spec_A[l]).cpu()
-        sigma[l], margins[l] = assign_heads(costs[l])
+        sb = {k: v.cpu() for k, v in spec_B[l].items()}
+        sa = {k: v.cpu() for k, v in spec_A[l].items()}
+        groups[l], costs[l], margins[l] = assign_groups(sb, sa, arch)
     t2 = time.perf_counter()
     timings["head_assignment"] = t2 - t1
     progress(0.05, "transfusion: matching")
     if matching == "weight":
-        wm = WeightMatcher(theta_A, theta_B, arch, sigma, device)
+        wm = WeightMatcher(theta_A, theta_B, arch, groups, device, within)
         stats = wm.run(max_iter, seed, accelerate, lambda f, m: progress(0.05 + 0.95 * f, m))
-        perms = {k: v.cpu() for k, v in wm.perms.items()}
+        perms: Perms = {k: v.to("cpu") for k, v in wm.perms.items()}
         del wm
     else:
         if calibration is None:
             raise TransportError("transfusion: activation matching needs calibration images (give a task)")
         corr = activation_similarity(theta_A, theta_B, arch, calibration, device)
         t_s = time.perf_counter()
-        perms = match_activations(corr, arch, sigma)
+        perms = match_activations(corr, arch, groups, within)
         stats = MatchStats(sweeps=0, hungarian_s=time.perf_counter() - t_s, similarity_s=t_s - t2)
         stats.objective.append(matching_objective(theta_A, theta_B, perms, arch))
     t3 = time.perf_counter()
     timings.update(sweeps=t3 - t2, hungarian=stats.hungarian_s, similarity=stats.similarity_s)
     check_permutations(perms, arch, "transfusion result")
     progress(1.0, "transfusion: done")
-    al = TransFusionAlignment(arch, perms, _diagnostics(arch, perms, matching, costs, margins, stats, timings))
+    al = TransFusionAlignment(arch, perms, _diagnostics(arch, perms, matching, within, costs, margins, stats,
+                                                        timings))
     al.stats = stats  # type: ignore[attr-defined]  (solver counters for benchmarks; not saved)
     return al
 
@@ -679,21 +366,11 @@ def align(theta_A: Mapping[str, Tensor], theta_B: Mapping[str, Tensor], arch: Vi
 # ----------------------------------------------------------------------------------------------
 # method contract
 # ----------------------------------------------------------------------------------------------
-def _check_options(options: Mapping) -> dict:
-    opts = {**OPTIONS, **dict(options or {})}
-    if opts["matching"] not in MATCHINGS:
-        raise TransportError(f"transfusion: unknown matching '{opts['matching']}' (use {' or '.join(MATCHINGS)})")
-    for k in ("max_iter", "seed", "calibration"):
-        if isinstance(opts[k], bool) or not isinstance(opts[k], (int, np.integer)) or int(opts[k]) < 0:
-            raise TransportError(f"transfusion: option {k} must be a non-negative integer, got {opts[k]!r}")
-    return opts
-
-
 def prepare(inputs: TransportInputs, options: dict, progress: Progress = no_progress) -> TransFusionAlignment:
     """Permutations aligning the source pretrained model to the target pretrained model (tau never read)."""
-    opts = _check_options(options)
+    opts = METHOD.resolve(options)
     a, b = inputs.source.arch, inputs.target.arch
-    if not a.same_shapes(b):
+    if not same_shapes(a, b):
         raise TransportError(f"transfusion needs source and target of the same architecture: {inputs.source.ref} "
                              f"is {a.name}, {inputs.target.ref} is {b.name}")
     calib = None
@@ -702,15 +379,14 @@ def prepare(inputs: TransportInputs, options: dict, progress: Progress = no_prog
             raise TransportError("transfusion: matching 'activation' needs unlabelled images: give a task "
                                  "(--task or --data)")
         calib = inputs.task.calibration(max(1, int(opts["calibration"])), int(opts["seed"]))
-    al = align(inputs.source.params, inputs.target.params, b, opts["matching"], int(opts["max_iter"]),
-               int(opts["seed"]), inputs.device, calib, True, progress)
-    return al
+    return align(inputs.source.params, inputs.target.params, b, opts["matching"], int(opts["max_iter"]),
+                 int(opts["seed"]), inputs.device, calib, True, progress, opts["within"])
 
 
 def apply(alignment: TransFusionAlignment, tau: TaskVector, alpha: float = 1.0,
           options: Optional[dict] = None) -> TaskVector:
     """alpha * pi(tau): every axis of tau gathered by its space's permutation, in the target's canonical names."""
-    if not tau.arch.same_shapes(alignment.arch):
+    if not same_shapes(tau.arch, alignment.arch):
         raise TransportError(f"task vector of {tau.arch.name} does not fit the alignment for {alignment.arch.name}")
     moved = apply_permutation(tau.tensors, alignment.perms, alignment.arch)
     return TaskVector(alignment.arch, moved, tau.meta) * float(alpha)
@@ -720,5 +396,9 @@ METHOD = MethodInfo(
     name="transfusion",
     summary="permute tau onto the target's basin: spectral head assignment + weight matching (data-free)",
     same_arch=True, data="none", prepare=prepare, apply=apply, load_alignment=TransFusionAlignment.load,
-    options=dict(OPTIONS),
+    spec=SPEC,
 )
+
+__all__ = ["METHOD", "OPTIONS", "MATCHINGS", "TransFusionAlignment", "align", "apply", "prepare", "head_blocks",
+           "head_spectra", "stack_spectra", "head_cost", "group_cost", "assign_heads", "assign_groups", "activation_similarity",
+           "match_activations", "WeightMatcher", "matching_objective"]

@@ -5,10 +5,13 @@ from dataclasses import dataclass
 
 import torch
 
+from transport.core.forward import encode
+from transport.core.heads import Classifier
+from transport.core.model import Model
+from transport.core.stems import preprocess
+from transport.core.task_vector import TaskVector
 from transport.data import Task
-from transport.functional import Classifier, encode, preprocess
-from transport.model import Model
-from transport.task_vector import TaskVector
+from transport.errors import TransportError
 
 Tensor = torch.Tensor
 
@@ -35,8 +38,6 @@ def default_alpha_grid() -> list[float]:
 
 def parse_alpha_grid(text: str) -> list[float]:
     """``LO:HI:N`` -> N evenly spaced values from LO to HI."""
-    from transport.errors import TransportError
-
     try:
         lo, hi, n = text.split(":")
         lo_f, hi_f, n_i = float(lo), float(hi), int(n)

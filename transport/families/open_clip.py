@@ -1,8 +1,9 @@
-"""open_clip models: ``open_clip:ARCH:TAG`` -> a :class:`~transport.model.Model` (visual tower + zero-shot head).
+"""The open_clip family: ``open_clip:ARCH:TAG`` references, open_clip ViT configs, the visual tower's names.
 
 TAG ``none`` (or empty) builds a seeded random init, which is what the tests use. A pretrained TAG is
 loaded from the local cache when it is there; otherwise the network is probed with a short timeout
-first, so an offline machine gets a one-line :class:`TransportError` instead of a hang.
+first, so an offline machine gets a one-line :class:`TransportError` instead of a hang. The demo zoo's
+models are open_clip towers of tiny configurations (:func:`tiny_arch`).
 """
 from __future__ import annotations
 
@@ -10,28 +11,94 @@ import dataclasses
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from transport.arch import ViTArch, open_clip_arch, to_canonical
+from transport.core.arch import Arch
+from transport.core.heads import PROMPT_TEMPLATES, Classifier, ZeroShotHeads, zero_shot_classifier
+from transport.core.model import Model
 from transport.errors import TransportError
-from transport.functional import Classifier
-from transport.model import Model
+from transport.families.base import Family
+from transport import hub
 
 Tensor = torch.Tensor
 
-# Prompt ensemble for CLIP zero-shot heads: class embedding = normalised mean of normalised prompts.
-PROMPT_TEMPLATES: tuple[str, ...] = (
-    "a photo of a {}.",
-    "a blurry photo of a {}.",
-    "a photo of the small {}.",
-    "a photo of the large {}.",
-    "a low resolution photo of a {}.",
-    "a drawing of a {}.",
-    "a photo of the {}, a type of object.",
-)
+
+class OpenClipFamily(Family):
+    """open_clip ``VisionTransformer`` towers (``model.visual``); a full CLIP state dict gives its visual tower."""
+
+    name = "open_clip"
+    table_name = "open_clip_vit"
+
+    def tower(self, sd: Mapping[str, Tensor], arch: Arch) -> dict[str, Tensor]:
+        if any(k.startswith("visual.") for k in sd):
+            return {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
+        return {k: v for k, v in sd.items() if not k.startswith("classifier.")}
+
+    def tiny_arch(self) -> Arch:
+        return tiny_arch(width=32, layers=2, heads=4, image_size=8, patch_size=2, output_dim=16)
+
+    def init_module(self, arch: Arch, seed: int = 0) -> torch.nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return build_open_clip_tower(arch)
+
+    def module_forward(self, module: torch.nn.Module, inputs: Tensor) -> Tensor:
+        with torch.no_grad():
+            return module(inputs)
+
+
+FAMILY = OpenClipFamily()
+
+
+def open_clip_arch(model_name: str) -> Arch:
+    """The visual tower of an open_clip model config (any ViT: B-32, B-16, L-14, B-16-plus-240, -quickgelu)."""
+    import open_clip
+
+    cfg = open_clip.get_model_config(model_name)
+    if cfg is None:
+        raise TransportError(f"open_clip has no model config named '{model_name}'")
+    v = cfg.get("vision_cfg", {})
+    if v.get("timm_model_name") or "layers" not in v or isinstance(v.get("layers"), (list, tuple)):
+        raise TransportError(f"open_clip:{model_name} is not a plain ViT (only VisionTransformer towers are supported)")
+    unsupported = [k for k in ("ls_init_value", "attentional_pool", "no_ln_pre", "qk_norm", "block_type")
+                   if v.get(k) not in (None, False)]
+    if v.get("pool_type", "tok") != "tok" or v.get("final_ln_after_pool") or unsupported:
+        raise TransportError(f"open_clip:{model_name} uses tower options not supported yet: "
+                             f"{', '.join(unsupported) or 'pool_type ' + str(v.get('pool_type'))}")
+    width = int(v.get("width", 768))
+    head_width = int(v.get("head_width", 64))
+    image_size = v.get("image_size", 224)
+    image_size = image_size[0] if isinstance(image_size, (list, tuple)) else image_size
+    return Arch(
+        family="open_clip", name=f"open_clip:{model_name}", image_size=int(image_size),
+        patch_size=int(v.get("patch_size", 16)), width=width, layers=int(v["layers"]), heads=width // head_width,
+        mlp_width=int(width * float(v.get("mlp_ratio", 4.0))), output_dim=int(cfg.get("embed_dim", 512)),
+        act="quick_gelu" if cfg.get("quick_gelu") else "gelu",
+    )
+
+
+def tiny_arch(width: int = 64, layers: int = 3, heads: int = 4, mlp_ratio: float = 4.0, image_size: int = 8,
+              patch_size: int = 2, output_dim: int = 32, act: str = "gelu", name: str | None = None) -> Arch:
+    """A tiny open_clip VisionTransformer config (what the demo zoo and the tests use)."""
+    return Arch(family="open_clip", name=name or f"zoo:vit-w{width}-l{layers}-h{heads}", image_size=image_size,
+                   patch_size=patch_size, width=width, layers=layers, heads=heads,
+                   mlp_width=int(width * mlp_ratio), output_dim=output_dim, act=act,
+                   mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+def build_open_clip_tower(arch: Arch):
+    """A real ``open_clip.transformer.VisionTransformer`` module for ``arch`` (random init)."""
+    from open_clip.transformer import QuickGELU, VisionTransformer
+
+    if arch.family != "open_clip":
+        raise TransportError(f"{arch.name} is not an open_clip architecture")
+    act = QuickGELU if arch.act == "quick_gelu" else torch.nn.GELU
+    return VisionTransformer(image_size=arch.image_size, patch_size=arch.patch_size, width=arch.width,
+                             layers=arch.layers, heads=arch.heads, mlp_ratio=arch.mlp_width / arch.width,
+                             output_dim=arch.output_dim or None, act_layer=act)
+
 
 RANDOM_TAGS = ("", "none", "random")
 
@@ -64,14 +131,12 @@ def _cached_checkpoint(cfg: dict) -> Optional[str]:
 
     if cfg.get("file"):
         return cfg["file"] if os.path.isfile(cfg["file"]) else None
-    hub = cfg.get("hf_hub", "")
-    if hub:
+    hub_path = cfg.get("hf_hub", "")
+    if hub_path:
         from huggingface_hub import try_to_load_from_cache
 
-        from transport.hf import hf_cache_dir
-
         # open_clip's convention: 'org/repo/' means its default file, 'org/repo/file.bin' that file.
-        repo_id, filename = os.path.split(hub)
+        repo_id, filename = os.path.split(hub_path)
         filename = filename or HF_WEIGHTS_NAME
         names = [filename]
         if filename == HF_WEIGHTS_NAME:
@@ -79,7 +144,7 @@ def _cached_checkpoint(cfg: dict) -> Optional[str]:
         elif filename.endswith((".bin", ".pth")):
             names.insert(0, filename[:-4] + ".safetensors")
         for name in names:
-            hit = try_to_load_from_cache(repo_id, name, cache_dir=hf_cache_dir())
+            hit = try_to_load_from_cache(repo_id, name, cache_dir=hub.hf_cache_dir())
             if isinstance(hit, str) and os.path.isfile(hit):
                 return hit
     url = cfg.get("url", "")
@@ -94,9 +159,7 @@ def _download_host(cfg: dict) -> str:
     from urllib.parse import urlparse
 
     if cfg.get("hf_hub"):
-        from transport.hf import hub_host
-
-        return hub_host()
+        return hub.hub_host()
     return urlparse(cfg.get("url", "")).hostname or "huggingface.co"
 
 
@@ -112,10 +175,8 @@ def resolve_pretrained(arch_name: str, tag: str) -> str:
     hit = _cached_checkpoint(cfg)
     if hit is not None:
         return hit
-    from transport import hf
-
     host = _download_host(cfg)
-    if hf.offline_mode() or not hf.network_reachable(host):
+    if hub.offline_mode() or not hub.network_reachable(host):
         raise TransportError(f"weights for {arch_name}:{tag} are not in the local cache and the network is "
                              f"unreachable ({host}); download them once on a connected machine")
     try:
@@ -128,7 +189,7 @@ def resolve_pretrained(arch_name: str, tag: str) -> str:
 # ----------------------------------------------------------------------------------------------
 # building the model
 # ----------------------------------------------------------------------------------------------
-def create_open_clip(arch_name: str, tag: str = "", seed: int = 0) -> tuple[torch.nn.Module, ViTArch]:
+def create_open_clip(arch_name: str, tag: str = "", seed: int = 0) -> tuple[torch.nn.Module, Arch]:
     """The real open_clip CLIP module (eval mode, float32) and the :class:`ViTArch` of its visual tower.
 
     Random init (``tag`` '') is seeded and leaves the global RNG untouched.
@@ -164,38 +225,23 @@ def create_open_clip(arch_name: str, tag: str = "", seed: int = 0) -> tuple[torc
     return clip.float().eval(), arch
 
 
-@torch.no_grad()
 def zero_shot_head(clip: torch.nn.Module, tokenizer: Callable, classnames: Sequence[str],
-                   templates: Sequence[str] = PROMPT_TEMPLATES, batch_size: int = 256) -> Classifier:
-    """CLIP zero-shot head from the model's own text tower: per class the normalised mean of the
-    normalised prompt embeddings; logits = exp(logit_scale) * cos(image, class)."""
-    if not classnames:
-        raise TransportError("zero-shot head needs at least one class name")
-    texts = [t.format(c) for c in classnames for t in templates]
-    feats = []
-    for i in range(0, len(texts), batch_size):
-        feats.append(clip.encode_text(tokenizer(texts[i:i + batch_size])).float())
-    f = F.normalize(torch.cat(feats), dim=-1).reshape(len(classnames), len(templates), -1).mean(1)
-    return Classifier(F.normalize(f, dim=-1), normalize=True, logit_scale=float(clip.logit_scale.exp()),
-                      classnames=list(classnames))
+                   templates: Optional[Sequence[str]] = None, batch_size: int = 256) -> Classifier:
+    """CLIP zero-shot head from the model's own text tower (see :func:`transport.core.heads.zero_shot_classifier`)."""
+    return zero_shot_classifier(lambda texts: clip.encode_text(tokenizer(texts)), classnames,
+                                float(clip.logit_scale.detach().exp()), templates, batch_size)
 
 
-def model_from_open_clip(clip: torch.nn.Module, arch: ViTArch, ref: str, meta: Optional[dict] = None,
+def model_from_open_clip(clip: torch.nn.Module, arch: Arch, ref: str, meta: Optional[dict] = None,
                          tokenizer: Optional[Callable] = None) -> Model:
     """Canonical visual tower of an open_clip CLIP module; ``zero_shot`` uses its text tower."""
     sd = {k: v.detach() for k, v in clip.visual.state_dict().items()}
-    params = {k: v.float().clone() for k, v in to_canonical(sd, arch, what=ref).items()}
+    params = {k: v.float().clone() for k, v in FAMILY.table.to_canonical(sd, arch, what=ref).items()}
     # The text tower is all the zero-shot head needs; drop the visual tower's memory.
     clip.visual = torch.nn.Identity()
     zero_shot = None
     if tokenizer is not None:
-        heads: dict[tuple[str, ...], Classifier] = {}  # evaluation asks for the same head many times
-
-        def zero_shot(classnames: list[str]) -> Classifier:
-            key = tuple(classnames)
-            if key not in heads:
-                heads[key] = zero_shot_head(clip, tokenizer, classnames)
-            return heads[key]
+        zero_shot = ZeroShotHeads(lambda classnames: zero_shot_head(clip, tokenizer, classnames))
     return Model(arch, params, ref=ref, zero_shot=zero_shot, meta=dict(meta or {}))
 
 
@@ -211,5 +257,6 @@ def load_open_clip(ref: str, seed: int = 0) -> Model:
     return model_from_open_clip(clip, arch, ref, meta, tokenizer=open_clip.get_tokenizer(arch_name))
 
 
-__all__ = ["PROMPT_TEMPLATES", "parse_ref", "available_tags", "resolve_pretrained", "create_open_clip",
-           "zero_shot_head", "model_from_open_clip", "load_open_clip"]
+__all__ = ["FAMILY", "OpenClipFamily", "open_clip_arch", "tiny_arch", "build_open_clip_tower", "parse_ref",
+           "available_tags", "resolve_pretrained", "create_open_clip", "zero_shot_head", "model_from_open_clip",
+           "load_open_clip", "PROMPT_TEMPLATES"]

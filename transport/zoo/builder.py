@@ -11,9 +11,10 @@ targets of graded difficulty, each with its own oracle fine-tunes:
 - ``W_grown``: 2x wider, grown from A by a function-preserving widening, trained on, then shuffled;
 - ``W_indep``: 2x wider, pretrained from an unrelated seed.
 
-``python -m transport.zoo build`` (or ``python -m transport zoo build``) trains it deterministically,
-measures the phenomenon (naive theta_B + alpha * tau against fine-tuning B) and writes
-``manifest.json`` last. Models load with :func:`load` (``zoo:NAME[@SEED]`` references).
+``python -m transport zoo build`` trains it deterministically, measures the phenomenon (naive
+theta_B + alpha * tau against fine-tuning B) and writes ``manifest.json`` last. Models load with
+:func:`transport.sources.load_model` (``zoo:NAME[@SEED]`` references); :mod:`transport.zoo.store`
+locates them. No library module imports this one.
 """
 from __future__ import annotations
 
@@ -33,73 +34,24 @@ from typing import Callable, Optional
 
 import torch
 
-from transport.arch import ViTArch, param_axes, tiny_arch
+from transport.core.arch import Arch
+from transport.core.evaluate import accuracy, sweep_alpha
+from transport.core.layout import same_shapes
+from transport.core.model import Model
+from transport.core.symmetry import Perms, apply_permutation
+from transport.core.task_vector import TaskVector
+from transport.data import DIGIT_NAMES, digits_task
 from transport.errors import TransportError
-from transport.model import Model
-from transport.train import Augment, TrainConfig, TrainResult, finetune, init_head, init_params, train
+from transport.files import read_safetensors, write_safetensors
+from transport.sources import load_file_model, save_model, tiny_arch
+from transport.zoo.shuffle import grow_params, random_shuffle, shuffle_from_tensors, shuffle_tensors, widening_map
+from transport.zoo.store import (_PAIRS, MANIFEST, ZOO_FORMAT, ZooEntry, _file, _perm_file, _read_manifest, _root)
+from transport.zoo.train import Augment, TrainConfig, TrainResult, finetune, init_head, init_params, train
 
 Tensor = torch.Tensor
 
-ZOO_FORMAT = 3  # 2: one within-head shuffle for Q/K/V/O in the shuffled releases; 3: W_grown shuffled too
-MANIFEST = "manifest.json"
 PRETRAIN_TASK = "digits"
 PRETRAINED = ("A", "B_control", "B_next", "B_next_unshuffled", "B_indep", "W_grown", "W_indep")
-
-
-# ----------------------------------------------------------------------------------------------
-# public records
-# ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ZooEntry:
-    """One model of the zoo. ``ref`` (``NAME@SEED``) is what :func:`load` takes."""
-
-    name: str  # e.g. 'A', 'B_next+rot90'
-    kind: str  # 'pretrained' | 'finetuned'
-    seed: int
-    task: Optional[str]
-    arch: str  # architecture name, e.g. 'zoo:vit-w64-l3-h4'
-    description: str
-    base: Optional[str] = None  # the pretrained model a fine-tune started from
-
-    @property
-    def ref(self) -> str:
-        return f"{self.name}@{self.seed}"
-
-
-@dataclass(frozen=True)
-class ZooPair:
-    """A (source, target) pair of graded difficulty with the outcome one should honestly expect."""
-
-    key: str  # 'control' | 'next' | 'indep' | 'wide_grown' | 'wide_indep'
-    source: str
-    target: str
-    title: str
-    expected: str
-
-
-_PAIRS = (
-    ZooPair("control", "A", "B_control", "Control: A with its units shuffled",
-            "Naive addition stays at zero-shot level (the unshuffled tau is noise to B), while undoing the "
-            "shuffle reproduces A's fine-tune exactly."),
-    ZooPair("next", "A", "B_next", "Next release: forked from A's run, trained on, shuffled",
-            "Naive addition stays at zero-shot level; undoing the hidden shuffle recovers most but not all of "
-            "the oracle's gain (B drifted from A after the fork), so that is what a good alignment can reach."),
-    ZooPair("indep", "A", "B_indep", "Independent release: unrelated seed",
-            "Naive addition stays near zero-shot and no permutation lines up unrelated seeds, so alignment "
-            "gains little; the pair for debugging a failed transfer and for methods that use labelled shots."),
-    ZooPair("wide_grown", "A", "W_grown", "Wider release grown from A (2x width)",
-            "Shapes differ: plain addition is impossible and zero-padding tau means nothing to the shuffled "
-            "units; the known widening map carries tau across and recovers most of the gain, which is what a "
-            "cross-width method can aim for."),
-    ZooPair("wide_indep", "A", "W_indep", "Independent wider model (2x width)",
-            "The hard case: shapes differ and nothing is shared, so expect little from a transfer that "
-            "does not look at data."),
-)
-
-
-def pairs() -> list[ZooPair]:
-    """The graded (source, target) pairs, easiest first."""
-    return list(_PAIRS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,11 +79,11 @@ class ZooConfig:
     alpha_grid: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.25, 1.5, 2.0)
 
     @property
-    def arch(self) -> ViTArch:
+    def arch(self) -> Arch:
         return tiny_arch(self.width, self.layers, self.heads, output_dim=self.output_dim)
 
     @property
-    def wide_arch(self) -> ViTArch:
+    def wide_arch(self) -> Arch:
         return tiny_arch(2 * self.width, self.layers, 2 * self.heads, output_dim=self.output_dim)
 
     def fingerprint(self) -> dict:
@@ -158,286 +110,6 @@ VARIANTS: dict[str, ZooConfig] = {
 def _seed(seed: int, label: str) -> int:
     """A stable sub-seed for one random draw of one zoo seed (same on every machine and run)."""
     return zlib.crc32(f"{seed}:{label}".encode()) & 0x7FFFFFFF
-
-
-# ----------------------------------------------------------------------------------------------
-# unit permutations (function-preserving shuffles)
-# ----------------------------------------------------------------------------------------------
-@dataclass
-class UnitPermutation:
-    """A relabelling of a ViT's units that leaves its function unchanged.
-
-    Convention: new unit ``i`` is old unit ``perm[i]`` (``t.index_select(axis, perm)``).
-    ``res``: ONE permutation shared by every residual space (skip connections add them unchanged);
-    per layer: ``qk`` [d] for the rows of Q and K (heads moved by ``heads``, dims within a head
-    shuffled alike in Q and K so q.k is kept), ``vo`` [d] for the rows of V and columns of O (same
-    head move, its own within-head shuffle), ``mlp`` [m] for fc1 rows and fc2 columns.
-    """
-
-    res: Tensor
-    heads: list[Tensor]
-    qk: list[Tensor]
-    vo: list[Tensor]
-    mlp: list[Tensor]
-
-    def for_axis(self, space: str, block: str) -> Optional[Tensor]:
-        """The permutation acting on an axis living in ``space`` of a tensor of ``block``."""
-        if space.startswith("res:"):
-            return self.res
-        kind, layer = space.split(":")
-        l = int(layer)
-        if kind == "heads":
-            return self.qk[l] if block in ("Q", "K") else self.vo[l]
-        if kind == "mlp":
-            return self.mlp[l]
-        return None
-
-    def tensors(self) -> dict[str, Tensor]:
-        out = {"res": self.res}
-        for l in range(len(self.heads)):
-            out.update({f"blocks.{l}.heads": self.heads[l], f"blocks.{l}.qk": self.qk[l],
-                        f"blocks.{l}.vo": self.vo[l], f"blocks.{l}.mlp": self.mlp[l]})
-        return out
-
-    @classmethod
-    def from_tensors(cls, t: dict[str, Tensor]) -> "UnitPermutation":
-        n = len([k for k in t if k.endswith(".heads")])
-        return cls(t["res"], [t[f"blocks.{l}.heads"] for l in range(n)], [t[f"blocks.{l}.qk"] for l in range(n)],
-                   [t[f"blocks.{l}.vo"] for l in range(n)], [t[f"blocks.{l}.mlp"] for l in range(n)])
-
-
-def random_unit_permutation(arch: ViTArch, seed: int) -> UnitPermutation:
-    """A uniformly random function-preserving shuffle of ``arch``'s units (seeded)."""
-    g = torch.Generator().manual_seed(seed)
-    H, dh = arch.heads, arch.head_dim
-
-    def heads_perm(head_perm: Tensor) -> Tensor:
-        # head h' of the new layout is old head head_perm[h'], its dims shuffled within the head
-        return torch.cat([head_perm[h] * dh + torch.randperm(dh, generator=g) for h in range(H)])
-
-    res = torch.randperm(arch.width, generator=g)
-    heads, qk, vo, mlp = [], [], [], []
-    for _ in range(arch.layers):
-        hp = torch.randperm(H, generator=g)
-        heads.append(hp)
-        # one within-head shuffle shared by Q, K, V and O: the symmetry group TransFusion searches, so the
-        # control pair has an exact answer (separate Q/K and V/O shuffles would also keep the function)
-        qk.append(heads_perm(hp))
-        vo.append(qk[-1].clone())
-        mlp.append(torch.randperm(arch.mlp_width, generator=g))
-    return UnitPermutation(res, heads, qk, vo, mlp)
-
-
-def identity_permutation(arch: ViTArch) -> UnitPermutation:
-    L = arch.layers
-    return UnitPermutation(torch.arange(arch.width), [torch.arange(arch.heads)] * L, [torch.arange(arch.width)] * L,
-                           [torch.arange(arch.width)] * L, [torch.arange(arch.mlp_width)] * L)
-
-
-def permute_params(params: dict[str, Tensor], arch: ViTArch, perm: UnitPermutation) -> dict[str, Tensor]:
-    """Apply ``perm`` to canonical parameters (or to a task vector's tensors: the map is linear)."""
-    info = param_axes(arch)
-    out: dict[str, Tensor] = {}
-    for k, t in params.items():
-        if k not in info:
-            raise TransportError(f"permute: unknown tensor {k} for {arch.name}")
-        for axis, space in enumerate(info[k].axes):
-            if space is not None:
-                p = perm.for_axis(space, info[k].block)
-                if p is not None:
-                    t = t.index_select(axis, p.to(t.device))
-        out[k] = t.contiguous()
-    return out
-
-
-def invert_permutation(perm: UnitPermutation) -> UnitPermutation:
-    inv = lambda p: torch.argsort(p)  # noqa: E731
-    return UnitPermutation(inv(perm.res), [inv(p) for p in perm.heads], [inv(p) for p in perm.qk],
-                           [inv(p) for p in perm.vo], [inv(p) for p in perm.mlp])
-
-
-# ----------------------------------------------------------------------------------------------
-# function-preserving widening (Net2Net-style duplication)
-# ----------------------------------------------------------------------------------------------
-_LINEAR_BLOCKS = ("Q", "K", "V", "O", "fc1", "fc2")
-
-
-def check_growable(arch: ViTArch, wide: ViTArch) -> None:
-    ok = (wide.width == 2 * arch.width and wide.heads == 2 * arch.heads and wide.mlp_width == 2 * arch.mlp_width
-          and wide.layers == arch.layers and wide.output_dim == arch.output_dim
-          and wide.image_size == arch.image_size and wide.patch_size == arch.patch_size
-          and wide.in_chans == arch.in_chans and wide.act == arch.act and wide.patch_bias == arch.patch_bias
-          and wide.ln_pre == arch.ln_pre)
-    if not ok:
-        raise TransportError(f"cannot grow {arch.name} into {wide.name}: need 2x width, 2x heads of the same head "
-                             "dim, 2x MLP width and everything else equal")
-
-
-def grow_params(params: dict[str, Tensor], arch: ViTArch, wide: ViTArch) -> dict[str, Tensor]:
-    """Widen 2x keeping the function: every unit (residual dim, head, MLP unit) is duplicated.
-
-    The residual stream becomes [x, x], so LayerNorm means and variances are unchanged; each linear
-    map reads both copies with its input columns halved, so it computes what it did before. The map
-    is linear in the parameters, so it also carries a task vector across (``grow(theta + tau) =
-    grow(theta) + grow(tau)``).
-    """
-    check_growable(arch, wide)
-    info, winfo = param_axes(arch), param_axes(wide)
-    out: dict[str, Tensor] = {}
-    for k, t in params.items():
-        if k not in info:
-            raise TransportError(f"grow: unknown tensor {k} for {arch.name}")
-        pi = info[k]
-        for axis, space in enumerate(pi.axes):
-            if space is None:
-                continue
-            reads = (pi.block in _LINEAR_BLOCKS and not pi.is_bias and axis == 1) or (pi.block == "proj" and axis == 0)
-            t = torch.cat([t, t], dim=axis)
-            if reads:
-                t = t * 0.5
-        if tuple(t.shape) != winfo[k].shape:  # pragma: no cover - guarded by check_growable
-            raise TransportError(f"grow: {k} became {tuple(t.shape)}, expected {winfo[k].shape}")
-        out[k] = t.contiguous()
-    return out
-
-
-def widening_map(tensors: dict[str, Tensor], arch: ViTArch, wide: ViTArch, shuffle: UnitPermutation) -> dict[str, Tensor]:
-    """The known cross-width map of W_grown: widen (as W_grown was grown from A), then its hidden shuffle.
-
-    Linear, so it carries a task vector of A to W_grown's basis (before W_grown's own further training)."""
-    return permute_params(grow_params(tensors, arch, wide), wide, shuffle)
-
-
-def grown_task_vector(tau, name: str = "W_grown", root: Optional[str | os.PathLike] = None):
-    """A task vector of A mapped onto ``W_grown[@SEED]`` by the known widening map (a reference for Theseus)."""
-    from transport.task_vector import TaskVector
-
-    wide = arch_of(name, root)
-    return TaskVector(wide, widening_map(tau.tensors, tau.arch, wide, true_permutation(name, root)))
-
-
-# ----------------------------------------------------------------------------------------------
-# locations
-# ----------------------------------------------------------------------------------------------
-def zoo_root() -> Path:
-    """``$TRANSPORT_ZOO_DIR``, else the ``zoo`` folder of the cache root (outside the git tree)."""
-    env = os.environ.get("TRANSPORT_ZOO_DIR")
-    if env:
-        return Path(env)
-    from transport.cache import cache_root
-
-    return cache_root() / "zoo"
-
-
-def _root(root: Optional[str | os.PathLike]) -> Path:
-    return Path(root) if root is not None else zoo_root()
-
-
-def _file(root: Path, name: str, seed: int) -> Path:
-    return root / f"seed{seed}" / f"{name}.safetensors"
-
-
-def _perm_file(root: Path, name: str, seed: int) -> Path:
-    return root / f"seed{seed}" / f"{name}.perm.safetensors"
-
-
-def _read_manifest(root: Path) -> Optional[dict]:
-    try:
-        return json.loads((root / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _manifest(root: Optional[str | os.PathLike]) -> tuple[Path, dict]:
-    r = _root(root)
-    m = _read_manifest(r)
-    if m is None:
-        raise TransportError(f"the demo zoo is not built at {r}; run `python -m transport zoo build`")
-    return r, m
-
-
-def is_built(root: Optional[str | os.PathLike] = None) -> bool:
-    """True when a complete zoo (its manifest, written last) is at ``root``."""
-    return _read_manifest(_root(root)) is not None
-
-
-# ----------------------------------------------------------------------------------------------
-# reading a built zoo
-# ----------------------------------------------------------------------------------------------
-def list_models(root: Optional[str | os.PathLike] = None) -> list[ZooEntry]:
-    """Every model of a built zoo, seed by seed."""
-    _, m = _manifest(root)
-    return [ZooEntry(**e["entry"]) for e in m["models"]]
-
-
-def seeds(root: Optional[str | os.PathLike] = None) -> list[int]:
-    """The seeds of a built zoo (the first one is the default)."""
-    return list(_manifest(root)[1]["seeds"])
-
-
-def tasks(root: Optional[str | os.PathLike] = None) -> list[str]:
-    """The downstream tasks: those of the built zoo at ``root``, else those of the full zoo."""
-    m = _read_manifest(_root(root))
-    return list(m["tasks"]) if m is not None else list(VARIANTS["full"].tasks)
-
-
-def _resolve(name: str, m: dict) -> dict:
-    base, _, seed_s = name.partition("@")
-    if seed_s:
-        try:
-            seed = int(seed_s)
-        except ValueError:
-            raise TransportError(f"zoo model '{name}': seed '{seed_s}' is not an integer") from None
-        if seed not in m["seeds"]:
-            raise TransportError(f"zoo model '{name}': no seed {seed} (seeds: {', '.join(map(str, m['seeds']))})")
-    else:
-        seed = m["seeds"][0]
-    for e in m["models"]:
-        if e["entry"]["name"] == base and e["entry"]["seed"] == seed:
-            return e
-    names = list(dict.fromkeys(e["entry"]["name"] for e in m["models"]))
-    show = [n for n in names if "+" not in n] + [n for n in names if "+" in n][:2]
-    raise TransportError(f"zoo has no model '{name}' (known: {', '.join(show)}, ... ; "
-                         f"NAME+TASK for fine-tunes, tasks {', '.join(m['tasks'])}; add @SEED for seeds "
-                         f"{', '.join(map(str, m['seeds']))})")
-
-
-def load(name: str, root: Optional[str | os.PathLike] = None) -> Model:
-    """A zoo model by name (``A``, ``A+rot90``, ``B_next+invert``, ``W_grown@1``...)."""
-    from transport.io import load_file_model
-
-    r, m = _manifest(root)
-    e = _resolve(name, m)
-    model = load_file_model(str(r / e["file"]), ViTArch.from_json(m["archs"][e["entry"]["arch"]]))
-    return model.with_params(model.params, ref=f"zoo:{e['entry']['name']}@{e['entry']['seed']}")
-
-
-def arch_of(name: str, root: Optional[str | os.PathLike] = None) -> ViTArch:
-    """The architecture of a zoo model (no weights read)."""
-    _, m = _manifest(root)
-    return ViTArch.from_json(m["archs"][_resolve(name, m)["entry"]["arch"]])
-
-
-def true_permutation(name: str, root: Optional[str | os.PathLike] = None) -> UnitPermutation:
-    """The hidden shuffle that made ``B_control`` / ``B_next`` / ``W_grown`` from the unshuffled weights."""
-    from transport.io import read_safetensors
-
-    r, m = _manifest(root)
-    e = _resolve(name, m)
-    if not e.get("perm_file"):
-        raise TransportError(f"zoo model '{name}' was not made by a shuffle (only B_control, B_next and W_grown are)")
-    return UnitPermutation.from_tensors(read_safetensors(r / e["perm_file"])[0])
-
-
-def phenomenon_table(root: Optional[str | os.PathLike] = None) -> list[dict]:
-    """Per pair, task and seed: zero-shot target, naive (alpha on val), source fine-tuned, oracle, and more."""
-    return list(_manifest(root)[1]["table"])
-
-
-def build_info(root: Optional[str | os.PathLike] = None) -> dict:
-    """The stored build summary (variant, seeds, seconds, per-model seconds, pretraining accuracies)."""
-    _, m = _manifest(root)
-    return {k: v for k, v in m.items() if k not in ("models", "table")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -481,8 +153,6 @@ class _Ticker:
 @functools.lru_cache(maxsize=None)
 def _task(name: str):
     """A built-in digits task, loaded once per process."""
-    from transport.data import digits_task
-
     return digits_task(name)
 
 
@@ -503,11 +173,7 @@ class _Writer:
         self.records: list[dict] = []
 
     def save(self, name: str, model: Model, kind: str, task: Optional[str] = None, base: Optional[str] = None,
-             run: Optional[TrainResult] = None, perm: Optional[UnitPermutation] = None) -> None:
-        from safetensors.torch import save_file
-
-        from transport.io import save_model
-
+             run: Optional[TrainResult] = None, perm: Optional[Perms] = None) -> None:
         pre = name.split("+")[0]
         desc = _DESCRIPTIONS[pre] if task is None else f"{pre} fine-tuned on {task} (head frozen)"
         entry = ZooEntry(name, kind, self.seed, task, model.arch.name, desc, base)
@@ -519,9 +185,7 @@ class _Writer:
                "cpu_seconds": round(run.cpu_seconds, 3) if run else 0.0}
         if perm is not None:
             pf = _perm_file(self.root, name, self.seed)
-            tmp = pf.with_name(f".{pf.name}.tmp-{os.getpid()}")
-            save_file({k: v.contiguous() for k, v in perm.tensors().items()}, str(tmp))
-            os.replace(tmp, pf)
+            write_safetensors(pf, {k: v.contiguous() for k, v in shuffle_tensors(perm, model.arch).items()})
             rec["perm_file"] = str(pf.relative_to(self.root))
         self.records.append(rec)
 
@@ -540,8 +204,6 @@ def _finetune_all(w: _Writer, name: str, model: Model, tick: _Ticker) -> dict[st
 
 def pretrain_source(cfg: ZooConfig, seed: int, on_step: Optional[Callable[[int], None]] = None):
     """Train A of one zoo seed; returns the :class:`~transport.train.TrainResult` (with the fork snapshot)."""
-    from transport.data import DIGIT_NAMES
-
     arch = cfg.arch
     x, y = _digits_train(PRETRAIN_TASK)
     res = train(init_params(arch, _seed(seed, "A:init")), init_head(arch, 10, _seed(seed, "A:head"), DIGIT_NAMES),
@@ -552,8 +214,6 @@ def pretrain_source(cfg: ZooConfig, seed: int, on_step: Optional[Callable[[int],
 
 def _job_source_chain(root: str, cfg: ZooConfig, seed: int) -> dict:
     """A and everything made from its run: fine-tunes, B_control, B_next, W_grown."""
-    from transport.data import DIGIT_NAMES
-
     torch.set_num_threads(1)
     w, tick = _Writer(Path(root), seed, cfg), _Ticker(_report)
     arch, wide = cfg.arch, cfg.wide_arch
@@ -564,10 +224,10 @@ def _job_source_chain(root: str, cfg: ZooConfig, seed: int) -> dict:
     w.save("A", A, "pretrained", run=res)
     a_ft = _finetune_all(w, "A", A, tick)
 
-    perm_c = random_unit_permutation(arch, _seed(seed, "B_control:perm"))
-    w.save("B_control", A.with_params(permute_params(A.params, arch, perm_c)), "pretrained", perm=perm_c)
+    perm_c = random_shuffle(arch, _seed(seed, "B_control:perm"))
+    w.save("B_control", A.with_params(apply_permutation(A.params, perm_c, arch)), "pretrained", perm=perm_c)
     for task in cfg.tasks:  # the oracle of a shuffled A is A's fine-tune shuffled alike (exact)
-        w.save(f"B_control+{task}", A.with_params(permute_params(a_ft[task], arch, perm_c)), "finetuned", task,
+        w.save(f"B_control+{task}", A.with_params(apply_permutation(a_ft[task], perm_c, arch)), "finetuned", task,
                "B_control")
 
     snap_params, snap_head = res.snapshots[cfg.fork_step]
@@ -575,8 +235,8 @@ def _job_source_chain(root: str, cfg: ZooConfig, seed: int) -> dict:
                 on_step=tick)
     Bu = Model(arch, nxt.params, f"zoo:B_next_unshuffled@{seed}", _head_classes(nxt.head, DIGIT_NAMES))
     w.save("B_next_unshuffled", Bu, "pretrained", run=nxt)
-    perm_n = random_unit_permutation(arch, _seed(seed, "B_next:perm"))
-    Bn = Bu.with_params(permute_params(Bu.params, arch, perm_n))
+    perm_n = random_shuffle(arch, _seed(seed, "B_next:perm"))
+    Bn = Bu.with_params(apply_permutation(Bu.params, perm_n, arch))
     w.save("B_next", Bn, "pretrained", perm=perm_n)
     _finetune_all(w, "B_next", Bn, tick)
 
@@ -586,8 +246,8 @@ def _job_source_chain(root: str, cfg: ZooConfig, seed: int) -> dict:
              for k, v in grown.items()}
     wg = train(grown, A.head, wide, x, y, cfg.grow_train.with_seed(_seed(seed, "W_grown:data")), on_step=tick)
     # shuffled like B_next: otherwise its first d units ARE A's units and zero-padding tau is a hidden alignment
-    perm_w = random_unit_permutation(wide, _seed(seed, "W_grown:perm"))
-    W = Model(wide, permute_params(wg.params, wide, perm_w), f"zoo:W_grown@{seed}", _head_classes(wg.head, DIGIT_NAMES))
+    perm_w = random_shuffle(wide, _seed(seed, "W_grown:perm"))
+    W = Model(wide, apply_permutation(wg.params, perm_w, wide), f"zoo:W_grown@{seed}", _head_classes(wg.head, DIGIT_NAMES))
     w.save("W_grown", W, "pretrained", run=wg, perm=perm_w)
     _finetune_all(w, "W_grown", W, tick)
     tick.flush()
@@ -596,8 +256,6 @@ def _job_source_chain(root: str, cfg: ZooConfig, seed: int) -> dict:
 
 def _job_independent(root: str, cfg: ZooConfig, seed: int) -> dict:
     """B_indep and W_indep (unrelated seeds) with their fine-tunes."""
-    from transport.data import DIGIT_NAMES
-
     torch.set_num_threads(1)
     w, tick = _Writer(Path(root), seed, cfg), _Ticker(_report)
     x, y = _digits_train(PRETRAIN_TASK)
@@ -614,10 +272,6 @@ def _job_independent(root: str, cfg: ZooConfig, seed: int) -> dict:
 
 def _evaluate_seed(root: Path, cfg: ZooConfig, seed: int, models: dict[str, dict]) -> dict:
     """The phenomenon rows of one seed plus every pretrained model's accuracy on the pretraining task."""
-    from transport.evaluate import accuracy, sweep_alpha
-    from transport.io import load_file_model, read_safetensors
-    from transport.task_vector import TaskVector
-
     torch.set_num_threads(1)
     grid = list(cfg.alpha_grid)
 
@@ -632,7 +286,7 @@ def _evaluate_seed(root: Path, cfg: ZooConfig, seed: int, models: dict[str, dict
     pre = {n: get(n) for n in PRETRAINED}
     digits = _task(PRETRAIN_TASK)
     pretrain_acc = {n: round(accuracy(m, digits), 4) for n, m in pre.items()}
-    perm_c, perm_w = (UnitPermutation.from_tensors(read_safetensors(root / models[n]["perm_file"])[0])
+    perm_c, perm_w = (shuffle_from_tensors(read_safetensors(root / models[n]["perm_file"])[0], pre[n].arch)
                       for n in ("B_control", "W_grown"))
     A = pre["A"]
     rows: list[dict] = []
@@ -648,10 +302,10 @@ def _evaluate_seed(root: Path, cfg: ZooConfig, seed: int, models: dict[str, dict
                    "source_zero_shot": src_zs, "source_finetuned": src_ft,
                    "oracle": accuracy(get(f"{pair.target}+{tname}"), task),
                    "true_map": None, "true_map_alpha": None, "naive_unshuffled": None, "naive_unshuffled_alpha": None}
-            if A.arch.same_shapes(T.arch):
+            if same_shapes(A.arch, T.arch):
                 row["naive"], row["naive_alpha"] = tuned(T, tau, task)
             if pair.key == "control":  # the true shuffle of tau at alpha = 1 gives A's fine-tune exactly
-                ptau = TaskVector(T.arch, permute_params(tau.tensors, A.arch, perm_c))
+                ptau = TaskVector(T.arch, apply_permutation(tau.tensors, perm_c, A.arch))
                 row["true_map"], row["true_map_alpha"] = accuracy(T, task, "test", ptau.apply_to(T.params, 1.0)), 1.0
             elif pair.key == "next":
                 # B_next + perm(tau) is B_next_unshuffled + tau relabelled: the true shuffle gives exactly this
@@ -935,12 +589,8 @@ def _main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
-__all__ = [
-    "ZooEntry", "ZooPair", "ZooConfig", "VARIANTS", "UnitPermutation", "zoo_root", "build", "is_built",
-    "list_models", "load", "arch_of", "tasks", "seeds", "pairs", "phenomenon_table", "build_info", "summarize",
-    "format_table", "random_unit_permutation", "identity_permutation", "permute_params", "invert_permutation",
-    "grow_params", "check_growable", "true_permutation", "pretrain_source",
-]
+__all__ = ["ZooConfig", "VARIANTS", "build", "summarize", "format_table", "pretrain_source", "PRETRAINED",
+           "PRETRAIN_TASK"]
 
 if __name__ == "__main__":
     sys.exit(_main())

@@ -1,30 +1,27 @@
 """Task vectors tau = theta_ft - theta_pre over the canonical tensors of one architecture.
 
 They behave like tensors: ``tau1 + tau2``, ``tau1 - tau2``, ``-tau``, ``0.5 * tau``, ``sum([...])``.
-Saved as safetensors in the architecture's OWN family names (open_clip in_proj re-fused), with
-string metadata, so a saved file loads with plain ``safetensors`` and adds onto a standard model.
+Files in a family's own names are read and written by :mod:`transport.sources`
+(``save_task_vector`` / ``load_task_vector``).
 """
 from __future__ import annotations
 
-import json
 import numbers
-import os
-from pathlib import Path
 from typing import Iterator, Mapping
 
 import torch
 
-from transport import __version__
-from transport.arch import ViTArch, check_params, from_canonical, param_axes, to_canonical
+from transport.core.arch import Arch
+from transport.core.layout import check_params, param_axes, same_shapes
 from transport.errors import TransportError
 
 Tensor = torch.Tensor
 
 
 class TaskVector:
-    """A dict of canonical tensors (all of the architecture's, or a subset) bound to one :class:`ViTArch`."""
+    """A dict of canonical tensors (all of the architecture's, or a subset) bound to one :class:`Arch`."""
 
-    def __init__(self, arch: ViTArch, tensors: Mapping[str, Tensor], meta: Mapping[str, str] | None = None):
+    def __init__(self, arch: Arch, tensors: Mapping[str, Tensor], meta: Mapping[str, str] | None = None):
         known = param_axes(arch)
         bad = [k for k in tensors if k not in known]
         if bad:
@@ -39,7 +36,7 @@ class TaskVector:
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
-    def from_models(cls, pretrained: Mapping[str, Tensor], finetuned: Mapping[str, Tensor], arch: ViTArch,
+    def from_models(cls, pretrained: Mapping[str, Tensor], finetuned: Mapping[str, Tensor], arch: Arch,
                     meta: Mapping[str, str] | None = None) -> "TaskVector":
         """tau = finetuned - pretrained over every canonical tensor of ``arch`` (both checked first)."""
         check_params(dict(pretrained), arch, "pretrained model")
@@ -47,14 +44,14 @@ class TaskVector:
         return cls(arch, {k: finetuned[k].float() - pretrained[k].float() for k in param_axes(arch)}, meta)
 
     @classmethod
-    def zeros_like(cls, arch: ViTArch) -> "TaskVector":
+    def zeros_like(cls, arch: Arch) -> "TaskVector":
         return cls(arch, {k: torch.zeros(v.shape) for k, v in param_axes(arch).items()})
 
     # -- algebra ------------------------------------------------------------------------------
     def _check(self, other: "TaskVector") -> None:
         if not isinstance(other, TaskVector):
             raise TypeError(f"cannot combine a TaskVector with {type(other).__name__}")
-        if not self.arch.same_shapes(other.arch) or set(self.tensors) != set(other.tensors):
+        if not same_shapes(self.arch, other.arch) or set(self.tensors) != set(other.tensors):
             raise TransportError(f"task vectors do not match: {self.arch.name} vs {other.arch.name}")
 
     def _map(self, fn) -> "TaskVector":
@@ -150,58 +147,5 @@ class TaskVector:
             out[k] = params[k] + alpha * v.to(params[k].device, params[k].dtype)
         return out
 
-    # -- files --------------------------------------------------------------------------------
-    def family_state_dict(self) -> dict[str, Tensor]:
-        """Tensors in the architecture's own family names and shapes (open_clip q/k/v re-fused)."""
-        present = _family_keys_for(self.arch, set(self.tensors))
-        full = {k: self.tensors.get(k, torch.zeros(v.shape)) for k, v in param_axes(self.arch).items()}
-        return {k: v for k, v in from_canonical(full, self.arch).items() if k in present}
 
-    def save(self, path: str | os.PathLike, **meta: str) -> Path:
-        """Write atomically (temp file + rename); metadata: arch, version and any string fields given."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        md = {**self.meta, **{k: str(v) for k, v in meta.items()}, "arch": self.arch.to_json(),
-              "format": "transport.task_vector", "transport_version": __version__}
-        tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.family_state_dict().items()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            save_file(tensors, str(tmp), metadata=md)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, arch: ViTArch | None = None) -> "TaskVector":
-        """Read a task vector saved by :meth:`save` (or family-named tensors plus an explicit ``arch``)."""
-        from transport.io import read_safetensors
-
-        tensors, md = read_safetensors(path)
-        if arch is None:
-            if "arch" not in md:
-                raise TransportError(f"{path}: no architecture in the file's metadata; pass --arch")
-            arch = ViTArch.from_json(md["arch"])
-        present = {k: v.float() for k, v in tensors.items()}
-        full_keys = set(from_canonical({k: torch.zeros(v.shape) for k, v in param_axes(arch).items()}, arch))
-        unknown = [k for k in present if k not in full_keys]
-        if unknown:
-            raise TransportError(f"{path}: unexpected keys for {arch.name}: {', '.join(unknown[:4])}")
-        missing = [k for k in full_keys if k not in present]
-        if missing:
-            raise TransportError(f"{path}: missing keys for {arch.name}: {', '.join(sorted(missing)[:4])}")
-        canon = to_canonical(present, arch, what=str(path))
-        return cls(arch, canon, {k: v for k, v in md.items() if k not in ("arch",)})
-
-
-def _family_keys_for(arch: ViTArch, canon: set[str]) -> set[str]:
-    """Family keys whose every canonical part is in ``canon``."""
-    from transport.arch import family
-
-    parts: dict[str, set[str]] = {}
-    for e in family(arch).table(arch):
-        parts.setdefault(e.key, set()).add(e.canon)
-    return {k for k, cs in parts.items() if cs <= canon}
+__all__ = ["TaskVector"]

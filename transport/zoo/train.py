@@ -14,10 +14,14 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from transport.arch import ViTArch, build_open_clip_tower, param_axes, to_canonical
+from transport.core.arch import Arch
+from transport.core.forward import encode
+from transport.core.heads import Classifier
+from transport.core.layout import param_axes
+from transport.core.model import Model
+from transport.core.stems import preprocess
 from transport.errors import TransportError
-from transport.functional import Classifier, encode, preprocess
-from transport.model import Model
+from transport.sources import init_params as family_init
 
 Tensor = torch.Tensor
 StepCallback = Callable[[int], None]  # called with the number of steps just done (for progress bars)
@@ -91,15 +95,12 @@ class TrainResult:
     cpu_seconds: float  # CPU time of this process (the build trains single-threaded)
 
 
-def init_params(arch: ViTArch, seed: int) -> dict[str, Tensor]:
-    """open_clip's own initialisation of ``arch``'s visual tower, as canonical tensors (seeded)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        tower = build_open_clip_tower(arch)
-    return {k: v.detach().clone().float() for k, v in to_canonical(tower.state_dict(), arch, "init").items()}
+def init_params(arch: Arch, seed: int) -> dict[str, Tensor]:
+    """The family's own initialisation of ``arch`` (its real module, random init), as canonical tensors (seeded)."""
+    return family_init(arch, seed)
 
 
-def init_head(arch: ViTArch, num_classes: int, seed: int, classnames: Optional[list[str]] = None) -> Classifier:
+def init_head(arch: Arch, num_classes: int, seed: int, classnames: Optional[list[str]] = None) -> Classifier:
     """A linear head on the tower's features, uniform(+-1/sqrt(dim)) like ``nn.Linear`` (seeded)."""
     g = torch.Generator().manual_seed(seed)
     bound = 1.0 / math.sqrt(arch.feature_dim)
@@ -118,7 +119,7 @@ def _batches(n: int, batch_size: int, g: torch.Generator):
         buf = buf[batch_size:]
 
 
-def train(params: dict[str, Tensor], head: Classifier, arch: ViTArch, images: Tensor, labels: Tensor,
+def train(params: dict[str, Tensor], head: Classifier, arch: Arch, images: Tensor, labels: Tensor,
           cfg: TrainConfig, snapshot_at: tuple[int, ...] = (), on_step: Optional[StepCallback] = None) -> TrainResult:
     """Train ``params`` (and the head when ``cfg.train_head``) with cross-entropy on images in [0, 1].
 

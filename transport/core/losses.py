@@ -2,7 +2,7 @@
 
 Every family reduces to the same loss once its head is known: the zoo's pretraining head, a CLIP
 zero-shot head built from class names through the model's own text tower, or a Hugging Face ViT's
-classifier (see :meth:`transport.model.Model.classifier`). A :data:`LossFn` is a pure function of a
+classifier (see :meth:`transport.core.model.Model.classifier`). A :data:`LossFn` is a pure function of a
 parameter dict, so ``torch.func`` can differentiate it per sample.
 """
 from __future__ import annotations
@@ -12,11 +12,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from transport.arch import ViTArch
+from transport.core.arch import Arch
+from transport.core.forward import encode
+from transport.core.heads import Classifier
+from transport.core.model import Model
 from transport.data import Task
 from transport.errors import TransportError
-from transport.functional import Classifier, encode
-from transport.model import Model
 
 Tensor = torch.Tensor
 
@@ -24,7 +25,7 @@ Tensor = torch.Tensor
 LossFn = Callable[[dict[str, Tensor], Tensor, Tensor], Tensor]
 
 
-def classification_loss(arch: ViTArch, head: Classifier) -> LossFn:
+def classification_loss(arch: Arch, head: Classifier) -> LossFn:
     """Per-sample cross-entropy of ``head`` on the image features of ``arch``."""
 
     def loss(params: dict[str, Tensor], pixels: Tensor, labels: Tensor) -> Tensor:

@@ -1,0 +1,93 @@
+"""Input stems: what turns images or token ids into the first residual stream.
+
+Image stem: pixels in [0, 1] are resized to the model's size and normalised (:func:`preprocess`), cut
+into patches by a strided convolution, prefixed with a class token and given learned positions.
+Token stem: token ids index the embedding table, plus learned positions when the model has them
+(rotary models rotate queries and keys inside attention instead).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from transport.core.arch import Arch
+from transport.errors import TransportError
+
+Tensor = torch.Tensor
+
+
+def preprocess(arch: Arch, images: Tensor) -> Tensor:
+    """Images in [0, 1], [N, C, H, W] -> the model's own input: resized to its image size and normalised."""
+    if arch.stem != "image":
+        raise TransportError(f"{arch.name} reads token ids, not images")
+    if images.dim() != 4:
+        raise ValueError(f"images must be [N, C, H, W], got {tuple(images.shape)}")
+    x = images.float()
+    if x.shape[1] == 1 and arch.in_chans == 3:
+        x = x.expand(-1, 3, -1, -1)
+    if x.shape[-1] != arch.image_size or x.shape[-2] != arch.image_size:
+        x = F.interpolate(x, size=(arch.image_size, arch.image_size), mode="bicubic", align_corners=False)
+        x = x.clamp(0, 1)
+    mean = torch.tensor(arch.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(arch.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+def image_tokens(params: dict[str, Tensor], arch: Arch, pixels: Tensor) -> Tensor:
+    """Tokens [N, (1 +) g*g, d]: patch embedding, class token, learned positions (before ``ln_pre``)."""
+    p = params
+    x = F.conv2d(pixels, p["embed.patch.weight"], p.get("embed.patch.bias"), stride=arch.patch_size)
+    n = x.shape[0]
+    x = x.flatten(2).transpose(1, 2)  # [N, g*g, d]
+    if arch.cls_token:
+        x = torch.cat([p["embed.cls"].to(x.dtype).expand(n, 1, -1), x], dim=1)
+    if arch.position == "learned":
+        x = x + p["embed.pos"].to(x.dtype)
+    return x
+
+
+def token_embeddings(params: dict[str, Tensor], arch: Arch, ids: Tensor) -> Tensor:
+    """Embeddings [N, T, d] of token ids [N, T] (plus learned positions 0..T-1)."""
+    if ids.dim() != 2 or ids.is_floating_point():
+        raise ValueError(f"token ids must be an integer tensor [N, T], got {tuple(ids.shape)} {ids.dtype}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= arch.vocab_size):
+        raise TransportError(f"{arch.name}: token ids must lie in [0, {arch.vocab_size}), got "
+                             f"{int(ids.min())}..{int(ids.max())}")
+    x = F.embedding(ids, params["embed.tokens"])
+    if arch.position == "learned":
+        t = ids.shape[1]
+        if t > arch.context:
+            raise TransportError(f"{arch.name}: {t} tokens exceed its context of {arch.context}")
+        x = x + params["embed.pos"][:t].to(x.dtype)
+    return x
+
+
+def rotary_tables(arch: Arch, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin [T, d_h] of the rotate-half convention: frequency i on dims i and i + d_h / 2."""
+    dh = arch.head_dim
+    inv_freq = 1.0 / (arch.rope_theta ** (torch.arange(0, dh, 2, dtype=torch.int64, device=positions.device)
+                                          .float() / dh))
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary embedding of x [N, heads, T, d_h]: x cos + rotate_half(x) sin."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def sequence_mask(ids: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """A boolean [N, T] mask of real tokens (all True when no mask is given)."""
+    if mask is None:
+        return torch.ones(ids.shape[:2], dtype=torch.bool, device=ids.device)
+    if tuple(mask.shape) != tuple(ids.shape[:2]):
+        raise ValueError(f"attention mask {tuple(mask.shape)} does not fit the tokens {tuple(ids.shape[:2])}")
+    return mask.bool()
+
+
+__all__ = ["preprocess", "image_tokens", "token_embeddings", "rotary_tables", "rotate", "sequence_mask"]

@@ -1,0 +1,239 @@
+"""Files: reading safetensors and PyTorch checkpoints without executing pickles, and writing
+safetensors deterministically and atomically.
+
+Every failure is a one-line :class:`TransportError` that names the file and the problem. Whole pickled
+modules load only with ``trust_pickle=True``. :func:`write_safetensors` writes bytes that depend only
+on the content (sorted names, sorted metadata), through a temporary file renamed into place.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import struct
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+
+from transport.errors import TransportError
+
+Tensor = torch.Tensor
+
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
+STRIP_PREFIXES = ("module.", "model.", "clip_model.")
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors and string metadata of a safetensors file; truncated or foreign files give one clear line."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise TransportError(f"{path}: file not found")
+    if path.is_dir():
+        raise TransportError(f"{path}: is a directory, expected a .safetensors file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            md = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise TransportError(f"{path}: not a readable safetensors file (truncated or another format): "
+                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return tensors, md
+
+
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """Only the string metadata of a safetensors file (no tensors read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise TransportError(f"{path}: not a readable safetensors file (truncated or another format): "
+                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+        if len(head) < 9:
+            return False
+        n = int.from_bytes(head[:8], "little")
+        return 2 <= n < 100_000_000 and head[8:9] == b"{"
+    except OSError:
+        return False
+
+
+def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """A flat name -> tensor dict from any supported checkpoint form, plus metadata (safetensors only).
+
+    Unwraps ``state_dict`` / ``model_state_dict`` / ``model`` and strips ``module.``, ``model.``,
+    ``clip_model.`` prefixes. Whole pickled modules load only with ``trust_pickle``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise TransportError(f"{path}: file not found")
+    if path.is_dir():
+        raise TransportError(f"{path}: is a directory (for a Hugging Face model directory use it as the reference)")
+    if path.stat().st_size == 0:
+        raise TransportError(f"{path}: file is empty")
+    if path.suffix == ".safetensors" or _looks_like_safetensors(path):
+        tensors, md = read_safetensors(path)
+        return strip_prefixes(tensors), md
+    obj = _torch_load(path, trust_pickle)
+    return strip_prefixes(_unwrap(obj, path)), {}
+
+
+def _first_sentence(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    if not text:
+        return type(e).__name__
+    cut = text.find(". ")
+    return text[:cut + 1] if 0 < cut < 200 else text[:200]
+
+
+_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def _torch_load(path: Path, trust_pickle: bool) -> Any:
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = _GLOBAL.search(str(e))
+        if found is None:  # the weights-only unpickler choked on bytes that are not a pickle at all
+            raise TransportError(f"{path}: not a readable checkpoint (truncated, or neither safetensors nor "
+                                 f"a PyTorch file)") from None
+        if not trust_pickle:
+            raise TransportError(
+                f"{path}: refusing to unpickle {found.group(1)} (a pickled object can run code on load); "
+                f"re-save it as a state dict, or pass --trust-pickle if you trust its source"
+            ) from None
+        try:
+            return torch.load(str(path), map_location="cpu", weights_only=False)
+        except Exception as e2:  # noqa: BLE001 - any failure of a foreign pickle is the file's problem
+            raise TransportError(f"{path}: could not load even with --trust-pickle: {type(e2).__name__}: "
+                                 f"{_first_sentence(e2)}") from None
+    except (RuntimeError, OSError, EOFError) as e:  # torch's zip reader: cut or damaged archives
+        raise TransportError(f"{path}: not a readable checkpoint (truncated or damaged): {_first_sentence(e)}") from None
+    except Exception:  # noqa: BLE001 - garbage bytes make the unpickler fail in arbitrary ways (KeyError, ...)
+        raise TransportError(f"{path}: not a readable checkpoint (truncated, or neither safetensors nor "
+                             f"a PyTorch file)") from None
+
+
+def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict()
+    for _ in range(3):
+        if isinstance(obj, Mapping):
+            for k in WRAPPER_KEYS:
+                if k in obj and isinstance(obj[k], (Mapping, torch.nn.Module)):
+                    obj = obj[k]
+                    obj = obj.state_dict() if isinstance(obj, torch.nn.Module) else obj
+                    break
+            else:
+                break
+    if not isinstance(obj, Mapping):
+        raise TransportError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise TransportError(f"{path}: holds no tensors")
+    return tensors
+
+
+def strip_prefixes(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    out = dict(sd)
+    changed = True
+    while changed:
+        changed = False
+        for p in STRIP_PREFIXES:
+            if out and all(k.startswith(p) for k in out):
+                out = {k[len(p):]: v for k, v in out.items()}
+                changed = True
+    return out
+
+
+def strip_prefix_if_all(sd: Mapping[str, Tensor], prefix: str, keep: tuple[str, ...] = ()) -> dict[str, Tensor]:
+    body = [k for k in sd if not k.startswith(keep)] if keep else list(sd)
+    if body and all(k.startswith(prefix) for k in body):
+        return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in sd.items()}
+    return dict(sd)
+
+
+_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+           torch.bool: "BOOL"}
+
+
+def safetensors_bytes(tensors: Mapping[str, Tensor], metadata: Optional[Mapping[str, str]] = None) -> bytes:
+    """The safetensors encoding of ``tensors`` whose bytes depend only on the content.
+
+    Tensors are laid out by item size, then name, and the JSON header has sorted keys (the reference
+    serialiser's metadata order varies from process to process).
+    """
+    header: dict[str, Any] = {}
+    chunks: list[bytes] = []
+    offset = 0
+    # larger items first (then by name), so every tensor's data starts aligned to its item size
+    for name in sorted(tensors, key=lambda k: (-tensors[k].element_size(), k)):
+        t = tensors[name].detach().cpu().contiguous()
+        if t.dtype not in _DTYPES:
+            raise TransportError(f"cannot write tensor {name} of dtype {t.dtype} as safetensors")
+        data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data section starts 8-byte aligned
+    return struct.pack("<Q", len(text)) + text + b"".join(chunks)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same directory, renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Tensor],
+                      metadata: Optional[Mapping[str, str]] = None) -> Path:
+    """Deterministic (:func:`safetensors_bytes`) and atomic (:func:`write_atomic`) safetensors file."""
+    return write_atomic(path, safetensors_bytes(tensors, metadata))
+
+
+def read_weights(directory: Path) -> dict[str, Tensor]:
+    """All tensors of a Hugging Face model directory (single file or shards), safetensors preferred."""
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        f = directory / index
+        if f.is_file():
+            try:
+                shards = sorted(set(json.loads(f.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError):
+                raise TransportError(f"{f}: malformed weight index") from None
+            sd: dict[str, Tensor] = {}
+            for s in shards:
+                if not (directory / s).is_file():
+                    raise TransportError(f"{f}: names shard {s}, which is missing")
+                sd.update(read_checkpoint(directory / s)[0])
+            return strip_prefixes(sd)
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / name).is_file():
+            return read_checkpoint(directory / name)[0]
+    raise TransportError(f"{directory}: no weights found (expected model.safetensors or pytorch_model.bin)")
+
+
+__all__ = ["read_safetensors", "read_safetensors_metadata", "read_checkpoint", "strip_prefixes", "strip_prefix_if_all",
+           "safetensors_bytes", "write_atomic", "write_safetensors", "read_weights", "WRAPPER_KEYS", "STRIP_PREFIXES"]

@@ -1,0 +1,335 @@
+"""Weight matching (Git Re-Basin style) over residual, MLP and within-head permutations, read off the axis table.
+
+Coordinate ascent on ``sum_t <W_B^t, pi(W_A^t)>``: each variable is solved exactly by a linear assignment
+given all the others, in a seeded visiting order, until a sweep brings no improvement. Heads keep the
+group (and query-in-group) order fixed by the spectral level; what is matched inside a heads space are the
+within-head orders: one shared by q, k, v and o (``within='shared'``, the paper's), or a q/k order and a
+v/o order (``within='separate'``, the larger symmetry group). Under rotary positions the q/k order stays
+the identity.
+
+Accelerations that do not change the result: a variable whose neighbours did not change since it was
+last solved is not revisited (its similarity, hence its optimum, is unchanged); similarity matrices are
+updated by low-rank corrections when few neighbour units moved; an assignment that takes every row's
+maximum is optimal, so the solver is skipped for it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional
+
+import torch
+
+from transport.core.arch import Arch
+from transport.core.assignment import SPARSE_MIN, lap_max, solve_assignment
+from transport.core.layout import param_axes
+from transport.core.symmetry import HeadPermutation, Perm, Perms, apply_permutation, axis_index, permutation_spec
+from transport.errors import TransportError
+
+Tensor = torch.Tensor
+Progress = Callable[[float, str], None]
+WITHIN = ("shared", "separate")
+
+
+def _no_progress(fraction: float, message: str) -> None:
+    return None
+
+
+@dataclass
+class _Part:
+    """One (tensor, axis) contribution to a variable's similarity, as [n, R * n_r] matrices of B and A.
+
+    ``role``: the role of the tensor's OTHER permuted axis (which index of that neighbour applies).
+    ``own``: for a heads variable, the role of this tensor's heads axis."""
+
+    B: Tensor
+    A: Tensor
+    tiles: int
+    role: str
+    own: str = ""
+
+
+@dataclass
+class _Var:
+    name: str
+    kind: str
+    size: int
+    static: dict[str, Tensor]  # accumulator -> similarity from tensors with no other permuted axis
+    parts: dict[str, list[_Part]]  # neighbour variable -> contributions whose other axis lives there
+    S: Optional[Tensor] = None
+    seen: dict[str, int] = field(default_factory=dict)  # neighbour versions S was built from
+    used: dict[str, Perm] = field(default_factory=dict)  # neighbour perms S was built from
+
+
+@dataclass
+class MatchStats:
+    sweeps: int = 0
+    objective: list[float] = field(default_factory=list)
+    solves: int = 0
+    solves_skipped: int = 0
+    visits_skipped: int = 0
+    similarity_s: float = 0.0
+    hungarian_s: float = 0.0
+    sweeps_s: float = 0.0
+    dense_solves: int = 0
+    by_kind: dict = field(default_factory=dict)  # kind -> counters and CPU seconds (benchmarks)
+
+
+def _mat(t: Tensor, axis: int, other: Optional[int]) -> Tensor:
+    """t with ``axis`` first and flattened to [n, -1]; the ``other`` permuted axis (if any) last."""
+    rest = [i for i in range(t.dim()) if i != axis and i != other]
+    order = [axis] + rest + ([other] if other is not None else [])
+    return t.permute(order).reshape(t.shape[axis], -1)
+
+
+def _cols(q: Tensor, idx: Tensor, tiles: int) -> Tensor:
+    """Column indices (over all tiles) of units ``idx`` mapped through ``q``."""
+    n = q.numel()
+    base = torch.arange(tiles, device=q.device)[:, None] * n
+    return (base + q[idx][None, :]).reshape(-1)
+
+
+def matching_objective(theta_A: Mapping[str, Tensor], theta_B: Mapping[str, Tensor], perms: Mapping[str, Perm],
+                       arch: Arch) -> float:
+    """sum_t <W_B^t, pi(W_A^t)>, the quantity weight matching maximises."""
+    total = 0.0
+    for k in param_axes(arch):
+        a = apply_permutation({k: theta_A[k]}, perms, arch)[k]
+        total += float((a.double() * theta_B[k].to(a.device).double()).sum())
+    return total
+
+
+class WeightMatcher:
+    """Coordinate ascent on the weight-matching objective over residual, MLP and within-head permutations.
+
+    ``groups[l]`` is layer l's fixed head order (a :class:`HeadPermutation` whose within-head parts are
+    ignored): which old key/value group and query heads each new one takes.
+    """
+
+    def __init__(self, theta_A: Mapping[str, Tensor], theta_B: Mapping[str, Tensor], arch: Arch,
+                 groups: dict[int, HeadPermutation], device: str = "cpu", within: str = "shared"):
+        if within not in WITHIN:
+            raise TransportError(f"transfusion: within must be one of {', '.join(WITHIN)}, got {within!r}")
+        self.arch, self.device = arch, device
+        self.within = "separate" if arch.position == "rope" else within  # q/k order fixed: v/o matched alone
+        self.spec = permutation_spec(arch)
+        info = param_axes(arch)
+        G, r, dh = arch.kv_heads, arch.group_size, arch.head_dim
+        A = {k: v.to(device, torch.float32) for k, v in theta_A.items()}
+        B = {k: v.to(device, torch.float32) for k, v in theta_B.items()}
+        self.A, self.B = A, B
+        self.perms: Perms = {}
+        self.version: dict[str, int] = {}
+        self.vars: dict[str, _Var] = {}
+        for s, v in self.spec.items():
+            parts: dict[str, list[_Part]] = {}
+            static: dict[str, list[tuple[Tensor, Tensor, str]]] = {}
+            for name, ax, role in v.uses:
+                axes = info[name].axes
+                others = [i for i, a in enumerate(axes) if a is not None and a.space is not None and i != ax]
+                if len(others) > 1:
+                    raise TransportError(f"{arch.name}: tensor {name} has more than two permuted axes")
+                o = others[0] if others else None
+                mb, ma = _mat(B[name], ax, o), _mat(A[name], ax, o)
+                if o is None:
+                    static.setdefault(self._acc(role), []).append((mb, ma, role))
+                else:
+                    nb = axes[o].space
+                    n_other = B[name].shape[o]
+                    parts.setdefault(nb, []).append(_Part(mb, ma, mb.shape[1] // n_other, axes[o].role, role))
+            if v.kind == "heads":
+                hp = groups[v.layer].to(device)
+                self.perms[s] = HeadPermutation(hp.kv, hp.q, torch.arange(dh, device=device).repeat(G, 1),
+                                                torch.arange(dh, device=device).repeat(G, 1))
+                acc = {}
+                for key, lst in static.items():
+                    st = torch.zeros(G, dh, dh, device=device)
+                    for mb, ma, role in lst:
+                        st += self._head_block(mb, ma, role, self.perms[s])
+                    acc[key] = st
+                st_all = acc
+            else:
+                st = torch.zeros(v.size, v.size, device=device)
+                for mb, ma, _ in static.get("all", []):
+                    st += mb @ ma.t()
+                self.perms[s] = torch.arange(v.size, device=device)
+                st_all = {"all": st}
+            self.version[s] = 0
+            self.vars[s] = _Var(s, v.kind, v.size, st_all, parts)
+        self.stats = MatchStats()
+
+    def _acc(self, role: str) -> str:
+        """The similarity accumulator a heads-axis role feeds: one for all roles, or the q/k and v/o orders."""
+        if self.within == "shared" or role not in ("q", "k", "v", "o"):
+            return "all"
+        return "qk" if role in ("q", "k") else "vo"
+
+    def _index(self, space: str, role: str) -> Tensor:
+        return axis_index(self.perms[space], role)
+
+    def _head_block(self, mb: Tensor, ma: Tensor, role: str, hp: HeadPermutation) -> Tensor:
+        """[G, d_h, d_h]: per group, sum over its heads of B's head rows times A's matching head rows^T."""
+        G, dh = self.arch.kv_heads, self.arch.head_dim
+        ar = torch.arange(dh, device=mb.device)
+        if role in ("k", "v"):
+            rows = (hp.kv[:, None] * dh + ar).reshape(-1)
+            return torch.bmm(mb.reshape(G, dh, -1), ma[rows].reshape(G, dh, -1).transpose(1, 2))
+        heads = hp.query_heads().reshape(-1)
+        rows = (heads[:, None] * dh + ar).reshape(-1)
+        blocks = torch.bmm(mb.reshape(heads.numel(), dh, -1), ma[rows].reshape(heads.numel(), dh, -1).transpose(1, 2))
+        return blocks if self.arch.group_size == 1 else blocks.reshape(G, -1, dh, dh).sum(1)
+
+    # -- similarity ---------------------------------------------------------------------------
+    def _heads_similarity(self, v: _Var) -> dict[str, Tensor]:
+        hp = self.perms[v.name]
+        S = {k: t.clone() for k, t in v.static.items()}
+        for r, parts in v.parts.items():
+            for p in parts:
+                q = self._index(r, p.role)
+                cols = _cols(q, torch.arange(q.numel(), device=q.device), p.tiles)
+                key = self._acc(p.own)
+                block = self._head_block(p.B, p.A[:, cols], p.own, hp)
+                S[key] = S[key] + block if key in S else block
+        return S
+
+    def _similarity(self, v: _Var, incremental: bool) -> Tensor:
+        """[n, n] similarity of a residual/MLP variable given the current neighbour perms.
+
+        Incremental: S = sum_c B[:, c] A[:, q(c)]^T, so when q moves on a set of units only those columns
+        are exchanged: S += B[:, moved] (A[:, q_new(moved)] - A[:, q_old(moved)])^T.
+        """
+        if v.S is None or not incremental:
+            S = v.static["all"].clone()
+            for r, parts in v.parts.items():
+                for p in parts:
+                    q = self._index(r, p.role)
+                    cols = _cols(q, torch.arange(q.numel(), device=q.device), p.tiles)
+                    S.addmm_(p.B, p.A[:, cols].t())
+            return S
+        S = v.S
+        for r, parts in v.parts.items():
+            for p in parts:
+                q, old = self._index(r, p.role), axis_index(v.used[r], p.role)
+                moved = torch.nonzero(q != old).flatten()
+                if moved.numel() == 0:
+                    continue
+                n = q.numel()
+                own = (torch.arange(p.tiles, device=q.device)[:, None] * n + moved[None, :]).reshape(-1)
+                new_c, old_c = _cols(q, moved, p.tiles), _cols(old, moved, p.tiles)
+                S.addmm_(p.B[:, own], (p.A[:, new_c] - p.A[:, old_c]).t())
+        return S
+
+    # -- one variable -------------------------------------------------------------------------
+    def _neighbours_changed(self, v: _Var) -> bool:
+        return any(self.version[r] != v.seen.get(r, -1) for r in v.parts)
+
+    def visit(self, name: str, accelerate: bool = True) -> float:
+        """Solve variable ``name`` given all the others; returns the objective gain."""
+        v = self.vars[name]
+        if accelerate and v.seen and not self._neighbours_changed(v):
+            self.stats.visits_skipped += 1
+            return 0.0
+        t0, c0 = time.perf_counter(), time.process_time()
+        if v.kind == "heads":
+            S_heads = self._heads_similarity(v)
+        else:
+            S = self._similarity(v, incremental=accelerate)
+            v.S = S if accelerate else None
+        v.seen = {r: self.version[r] for r in v.parts}
+        v.used = {r: self.perms[r].clone() for r in v.parts}
+        t1, c1 = time.perf_counter(), time.process_time()
+        self.stats.similarity_s += t1 - t0
+        cur = self.perms[name]
+        if v.kind == "heads":
+            gain, new = self._solve_heads(S_heads, cur, accelerate)
+            changed = new is not None and not new.equal(cur)
+        else:
+            gain, new = self._solve(S, cur, accelerate)
+            changed = new is not None and not torch.equal(new, cur)
+        self.stats.hungarian_s += time.perf_counter() - t1
+        bk = self.stats.by_kind.setdefault(v.kind, {"visits": 0, "changes": 0, "similarity_cpu": 0.0,
+                                                     "solve_cpu": 0.0})
+        bk["visits"] += 1
+        bk["similarity_cpu"] += c1 - c0
+        bk["solve_cpu"] += time.process_time() - c1
+        if changed:
+            bk["changes"] += 1
+            self.perms[name] = new
+            self.version[name] += 1
+        return gain
+
+    def _solve(self, S: Tensor, cur: Tensor, accelerate: bool) -> tuple[float, Optional[Tensor]]:
+        n = S.shape[0]
+        if accelerate and n < SPARSE_MIN and torch.equal(S.argmax(1), cur):
+            self.stats.solves_skipped += 1  # every row takes its maximum: the current perm is optimal
+            return 0.0, None
+        self.stats.solves += 1
+        if accelerate and n >= SPARSE_MIN:
+            new, _, dense = solve_assignment(S, cur)
+            self.stats.dense_solves += int(dense)
+        else:
+            new = lap_max(S).to(cur.device)
+        rows = torch.arange(n, device=S.device)
+        gain = float(S[rows, new].double().sum() - S[rows, cur].double().sum())
+        if gain <= 0.0:  # ties or rounding: keep the current perm (never move without strict improvement)
+            return 0.0, None
+        return gain, new
+
+    def _solve_orders(self, S: Tensor, cur: Tensor, accelerate: bool) -> tuple[float, Tensor]:
+        """Per group, the within-head order maximising its [d_h, d_h] similarity (warm: the current one)."""
+        out, gain = cur.clone(), 0.0
+        for g in range(S.shape[0]):
+            dg, new = self._solve(S[g], cur[g].to(S.device), accelerate)
+            if new is not None:
+                out[g] = new.to(out.device)
+                gain += dg
+        return gain, out
+
+    def _solve_heads(self, S: dict[str, Tensor], cur: HeadPermutation,
+                     accelerate: bool) -> tuple[float, Optional[HeadPermutation]]:
+        if self.within == "shared":
+            gain, rho = self._solve_orders(S["all"], cur.qk, accelerate)
+            return gain, HeadPermutation(cur.kv, cur.q, rho, rho.clone())
+        gain, qk = (0.0, cur.qk) if self.arch.position == "rope" or "qk" not in S \
+            else self._solve_orders(S["qk"], cur.qk, accelerate)
+        g_vo, vo = self._solve_orders(S["vo"], cur.vo, accelerate) if "vo" in S else (0.0, cur.vo)
+        return gain + g_vo, HeadPermutation(cur.kv, cur.q, qk, vo)
+
+    # -- objective and loop -------------------------------------------------------------------
+    def objective(self, perms: Optional[Mapping[str, Perm]] = None) -> float:
+        """sum over canonical tensors of <W_B, pi(W_A)> (float64 accumulation)."""
+        return matching_objective(self.A, self.B, self.perms if perms is None else perms, self.arch)
+
+    def within_heads(self) -> float:
+        """One within-head matching pass for every block (always run, whatever max_iter is)."""
+        gain = 0.0
+        for s, v in self.vars.items():
+            if v.kind == "heads":
+                gain += self.visit(s, accelerate=False)
+        return gain
+
+    def run(self, max_iter: int = 100, seed: int = 0, accelerate: bool = True,
+            progress: Progress = _no_progress) -> MatchStats:
+        t0 = time.perf_counter()
+        obj = self.objective()
+        obj += self.within_heads()
+        self.stats.objective.append(obj)
+        g = torch.Generator().manual_seed(int(seed))
+        names = list(self.vars)
+        for it in range(int(max_iter)):
+            order = [names[i] for i in torch.randperm(len(names), generator=g).tolist()]
+            before = dict(self.version)
+            gain = 0.0
+            for s in order:
+                gain += self.visit(s, accelerate)
+            obj += gain
+            self.stats.sweeps += 1
+            self.stats.objective.append(obj)
+            progress(min(1.0, (it + 1) / max(1, max_iter)), f"weight matching: sweep {it + 1}, objective {obj:.6g}")
+            if before == self.version or gain <= 1e-12:
+                break
+        self.stats.sweeps_s = time.perf_counter() - t0
+        return self.stats
+
+
+__all__ = ["WeightMatcher", "MatchStats", "WITHIN", "matching_objective", "lap_max"]

@@ -1,0 +1,226 @@
+"""Where models come from and go to: a reference (``REF``) -> :class:`~transport.core.model.Model`, and
+models and task vectors written in their family's own names.
+
+References:
+  ``zoo:NAME[@SEED]``           a model of the built-in demo zoo (``python -m transport zoo build``)
+  ``open_clip:ARCH:TAG``        open_clip architecture + pretrained tag; TAG ``none`` = random init
+  ``hf:ORG/NAME`` or a HF dir   a Hugging Face model directory (``config.json`` + weights)
+  a file                        ``.safetensors`` (preferred), ``.pt/.pth/.bin`` state dicts (``weights_only``)
+
+This is the only module that imports :mod:`transport.families`. Pickled whole modules are refused
+unless ``trust_pickle=True``. Every failure is a one-line :class:`TransportError` naming the input.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Mapping, Optional
+
+import torch
+
+from transport import __version__, families, zoo
+from transport.core.arch import Arch
+from transport.core.heads import Classifier
+from transport.core.layout import param_axes
+from transport.core.model import Model
+from transport.core.task_vector import TaskVector
+from transport.errors import TransportError
+from transport.families import hf_common
+from transport.families.open_clip import load_open_clip, open_clip_arch, tiny_arch
+from transport.files import (read_checkpoint, read_safetensors, read_safetensors_metadata, read_weights,
+                             safetensors_bytes, write_atomic, write_safetensors)
+from transport.hub import resolve_dir
+
+Tensor = torch.Tensor
+
+
+# ----------------------------------------------------------------------------------------------
+# names: canonical <-> a family's own
+# ----------------------------------------------------------------------------------------------
+def family_of(arch: Arch) -> families.Family:
+    return families.get(arch.family)
+
+
+def to_canonical(sd: Mapping[str, Tensor], arch: Arch, what: str = "checkpoint") -> dict[str, Tensor]:
+    """Family-named tensors (a whole checkpoint or its tower) -> canonical tensors (validated)."""
+    return family_of(arch).to_canonical(sd, arch, what)
+
+
+def from_canonical(params: Mapping[str, Tensor], arch: Arch) -> dict[str, Tensor]:
+    """Canonical tensors -> the family's own names and shapes (fused keys re-fused)."""
+    return family_of(arch).from_canonical(params, arch)
+
+
+def family_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
+    """The family's own tensor names and shapes for ``arch`` (no memory)."""
+    return family_of(arch).family_shapes(arch)
+
+
+def init_params(arch: Arch, seed: int) -> dict[str, Tensor]:
+    """The family's own random initialisation of ``arch`` as canonical float tensors (seeded)."""
+    fam = family_of(arch)
+    module = fam.init_module(arch, seed)
+    return {k: v.detach().clone().float() for k, v in fam.table.to_canonical(fam.module_state(module), arch,
+                                                                              "init").items()}
+
+
+def tower_state_dict(sd: Mapping[str, Tensor], arch: Arch) -> dict[str, Tensor]:
+    """The transported tower's tensors of a (prefix-stripped) state dict, in the family's names."""
+    return family_of(arch).tower(sd, arch)
+
+
+# ----------------------------------------------------------------------------------------------
+# architectures
+# ----------------------------------------------------------------------------------------------
+def hf_arch_from_config(cfg, directory: Path, name: str, keys: Optional[set[str]] = None) -> Arch:
+    """The architecture a Hugging Face config describes (``keys``: the checkpoint's tensor names, when known)."""
+    return families.for_model_type(getattr(cfg, "model_type", ""), name).arch_from_config(cfg, directory, name, keys)
+
+
+def hf_arch(ref: str) -> Arch:
+    """The architecture of a HF model (``hf:ORG/NAME`` from the local cache, or a directory) from its config."""
+    directory = resolve_dir(ref)
+    cfg = hf_common.load_config(directory)
+    fam = families.for_model_type(getattr(cfg, "model_type", ""), hf_common.arch_name(ref, directory))
+    return fam.arch_from_config(cfg, directory, hf_common.arch_name(ref, directory), hf_common.weight_keys(directory))
+
+
+def parse_arch(name: str) -> Arch:
+    """``open_clip:ViT-B-16``, ``zoo:NAME`` (architecture of that zoo model), ``hf:ID`` / HF dir (config only),
+    a model file that records its architecture, or the description as a JSON file."""
+    if name.startswith("open_clip:"):
+        return open_clip_arch(name.split(":", 2)[1])
+    if name.startswith("zoo:"):
+        return zoo.arch_of(name[len("zoo:"):])
+    if name.startswith("hf:") or Path(name).is_dir():
+        return hf_arch(name)
+    if Path(name).is_file():
+        if Path(name).suffix == ".json":
+            return Arch.from_json(Path(name).read_text())
+        md = read_safetensors_metadata(name)
+        if "arch" not in md:
+            raise TransportError(f"{name}: the file does not record an architecture (no 'arch' metadata)")
+        return Arch.from_json(md["arch"])
+    raise TransportError(f"unknown architecture '{name}' (use open_clip:ARCH, zoo:NAME, hf:ORG/NAME, or a "
+                         "model file that records its architecture)")
+
+
+# ----------------------------------------------------------------------------------------------
+# models
+# ----------------------------------------------------------------------------------------------
+def load_model(ref: str, arch: Arch | str | None = None, trust_pickle: bool = False, seed: int = 0) -> Model:
+    """Resolve a reference to a :class:`Model` (canonical params validated: keys, shapes, dtypes, NaN/Inf)."""
+    if isinstance(arch, str):
+        arch = parse_arch(arch)
+    if ref.startswith("zoo:"):
+        return load_zoo_model(ref[len("zoo:"):])
+    if ref.startswith("open_clip:"):
+        return load_open_clip(ref, seed=seed)
+    if ref.startswith("hf:") or (Path(ref).is_dir() and (Path(ref) / "config.json").exists()):
+        return load_hf(ref)
+    return load_file_model(ref, arch, trust_pickle)
+
+
+def load_zoo_model(name: str, root: Optional[str | os.PathLike] = None) -> Model:
+    """A model of the demo zoo (``A``, ``A+rot90``, ``B_next+invert``, ``W_grown@1``...), ref ``zoo:NAME@SEED``."""
+    path, arch, canonical_ref = zoo.locate(name, root)
+    model = load_file_model(str(path), arch)
+    return model.with_params(model.params, ref=canonical_ref)
+
+
+def load_hf(ref: str) -> Model:
+    """``hf:ORG/NAME`` or a HF directory -> Model (canonical tower, head / zero-shot when present)."""
+    directory = resolve_dir(ref)
+    cfg = hf_common.load_config(directory)
+    name = hf_common.arch_name(ref, directory)
+    fam = families.for_model_type(getattr(cfg, "model_type", ""), name)
+    fam.arch_from_config(cfg, directory, name, set())  # unsupported configurations fail before reading weights
+    sd = read_weights(directory)
+    arch = fam.arch_from_config(cfg, directory, name, set(sd))
+    return fam.load_directory(directory, cfg, ref, sd, arch)
+
+
+def _head_from_state(sd: Mapping[str, Tensor], md: Mapping[str, str]) -> Optional[Classifier]:
+    if "classifier.weight" not in sd:
+        return None
+    bias = sd.get("classifier.bias")
+    names = json.loads(md["classnames"]) if "classnames" in md else []
+    return Classifier(sd["classifier.weight"].float(), None if bias is None else bias.float(), classnames=names)
+
+
+def load_file_model(path: str, arch: Optional[Arch], trust_pickle: bool = False) -> Model:
+    sd, md = read_checkpoint(path, trust_pickle)
+    if arch is None:
+        if "arch" not in md:
+            raise TransportError(f"{path}: the file does not say its architecture; pass --arch "
+                                 "(e.g. open_clip:ViT-B-16)")
+        arch = Arch.from_json(md["arch"])
+    head = _head_from_state(sd, md)
+    params = {k: v.float() for k, v in to_canonical(sd, arch, what=str(path)).items()}
+    return Model(arch, params, ref=str(path), head=head, meta=md)
+
+
+def save_model(model: Model, path: str | os.PathLike, **meta: str) -> Path:
+    """Write a model (family names + classifier + arch metadata) atomically and deterministically."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in from_canonical(model.params, model.arch).items()}
+    md = {**model.meta, **{k: str(v) for k, v in meta.items()}, "arch": model.arch.to_json(), "ref": model.ref}
+    if model.head is not None:
+        tensors.update({k: v.detach().contiguous().cpu() for k, v in model.head.state().items()})
+        md["classnames"] = json.dumps(model.head.classnames)
+    return write_safetensors(path, tensors, md)
+
+
+# ----------------------------------------------------------------------------------------------
+# task vectors in a family's own names
+# ----------------------------------------------------------------------------------------------
+def _family_keys_for(arch: Arch, canon: set[str]) -> set[str]:
+    """Family keys whose every canonical part is in ``canon``."""
+    parts: dict[str, set[str]] = {}
+    for e in family_of(arch).table.expand(arch):
+        parts.setdefault(e.key, set()).add(e.canon)
+    return {k for k, cs in parts.items() if cs <= canon}
+
+
+def task_vector_state_dict(tau: TaskVector) -> dict[str, Tensor]:
+    """tau's tensors in the architecture's own family names and shapes (fused keys re-fused)."""
+    present = _family_keys_for(tau.arch, set(tau.tensors))
+    full = {k: tau.tensors.get(k, torch.zeros(v.shape)) for k, v in param_axes(tau.arch).items()}
+    return {k: v for k, v in from_canonical(full, tau.arch).items() if k in present}
+
+
+def task_vector_bytes(tau: TaskVector, **meta: str) -> bytes:
+    """The safetensors file of :func:`save_task_vector`, in memory (for downloads)."""
+    md = {**tau.meta, **{k: str(v) for k, v in meta.items()}, "arch": tau.arch.to_json(),
+          "format": "transport.task_vector", "transport_version": __version__}
+    tensors = {k: v.detach().float().contiguous().cpu() for k, v in task_vector_state_dict(tau).items()}
+    return safetensors_bytes(tensors, md)
+
+
+def save_task_vector(tau: TaskVector, path: str | os.PathLike, **meta: str) -> Path:
+    """Write atomically in the family's own names; metadata: arch, version and any string fields given."""
+    return write_atomic(path, task_vector_bytes(tau, **meta))
+
+
+def load_task_vector(path: str | os.PathLike, arch: Optional[Arch] = None) -> TaskVector:
+    """Read a task vector saved by :func:`save_task_vector` (or family-named tensors plus an explicit ``arch``)."""
+    tensors, md = read_safetensors(path)
+    if arch is None:
+        if "arch" not in md:
+            raise TransportError(f"{path}: no architecture in the file's metadata; pass --arch")
+        arch = Arch.from_json(md["arch"])
+    present = {k: v.float() for k, v in tensors.items()}
+    full_keys = set(from_canonical({k: torch.zeros(v.shape) for k, v in param_axes(arch).items()}, arch))
+    unknown = [k for k in present if k not in full_keys]
+    if unknown:
+        raise TransportError(f"{path}: unexpected keys for {arch.name}: {', '.join(unknown[:4])}")
+    missing = [k for k in full_keys if k not in present]
+    if missing:
+        raise TransportError(f"{path}: missing keys for {arch.name}: {', '.join(sorted(missing)[:4])}")
+    canon = family_of(arch).table.to_canonical(present, arch, what=str(path))
+    return TaskVector(arch, canon, {k: v for k, v in md.items() if k not in ("arch",)})
+
+
+__all__ = ["load_model", "load_zoo_model", "load_file_model", "load_hf", "save_model", "parse_arch", "hf_arch", "to_canonical",
+           "from_canonical", "family_shapes", "hf_arch_from_config", "tower_state_dict", "family_of", "task_vector_state_dict",
+           "save_task_vector", "load_task_vector", "task_vector_bytes", "tiny_arch", "open_clip_arch", "init_params"]
