@@ -27,6 +27,8 @@ from transport.methods import METHOD_NAMES, MethodInfo, Progress, TransportInput
 from transport.core.model import Model
 from transport.pipeline import Prepared, TransferResult, on_target, prepare, transfer
 from transport.core.task_vector import TaskVector
+from transport.core.layout import same_shapes
+from transport.sources import load_task_vector
 
 # ----------------------------------------------------------------------------------------------
 # where the app may write
@@ -167,7 +169,7 @@ class Loaded:
 
 
 def _load_model(mref: ModelRef, cache: MemoryCache) -> tuple[Model, str]:
-    from transport.sources import load_model, load_task_vector
+    from transport.sources import load_model
 
     def make() -> tuple[Model, str]:
         m = load_model(mref.ref, arch=mref.arch or None)

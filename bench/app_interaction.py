@@ -22,6 +22,7 @@ from typing import Callable
 import plotly.io as pio
 import torch
 from transport.zoo.builder import build as build_zoo
+from transport.core.layout import same_shapes
 
 
 def _time(fn: Callable[[], object], repeat: int) -> tuple[float, float]:

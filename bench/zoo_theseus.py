@@ -23,6 +23,7 @@ import torch
 from transport.sources import load_zoo_model
 
 from bench.common import require_zoo, spread_cell, tuned
+from transport.core.layout import same_shapes
 
 GRID = [round(0.25 * i, 2) for i in range(0, 13)]  # 0 .. 3
 PAIRS = {"wide_grown": "W_grown", "wide_indep": "W_indep", "next": "B_next"}

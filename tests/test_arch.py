@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from transport.core.arch import Arch
-from transport.core.layout import canonical_shapes, check_params, param_axes
+from transport.core.layout import canonical_shapes, check_params
 from transport.core.symmetry import apply_permutation, from_head_index, random_permutation
 from transport.families.open_clip import build_open_clip_tower, open_clip_arch, tiny_arch
 from transport.sources import from_canonical, to_canonical

@@ -203,11 +203,13 @@ def test_refuses_a_non_empty_out_dir_unless_forced(files, tmp_path, capsys):
 def test_output_is_atomic_when_writing_fails(files, tmp_path, capsys, monkeypatch):
     from transport.errors import TransportError
 
-    def broken_save(self, path, **meta):
+    def broken_save(tau, path, **meta):
         Path(path).write_bytes(b"partial")
         raise TransportError(f"{path}: disk full")
 
-    monkeypatch.setattr(TaskVector, "save", broken_save)
+    import transport.sources
+
+    monkeypatch.setattr(transport.sources, "save_task_vector", broken_save)
     out = tmp_path / "out"
     rc, _, err = _run(_base(files, out), capsys)
     assert rc == 2 and "disk full" in err and err.count("\n") == 1

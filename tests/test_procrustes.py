@@ -194,7 +194,7 @@ def _linear_resize_matrix(g_from: int, g_to: int) -> torch.Tensor:
 
 
 def test_float32_products_are_staged_then_summed_in_float64(monkeypatch):
-    import transport.procrustes as pr
+    import transport.core.procrustes as pr
 
     monkeypatch.setattr(pr, "PRODUCT_FLOAT64_MAX", 0)  # every product in float32, as for wide maps on a CPU
     monkeypatch.setattr(pr, "STAGE_ROWS", 50)

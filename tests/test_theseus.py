@@ -215,8 +215,8 @@ def test_pca_sample(wide_pair, task):
     # the rows are the class tokens of the residual stream after block 1 of the source
     images = task.calibration(32, 0)
     rec = {}
-    encode(A.params, A.arch, preprocess(A.arch, images), record=lambda n, x, y: rec.setdefault(n, (x, y)))
-    after1 = rec["blocks.2.ln1"][0][:, 0]
+    encode(A.params, A.arch, preprocess(A.arch, images), record=lambda site, x: rec.setdefault(site, x))
+    after1 = rec["res:1m"][:, 0]
     assert torch.allclose(s["source"].float(), after1, atol=2e-2, rtol=1e-2)
     assert torch.allclose(al.mapped_sample("res:1m"), s["source"].float() @ al.maps["res:1m"])
     assert al.naive_sample("res:1m").shape == (32, 128)
@@ -371,7 +371,7 @@ def embed_model(A: Model, seed: int = 0):
     a = A.arch
     d, H, dh, m, e, L = a.width, a.heads, a.head_dim, a.mlp_width, a.output_dim, a.layers
     D, M, e_w = 2 * d, 2 * m, e + 16
-    arch = dataclasses.replace(a, width=D, heads=2 * H, mlp_width=M, output_dim=e_w, norm_eps=a.norm_eps / 2,
+    arch = a.replace(width=D, heads=2 * H, mlp_width=M, output_dim=e_w, norm_eps=a.norm_eps / 2,
                                name="zoo:planted-wide")
     g = torch.Generator().manual_seed(seed)
     E_res = (torch.cat([torch.eye(d), torch.eye(d)], 1) / math.sqrt(2))[:, torch.randperm(D, generator=g)].double()

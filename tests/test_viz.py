@@ -13,7 +13,7 @@ from transport.core.layout import param_axes
 from transport.families.open_clip import tiny_arch
 from transport.core.evaluate import AlphaSweep
 from transport.core.task_vector import TaskVector
-from transport.sources import load_task_vector
+from transport.sources import load_task_vector, task_vector_bytes
 from viz import export, gradfix, results, theseus, transfusion
 from viz.common import block_mean
 
@@ -252,7 +252,7 @@ def test_layer_ablation_figure():
 def test_exports_round_trip(tmp_path):
     arch = tiny_arch(width=16, layers=2, heads=2, output_dim=8)
     tau = _tv(arch, lambda k: 0.5)
-    data = export.task_vector_bytes(tau, alpha="0.5")
+    data = task_vector_bytes(tau, alpha="0.5")
     f = tmp_path / "tau.safetensors"
     f.write_bytes(data)
     back = load_task_vector(f)

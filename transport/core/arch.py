@@ -37,7 +37,7 @@ class Arch:
     """Shape and behaviour of one pre-norm transformer tower (see the module docstring)."""
 
     family: str  # the adapter that reads and writes this model's own parameter names
-    name: str  # a reference-style name, e.g. 'open_clip:ViT-B-16', 'hf:Qwen/Qwen2.5-0.5B'
+    name: str  # a reference-style name (what messages call the model)
     width: int
     layers: int
     heads: int
@@ -154,6 +154,16 @@ class Arch:
 
     def with_name(self, name: str) -> "Arch":
         return dataclasses.replace(self, name=name)
+
+    def replace(self, **changes: Any) -> "Arch":
+        """``dataclasses.replace`` that re-derives key/value heads and head width from new heads or width
+        (unless given) when they had their derived values before."""
+        if "heads" in changes or "width" in changes:
+            if "kv_heads" not in changes and self.kv_heads == self.heads:
+                changes["kv_heads"] = 0
+            if "head_dim" not in changes and self.head_dim * self.heads == self.width:
+                changes["head_dim"] = 0
+        return dataclasses.replace(self, **changes)
 
     def differences(self, other: "Arch", ignore: tuple[str, ...] = ("name",)) -> list[str]:
         """``'field: mine vs theirs'`` for every field that differs (for messages that say what differs)."""

@@ -114,7 +114,7 @@ class WeightMatcher:
         self.within = "separate" if arch.position == "rope" else within  # q/k order fixed: v/o matched alone
         self.spec = permutation_spec(arch)
         info = param_axes(arch)
-        G, r, dh = arch.kv_heads, arch.group_size, arch.head_dim
+        G, dh = arch.kv_heads, arch.head_dim
         A = {k: v.to(device, torch.float32) for k, v in theta_A.items()}
         B = {k: v.to(device, torch.float32) for k, v in theta_B.items()}
         self.A, self.B = A, B

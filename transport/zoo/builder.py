@@ -45,7 +45,8 @@ from transport.errors import TransportError
 from transport.files import read_safetensors, write_safetensors
 from transport.sources import load_file_model, save_model, tiny_arch
 from transport.zoo.shuffle import grow_params, random_shuffle, shuffle_from_tensors, shuffle_tensors, widening_map
-from transport.zoo.store import (_PAIRS, MANIFEST, ZOO_FORMAT, ZooEntry, _file, _perm_file, _read_manifest, _root)
+from transport.zoo.store import (_PAIRS, MANIFEST, ZOO_FORMAT, ZooEntry, _file, _perm_file, _read_manifest, _root,
+                                 list_models)
 from transport.zoo.train import Augment, TrainConfig, TrainResult, finetune, init_head, init_params, train
 
 Tensor = torch.Tensor
