@@ -15,8 +15,16 @@ import torch
 from transport.core.arch import Arch
 from transport.core.forward import encode
 from transport.core.layout import canonical_shapes, param_axes, res_out
-from transport.core.symmetry import (HeadPermutation, apply_permutation, check_permutations, compose, invert,
-                                     perm_equal, permutation_spec, random_permutation)
+from transport.core.symmetry import (
+    HeadPermutation,
+    apply_permutation,
+    check_permutations,
+    compose,
+    invert,
+    perm_equal,
+    permutation_spec,
+    random_permutation,
+)
 from transport.errors import TransportError
 from transport.methods.transfusion import align
 

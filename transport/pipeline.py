@@ -15,8 +15,15 @@ from transport.core.model import Model
 from transport.core.task_vector import TaskVector
 from transport.data import Task
 from transport.errors import TransportError
-from transport.methods import (MethodInfo, Progress, TransportInputs, check_compatible, get_method, no_progress,
-                               resolve_device)
+from transport.methods import (
+    MethodInfo,
+    Progress,
+    TransportInputs,
+    check_compatible,
+    get_method,
+    no_progress,
+    resolve_device,
+)
 
 
 @dataclass

@@ -28,8 +28,15 @@ from transport.core.task_vector import TaskVector
 from transport.errors import TransportError
 from transport.families import hf_common
 from transport.families.open_clip import load_open_clip, open_clip_arch, tiny_arch
-from transport.files import (read_checkpoint, read_safetensors, read_safetensors_metadata, read_weights,
-                             safetensors_bytes, write_atomic, write_safetensors)
+from transport.files import (
+    read_checkpoint,
+    read_safetensors,
+    read_safetensors_metadata,
+    read_weights,
+    safetensors_bytes,
+    write_atomic,
+    write_safetensors,
+)
 from transport.hub import resolve_dir
 
 Tensor = torch.Tensor

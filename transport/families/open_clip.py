@@ -15,12 +15,12 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
+from transport import hub
 from transport.core.arch import Arch
 from transport.core.heads import PROMPT_TEMPLATES, Classifier, ZeroShotHeads, zero_shot_classifier
 from transport.core.model import Model
 from transport.errors import TransportError
 from transport.families.base import Family
-from transport import hub
 
 Tensor = torch.Tensor
 

@@ -86,7 +86,8 @@ class NameTable:
                 canon = e.canon if l is None else e.canon.replace("{l}", str(l))
                 if canon in info:
                     out.append(Entry(canon, e.key if l is None else e.key.replace("{l}", str(l)), e.how))
-        return out
+        order = {k: i for i, k in enumerate(info)}
+        return sorted(out, key=lambda e: order[e.canon])  # the canonical order, block by block
 
     def keys(self, arch: Arch) -> list[str]:
         return list(dict.fromkeys(e.key for e in self.expand(arch)))

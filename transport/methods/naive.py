@@ -5,8 +5,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from transport.methods import MethodInfo, Progress, TransportInputs
 from transport.core.task_vector import TaskVector
+from transport.methods import MethodInfo, Progress, TransportInputs
 
 
 @dataclass

@@ -29,8 +29,18 @@ from transport.core.assignment import lap_max, lap_min_cost
 from transport.core.forward import encode
 from transport.core.layout import check_params, param_axes, same_shapes
 from transport.core.stems import preprocess
-from transport.core.symmetry import (HeadPermutation, Perms, apply_permutation, axis_index, check_permutations,
-                                     fixed_points, flatten, permutation_spec, residual_names, unflatten)
+from transport.core.symmetry import (
+    HeadPermutation,
+    Perms,
+    apply_permutation,
+    axis_index,
+    check_permutations,
+    fixed_points,
+    flatten,
+    permutation_spec,
+    residual_names,
+    unflatten,
+)
 from transport.core.task_vector import TaskVector
 from transport.errors import TransportError
 from transport.files import read_safetensors, write_safetensors

@@ -18,10 +18,8 @@ locates them. No library module imports this one.
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
 import functools
 import json
-import multiprocessing as mp
 import os
 import shutil
 import statistics
@@ -44,10 +42,21 @@ from transport.data import DIGIT_NAMES, digits_task
 from transport.errors import TransportError
 from transport.files import read_safetensors, write_safetensors
 from transport.sources import load_file_model, save_model, tiny_arch
+from transport.zoo import workers as zoo_workers
 from transport.zoo.shuffle import grow_params, random_shuffle, shuffle_from_tensors, shuffle_tensors, widening_map
-from transport.zoo.store import (_PAIRS, MANIFEST, ZOO_FORMAT, ZooEntry, _file, _perm_file, _read_manifest, _root,
-                                 list_models)
+from transport.zoo.store import (
+    _PAIRS,
+    MANIFEST,
+    ZOO_FORMAT,
+    ZooEntry,
+    _file,
+    _perm_file,
+    _read_manifest,
+    _root,
+    list_models,
+)
 from transport.zoo.train import Augment, TrainConfig, TrainResult, finetune, init_head, init_params, train
+from transport.zoo.workers import CallbackBar, InlineQueue, Ticker, children_cpu, progress_bar, run_pool
 
 Tensor = torch.Tensor
 
@@ -126,31 +135,6 @@ _DESCRIPTIONS = {
     "W_indep": "2x wider, pretrained from an unrelated seed",
 }
 
-_progress_queue = None  # set in worker processes
-
-
-def _report(n: int) -> None:
-    if _progress_queue is not None and n:
-        _progress_queue.put(n)
-
-
-class _Ticker:
-    """Batches progress reports (one queue message per ``every`` steps)."""
-
-    def __init__(self, report: Callable[[int], None], every: int = 10):
-        self.report, self.every, self.n = report, every, 0
-
-    def __call__(self, n: int) -> None:
-        self.n += n
-        if self.n >= self.every:
-            self.report(self.n)
-            self.n = 0
-
-    def flush(self) -> None:
-        self.report(self.n)
-        self.n = 0
-
-
 @functools.lru_cache(maxsize=None)
 def _task(name: str):
     """A built-in digits task, loaded once per process."""
@@ -191,7 +175,7 @@ class _Writer:
         self.records.append(rec)
 
 
-def _finetune_all(w: _Writer, name: str, model: Model, tick: _Ticker) -> dict[str, dict[str, Tensor]]:
+def _finetune_all(w: _Writer, name: str, model: Model, tick: Ticker) -> dict[str, dict[str, Tensor]]:
     """Fine-tune ``model`` on every downstream task (same recipe and data order for every model)."""
     out = {}
     for task in w.cfg.tasks:
@@ -216,7 +200,7 @@ def pretrain_source(cfg: ZooConfig, seed: int, on_step: Optional[Callable[[int],
 def _job_source_chain(root: str, cfg: ZooConfig, seed: int) -> dict:
     """A and everything made from its run: fine-tunes, B_control, B_next, W_grown."""
     torch.set_num_threads(1)
-    w, tick = _Writer(Path(root), seed, cfg), _Ticker(_report)
+    w, tick = _Writer(Path(root), seed, cfg), Ticker(zoo_workers.report)
     arch, wide = cfg.arch, cfg.wide_arch
     x, y = _digits_train(PRETRAIN_TASK)
 
@@ -258,7 +242,7 @@ def _job_source_chain(root: str, cfg: ZooConfig, seed: int) -> dict:
 def _job_independent(root: str, cfg: ZooConfig, seed: int) -> dict:
     """B_indep and W_indep (unrelated seeds) with their fine-tunes."""
     torch.set_num_threads(1)
-    w, tick = _Writer(Path(root), seed, cfg), _Ticker(_report)
+    w, tick = _Writer(Path(root), seed, cfg), Ticker(zoo_workers.report)
     x, y = _digits_train(PRETRAIN_TASK)
     for name, arch, tcfg in (("B_indep", cfg.arch, cfg.pretrain), ("W_indep", cfg.wide_arch, cfg.wide_pretrain)):
         res = train(init_params(arch, _seed(seed, f"{name}:init")),
@@ -316,29 +300,8 @@ def _evaluate_seed(root: Path, cfg: ZooConfig, seed: int, models: dict[str, dict
                 gtau = TaskVector(T.arch, widening_map(tau.tensors, A.arch, T.arch, perm_w))
                 row["true_map"], row["true_map_alpha"] = tuned(T, gtau, task)
             rows.append(row)
-        _report(1)
+        zoo_workers.report(1)
     return {"rows": rows, "pretrain_accuracy": pretrain_acc}
-
-
-def _init_worker(queue) -> None:
-    global _progress_queue
-    _progress_queue = queue
-    torch.set_num_threads(1)
-    _die_with_parent()
-
-
-def _die_with_parent() -> None:
-    """Linux: a build worker gets SIGTERM when the building process dies (an interrupted build leaves no
-    orphans writing into the zoo directory). Elsewhere a no-op."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # pragma: no cover - no usable libc
-        pass
 
 
 def summarize(table: list[dict]) -> list[dict]:
@@ -420,11 +383,11 @@ def build(root: Optional[str | os.PathLike] = None, variant: str = "full", seeds
         shutil.rmtree(sub, ignore_errors=True)
     (r / ".zoo-building").write_text("incomplete build; run `python -m transport zoo build --force`\n")
 
-    t0, c0, k0 = time.perf_counter(), time.process_time(), _children_cpu()
+    t0, c0, k0 = time.perf_counter(), time.process_time(), children_cpu()
     n_workers = workers if workers is not None else max(1, min(2, os.cpu_count() or 1, 2 * len(cfg.seeds)))
-    bar = _progress_bar(_total_units(cfg), variant, progress)
+    bar = progress_bar(_total_units(cfg), variant, progress)
     if on_progress is not None:
-        bar = _CallbackBar(bar, _total_units(cfg), variant, on_progress)
+        bar = CallbackBar(bar, _total_units(cfg), variant, on_progress)
     records: dict[int, dict[str, dict]] = {s: {} for s in cfg.seeds}
     seconds: dict[str, float] = {}
     cpu_seconds: dict[str, float] = {}
@@ -443,20 +406,19 @@ def build(root: Optional[str | os.PathLike] = None, variant: str = "full", seeds
         rows.extend(out["rows"])
         pre_acc.update({f"{k}@{seed}": v for k, v in out["pretrain_accuracy"].items()})
 
-    global _progress_queue
     old_threads = torch.get_num_threads()
     try:
         if n_workers <= 1:
-            _progress_queue = _InlineQueue(bar)
+            zoo_workers._progress_queue = InlineQueue(bar)
             torch.set_num_threads(1)
             for fn, s in jobs:
                 take_models(s, fn(str(r), cfg, s))
             for s in cfg.seeds:
                 take_eval(s, _evaluate_seed(r, cfg, s, records[s]))
         else:
-            _run_pool(r, cfg, jobs, n_workers, bar, records, take_models, take_eval)
+            run_pool(r, cfg, jobs, n_workers, bar, records, take_models, take_eval, _evaluate_seed)
     finally:
-        _progress_queue = None
+        zoo_workers._progress_queue = None
         torch.set_num_threads(old_threads)
         bar.close()
 
@@ -470,7 +432,7 @@ def build(root: Optional[str | os.PathLike] = None, variant: str = "full", seeds
         "format": ZOO_FORMAT, "variant": variant, "seeds": list(cfg.seeds), "tasks": list(cfg.tasks),
         "pretrain_task": PRETRAIN_TASK, "archs": archs, "fingerprint": fingerprint,
         "build_seconds": round(elapsed, 1), "workers": n_workers, "model_seconds": seconds,
-        "model_cpu_seconds": cpu_seconds, "cpu_seconds": round(time.process_time() - c0 + _children_cpu() - k0, 1),
+        "model_cpu_seconds": cpu_seconds, "cpu_seconds": round(time.process_time() - c0 + children_cpu() - k0, 1),
         "pretrain_accuracy": pre_acc, "pairs": [asdict(p) for p in _PAIRS], "models": models, "table": rows,
     }
     tmp = r / f".{MANIFEST}.tmp-{os.getpid()}"
@@ -484,81 +446,6 @@ def build(root: Optional[str | os.PathLike] = None, variant: str = "full", seeds
     info = {k: v for k, v in manifest.items() if k != "models"}
     info["skipped"], info["summary"] = False, summarize(rows)
     return info
-
-
-def _children_cpu() -> float:
-    """CPU seconds used by finished child processes (the build's workers), where the OS tells."""
-    try:
-        import resource
-
-        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-        return ru.ru_utime + ru.ru_stime
-    except (ImportError, OSError):  # pragma: no cover - not on POSIX
-        return 0.0
-
-
-class _CallbackBar:
-    """A progress bar that also reports (fraction, message) to a callback."""
-
-    def __init__(self, bar, total: int, variant: str, callback: Callable[[float, str], None]):
-        self.bar, self.total, self.n, self.variant, self.callback = bar, max(1, total), 0, variant, callback
-
-    def update(self, n: int = 1) -> None:
-        self.bar.update(n)
-        self.n += n
-        self.callback(min(1.0, self.n / self.total), f"building the {self.variant} zoo: {self.n}/{self.total} steps")
-
-    def close(self) -> None:
-        self.bar.close()
-        self.callback(1.0, "zoo built")
-
-
-class _InlineQueue:
-    def __init__(self, bar):
-        self.bar = bar
-
-    def put(self, n: int) -> None:
-        self.bar.update(n)
-
-
-def _progress_bar(total: int, variant: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=f"building the {variant} zoo", unit="step", disable=not enabled,
-                file=sys.stderr, dynamic_ncols=True)
-
-
-def _run_pool(r: Path, cfg: ZooConfig, jobs, n_workers: int, bar, records, take_models, take_eval) -> None:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    done_jobs: dict[int, int] = {s: 0 for s in cfg.seeds}
-    with cf.ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx, initializer=_init_worker,
-                                initargs=(queue,)) as pool:
-        pending = {pool.submit(fn, str(r), cfg, s): ("train", s) for fn, s in jobs}
-        while pending:
-            done, _ = cf.wait(list(pending), timeout=0.2, return_when=cf.FIRST_COMPLETED)
-            _drain(queue, bar)
-            for f in done:
-                what, s = pending.pop(f)
-                out = f.result()
-                if what == "train":
-                    take_models(s, out)
-                    done_jobs[s] += 1
-                    if done_jobs[s] == 2:
-                        pending[pool.submit(_evaluate_seed, r, cfg, s, records[s])] = ("eval", s)
-                else:
-                    take_eval(s, out)
-        _drain(queue, bar)
-
-
-def _drain(queue, bar) -> None:
-    import queue as _q
-
-    while True:
-        try:
-            bar.update(queue.get_nowait())
-        except _q.Empty:
-            return
 
 
 def _main(argv: Optional[list[str]] = None) -> int:

@@ -12,7 +12,13 @@ import torch
 
 from transport.core.arch import Arch
 from transport.core.layout import param_axes
-from transport.core.symmetry import HeadPermutation, Perms, apply_permutation, random_permutation, split_head_permutation
+from transport.core.symmetry import (
+    HeadPermutation,
+    Perms,
+    apply_permutation,
+    random_permutation,
+    split_head_permutation,
+)
 from transport.errors import TransportError
 
 Tensor = torch.Tensor
