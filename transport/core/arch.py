@@ -55,6 +55,7 @@ class Arch:
     position: str = "learned"  # 'learned' | 'rope' (rotate-half convention) | 'none'
     rope_theta: float = 10000.0
     causal: bool = False
+    window: int = 0  # sliding-window attention span (0: none); longer sequences are refused, not approximated
     stem: str = "image"
     # image stem
     image_size: int = 0

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from transport.core.arch import Arch
 from transport.core.stems import image_tokens, preprocess, rotary_tables, rotate, token_embeddings
+from transport.errors import TransportError
 
 Tensor = torch.Tensor
 Recorder = Callable[[str, Tensor], None]  # (activation site, activation [N, T, width])
@@ -90,6 +91,9 @@ def block(params: dict[str, Tensor], arch: Arch, l: int, x: Tensor, record: Opti
     n, t = x.shape[0], x.shape[1]
     H, G, dh = arch.heads, arch.kv_heads, arch.head_dim
     b = f"blocks.{l}"
+    if arch.window and t > arch.window:
+        raise TransportError(f"{arch.name}: {t} tokens exceed its sliding attention window of {arch.window} "
+                             "(not modelled: shorter sequences are exact)")
 
     def rec(site: str, value: Tensor) -> None:
         if record is not None:

@@ -8,7 +8,7 @@ its config, where its tower sits in a state dict, and a tiny real module for the
 from __future__ import annotations
 
 from transport.errors import TransportError
-from transport.families import hf_clip, hf_vit, open_clip
+from transport.families import hf_clip, hf_decoder, hf_vit, open_clip
 from transport.families.base import Family
 
 _REGISTRY: dict[str, Family] = {}
@@ -21,8 +21,10 @@ def register(family: Family) -> Family:
     return family
 
 
-for _module in (open_clip, hf_clip, hf_vit):
-    register(_module.FAMILY)
+for _family in (open_clip.FAMILY, hf_clip.FAMILY, hf_vit.FAMILY, *hf_decoder.FAMILIES):
+    register(_family)
+
+ENCODER_DECODERS = ("t5", "mt5", "umt5", "bart", "mbart", "pegasus", "marian", "longt5", "switch_transformers")
 
 
 def get(name: str) -> Family:
@@ -38,6 +40,9 @@ def names() -> list[str]:
 
 def for_model_type(model_type: str, what: str) -> Family:
     """The adapter that reads Hugging Face ``config.model_type``."""
+    if model_type in ENCODER_DECODERS:
+        raise TransportError(f"{what}: '{model_type}' is an encoder-decoder model; only decoder-only language "
+                             "models and vision towers are supported (encoder-decoders are out of scope)")
     for f in _REGISTRY.values():
         if model_type in f.model_types:
             return f

@@ -9,7 +9,9 @@ not make) is simply not used, so one table serves every configuration of a famil
 - ``unsqueeze0`` / ``unsqueeze1``: stored with leading singleton axes ([1, T, d] / [1, 1, d]);
 - ``fused:i``: part i of a concatenation along axis 0 of the canonical tensors that share the key (their
   sizes come from the canonical shapes, so q, k and v of grouped-query attention split correctly);
-- ``fused_t:i``: the same concatenation stored transposed (concatenated along axis 1).
+- ``fused_t:i``: the same concatenation stored transposed (concatenated along axis 1);
+- ``tied``: a second name of the same tensor (an unembedding tied to the token embedding): written as a
+  copy, optional on reading, and refused when present with other values.
 
 Translation is bit-exact in both directions (tested per family).
 """
@@ -30,7 +32,7 @@ from transport.errors import TransportError
 
 Tensor = torch.Tensor
 TABLES = Path(__file__).parent / "tables"
-HOWS = ("same", "transpose", "unsqueeze0", "unsqueeze1", "fused", "fused_t")
+HOWS = ("same", "transpose", "unsqueeze0", "unsqueeze1", "fused", "fused_t", "tied")
 
 
 @dataclass(frozen=True)
@@ -54,8 +56,9 @@ def _names(names: list[str]) -> str:
 
 @dataclass(frozen=True)
 class NameTable:
-    """One family's names (see the module docstring); ``ignore``: key prefixes that are legitimately present
-    but not part of the transported tower; ``aliases``: (regex, replacement) for older spellings of keys."""
+    """One family's names (see the module docstring); ``ignore``: regular expressions (full match) of keys
+    that are legitimately present but not part of the transported tower (buffers, poolers); ``aliases``:
+    (regex, replacement) for older spellings of keys."""
 
     family: str
     entries: tuple[Entry, ...]
@@ -84,7 +87,7 @@ class NameTable:
             layers = range(arch.layers) if "{l}" in e.canon else (None,)
             for l in layers:
                 canon = e.canon if l is None else e.canon.replace("{l}", str(l))
-                if canon in info:
+                if canon in info and (e.kind != "tied" or arch.tied_embeddings):
                     out.append(Entry(canon, e.key if l is None else e.key.replace("{l}", str(l)), e.how))
         order = {k: i for i, k in enumerate(info)}
         return sorted(out, key=lambda e: order[e.canon])  # the canonical order, block by block
@@ -100,7 +103,7 @@ class NameTable:
         return key
 
     def ignored(self, key: str) -> bool:
-        return any(key.startswith(p) for p in self.ignore)
+        return any(re.fullmatch(p, key) for p in self.ignore)
 
     def _fused_sizes(self, entries: list[Entry], arch: Arch) -> dict[str, list[tuple[int, str]]]:
         """Key -> [(size, canonical name)] of the parts of each fused key, in part order."""
@@ -116,7 +119,7 @@ class NameTable:
         sd = {self.alias(k): v for k, v in sd.items()} if self.aliases else dict(sd)
         entries = self.expand(arch)
         wanted = {e.key for e in entries}
-        missing = [k for k in dict.fromkeys(e.key for e in entries) if k not in sd]
+        missing = [k for k in dict.fromkeys(e.key for e in entries if e.kind != "tied") if k not in sd]
         if missing:
             raise TransportError(f"{what}: missing keys for {arch.name}: {_names(missing)}")
         extra = [k for k in sd if k not in wanted and not self.ignored(k)]
@@ -125,6 +128,8 @@ class NameTable:
         fused = self._fused_sizes(entries, arch)
         out: dict[str, Tensor] = {}
         for e in entries:
+            if e.kind == "tied":
+                continue
             t = sd[e.key]
             if e.kind in ("fused", "fused_t"):
                 sizes = fused[e.key]
@@ -144,6 +149,9 @@ class NameTable:
             elif e.kind == "transpose":
                 t = t.t()
             out[e.canon] = t.contiguous()
+        for e in entries:
+            if e.kind == "tied" and e.key in sd and not torch.equal(sd[e.key], out[e.canon].to(sd[e.key].dtype)):
+                raise TransportError(f"{what}: {e.key} should be tied to the token embedding but holds other values")
         check_params(out, arch, what)
         return out
 
@@ -161,7 +169,9 @@ class NameTable:
             if e.kind in ("fused", "fused_t"):
                 fused.setdefault(e.key, {})[e.canon] = t
                 continue
-            if e.kind == "unsqueeze1":
+            if e.kind == "tied":
+                t = t.clone()
+            elif e.kind == "unsqueeze1":
                 t = t.reshape(1, 1, -1)
             elif e.kind == "unsqueeze0":
                 t = t.unsqueeze(0)
