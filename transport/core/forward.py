@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from transport.core.arch import Arch
-from transport.core.stems import image_tokens, preprocess, rotary_tables, rotate, token_embeddings
+from transport.core.stems import (Inputs, TextBatch, image_tokens, preprocess, rotary_tables, rotate,
+                                  token_embeddings)
 from transport.errors import TransportError
 
 Tensor = torch.Tensor
@@ -53,8 +54,10 @@ def _linear(x: Tensor, p: dict[str, Tensor], name: str) -> Tensor:
     return F.linear(x, p[f"{name}.weight"], p.get(f"{name}.bias"))
 
 
-def embed(params: dict[str, Tensor], arch: Arch, inputs: Tensor, record: Optional[Recorder] = None) -> Tensor:
-    """The residual stream [N, T, d] entering block 0 (``inputs``: preprocessed pixels or token ids)."""
+def embed(params: dict[str, Tensor], arch: Arch, inputs: Inputs, record: Optional[Recorder] = None) -> Tensor:
+    """The residual stream [N, T, d] entering block 0 (``inputs``: preprocessed pixels, token ids or a TextBatch)."""
+    if isinstance(inputs, TextBatch):
+        inputs = inputs.ids
     x = image_tokens(params, arch, inputs) if arch.stem == "image" else token_embeddings(params, arch, inputs)
     if arch.ln_pre:
         y = norm(x, params, "ln_pre", arch)
@@ -157,9 +160,11 @@ def pool(x: Tensor, arch: Arch, index: Optional[Tensor] = None, mask: Optional[T
 def readout(params: dict[str, Tensor], arch: Arch, x: Tensor, record: Optional[Recorder] = None,
             index: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> Tensor:
     """Features [N, feature_dim] (final norm of the pooled token, then the projection if any), or for an
-    'lm' readout the next-token logits [N, T, V] of every position."""
+    'lm' readout the next-token logits [N, T, V] of every position ([N, V] at ``index`` when given)."""
     p = params
     if arch.readout == "lm":
+        if index is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), index.to(x.device)]
         h = norm(x, p, "ln_post", arch)
         unembed = p["embed.tokens"] if arch.tied_embeddings else p["head.unembed"]
         return h @ unembed.t().to(h.dtype)
@@ -173,10 +178,15 @@ def readout(params: dict[str, Tensor], arch: Arch, x: Tensor, record: Optional[R
     return out
 
 
-def encode(params: dict[str, Tensor], arch: Arch, inputs: Tensor, record: Optional[Recorder] = None,
+def encode(params: dict[str, Tensor], arch: Arch, inputs: Inputs, record: Optional[Recorder] = None,
            skips: Optional[dict[str, Tensor]] = None, mask: Optional[Tensor] = None,
            index: Optional[Tensor] = None) -> Tensor:
-    """The whole pass: preprocessed pixels [N, C, S, S] or token ids [N, T] -> :func:`readout`'s output."""
+    """The whole pass: preprocessed pixels [N, C, S, S], token ids [N, T] or a :class:`TextBatch` (its mask
+    applies) -> :func:`readout`'s output."""
+    if isinstance(inputs, TextBatch) and mask is None:
+        mask = inputs.mask
+    if arch.readout == "eot" and index is None and arch.stem == "tokens":  # the end-of-text token has the top id
+        index = (inputs.ids if isinstance(inputs, TextBatch) else inputs).argmax(-1)
     x = embed(params, arch, inputs, record)
     for l in range(arch.layers):
         x = block(params, arch, l, x, record, skips, mask)

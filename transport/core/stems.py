@@ -7,7 +7,8 @@ Token stem: token ids index the embedding table, plus learned positions when the
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,80 @@ from transport.core.arch import Arch
 from transport.errors import TransportError
 
 Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class TextBatch:
+    """Token ids of a batch of texts, right-padded: ``ids`` [N, T] (int64) and ``mask`` [N, T] (True = real token).
+
+    Behaves like a batch of images where the code only needs ``len``, slicing / indexing and ``.to``.
+    """
+
+    ids: Tensor
+    mask: Tensor
+
+    def __post_init__(self) -> None:
+        if self.ids.dim() != 2 or self.ids.is_floating_point() or tuple(self.mask.shape) != tuple(self.ids.shape):
+            raise ValueError(f"TextBatch needs integer ids [N, T] and a mask of the same shape, got "
+                             f"{tuple(self.ids.shape)} {self.ids.dtype} and {tuple(self.mask.shape)}")
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    def __getitem__(self, idx) -> "TextBatch":
+        ids, mask = self.ids[idx], self.mask[idx]
+        if ids.dim() == 1:
+            ids, mask = ids[None], mask[None]
+        return TextBatch(ids, mask.bool())
+
+    @property
+    def lengths(self) -> Tensor:
+        return self.mask.long().sum(1)
+
+    @property
+    def last(self) -> Tensor:
+        """[N] position of each text's last real token (where its next-token prediction is read)."""
+        return (self.lengths - 1).clamp_min(0)
+
+    @property
+    def tokens(self) -> int:
+        """Real tokens in the batch."""
+        return int(self.mask.sum())
+
+    def to(self, device: str | torch.device) -> "TextBatch":
+        return TextBatch(self.ids.to(device), self.mask.to(device))
+
+    def trimmed(self) -> "TextBatch":
+        """The same texts without trailing columns that are padding in every row."""
+        t = int(self.lengths.max()) if len(self) else 0
+        return TextBatch(self.ids[:, :max(t, 1)], self.mask[:, :max(t, 1)])
+
+    @classmethod
+    def from_lists(cls, sequences: list[list[int]], pad_id: int = 0) -> "TextBatch":
+        t = max((len(s) for s in sequences), default=1) or 1
+        ids = torch.full((len(sequences), t), int(pad_id), dtype=torch.long)
+        mask = torch.zeros(len(sequences), t, dtype=torch.bool)
+        for i, s in enumerate(sequences):
+            ids[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
+            mask[i, :len(s)] = True
+        return cls(ids, mask)
+
+
+Inputs = Union[Tensor, TextBatch]  # preprocessed pixels [N, C, S, S], or a TextBatch
+
+
+def model_inputs(arch: Arch, x: Union[Tensor, TextBatch]) -> Inputs:
+    """What the forward of ``arch`` reads from a task's samples: images in [0, 1] are resized and normalised;
+    token ids pass as a :class:`TextBatch` (a bare [N, T] id tensor gets an all-true mask)."""
+    if arch.stem == "image":
+        if isinstance(x, TextBatch):
+            raise TransportError(f"{arch.name} reads images, got token ids (a text task)")
+        return preprocess(arch, x)
+    if isinstance(x, TextBatch):
+        return x
+    if torch.is_tensor(x) and x.dim() == 2 and not x.is_floating_point():
+        return TextBatch(x.long(), torch.ones_like(x, dtype=torch.bool))
+    raise TransportError(f"{arch.name} reads token ids, got images (an image task)")
 
 
 def preprocess(arch: Arch, images: Tensor) -> Tensor:
@@ -90,4 +165,4 @@ def sequence_mask(ids: Tensor, mask: Optional[Tensor]) -> Tensor:
     return mask.bool()
 
 
-__all__ = ["preprocess", "image_tokens", "token_embeddings", "rotary_tables", "rotate", "sequence_mask"]
+__all__ = ["TextBatch", "Inputs", "model_inputs", "preprocess", "image_tokens", "token_embeddings", "rotary_tables", "rotate", "sequence_mask"]
