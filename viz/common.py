@@ -57,6 +57,63 @@ def ordered(names) -> list[str]:
     return known + [n for n in names if n not in known]
 
 
+#: every accuracy axis of every figure: 0-100 % (an autoscaled axis makes noise look like a peak)
+ACCURACY_RANGE = (0.0, 100.0)
+
+
+def accuracy_axis(fig: go.Figure, **where) -> go.Figure:
+    """Fix a y-axis (``row``/``col`` select a subplot) to 0-100 % with ticks every 20 %."""
+    fig.update_yaxes(range=list(ACCURACY_RANGE), dtick=20, ticksuffix=" %", **where)
+    return fig
+
+
+# Presentation mode: sizes for a projector at the back of a lecture hall.
+PRESENT_FONT = 20
+PRESENT_TICK = 18
+PRESENT_TITLE = 26
+PRESENT_LINE = 4.0
+
+
+def presentation(fig: go.Figure) -> go.Figure:
+    """A copy of ``fig`` for projection: larger fonts, thicker lines and markers, black text and axes."""
+    fig = go.Figure(fig)
+    ink = "#000000"
+    height = fig.layout.height
+    fig.update_layout(font=dict(size=PRESENT_FONT, color=ink), title_font=dict(size=PRESENT_TITLE, color=ink),
+                      legend=dict(font=dict(size=PRESENT_TICK, color=ink)), hoverlabel=dict(font_size=PRESENT_TICK),
+                      margin=dict(l=90, r=30, t=90, b=80),
+                      **({"height": int(height * 1.2)} if height else {}))
+    axis = dict(tickfont=dict(size=PRESENT_TICK, color=ink), title_font=dict(size=PRESENT_FONT + 2, color=ink),
+                linecolor=ink, linewidth=2, showline=True, gridcolor="#9e9e9e", zerolinecolor="#616161",
+                ticks="outside", tickcolor=ink, tickwidth=2)
+    fig.update_xaxes(**axis)
+    fig.update_yaxes(**axis)
+    for scene in [k for k in fig.layout if k.startswith("scene")]:
+        for ax in ("xaxis", "yaxis", "zaxis"):
+            fig.layout[scene][ax].update(tickfont=dict(size=PRESENT_TICK - 4, color=ink),
+                                         title_font=dict(size=PRESENT_FONT, color=ink))
+    for a in fig.layout.annotations or []:  # subplot titles and reference-line labels
+        a.font = dict(size=max(PRESENT_TICK, (a.font.size or 0)), color=ink)
+    for t in fig.data:
+        kind = t.type
+        if kind in ("scatter", "scattergl", "scatter3d"):
+            mode = t.mode or "lines+markers"
+            if "lines" in mode:
+                t.line.width = max(PRESENT_LINE, 2 * float(t.line.width or 2))
+            if "markers" in mode and t.marker.size is not None and not isinstance(t.marker.size, (list, tuple)):
+                t.marker.size = float(t.marker.size) * 1.4
+        elif kind == "bar":
+            t.marker.line = dict(color=ink, width=1.5)
+            t.textfont = dict(size=PRESENT_TICK, color=ink)
+        elif kind == "heatmap":
+            t.textfont = dict(size=PRESENT_TICK)  # colour left to plotly: readable on dark and light cells
+        if kind in ("heatmap", "histogram2d") or (kind in ("scatter", "bar") and t.marker.showscale):
+            cb = t.colorbar if kind == "heatmap" else t.marker.colorbar
+            cb.tickfont = dict(size=PRESENT_TICK, color=ink)
+            cb.title.font = dict(size=PRESENT_TICK, color=ink)
+    return fig
+
+
 def finish(fig: go.Figure, title: str, x: str | None = None, y: str | None = None, height: int | None = None) -> go.Figure:
     """Template, title and axis titles (every figure names its axes)."""
     fig.update_layout(template=TEMPLATE, title=dict(text=title, x=0.0, xanchor="left"),
