@@ -199,7 +199,8 @@ def summary(run: Run, per_row: int = 5) -> None:
     ]
     cells = [None] + items
     for i in range(0, len(cells), per_row):
-        cols = st.columns(per_row)
+        # the headline gets twice the width: its 'no gain (within seed spread)' must not be cut off
+        cols = st.columns([2, 1.4] + [1] * (per_row - 2) if i == 0 and per_row >= 5 else per_row)
         for c, item in zip(cols, cells[i:i + per_row]):
             if item is None:
                 gain_metric(c, head, m, z, run, "Test accuracy after transport; the change is against the target's "

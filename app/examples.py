@@ -33,8 +33,10 @@ def section(run: Run) -> None:
     kind = c1.radio("Show", kinds, horizontal=True, key=f"ex-kind-{run.id}", format_func=lambda k: vx.FLIP_KINDS[k])
     idx = vx.flip_indices(y, preds, run.method, kind)
     c2.metric("test examples of this kind", f"{len(idx)} of {len(y)}")
-    ui.figure(vx.flip_grid(x, y, preds, idx[:SHOWN], task.classnames,
-                           title=f"{vx.FLIP_KINDS[kind].capitalize()}: {min(SHOWN, len(idx))} of {len(idx)}"),
+    big = ui.presenting()  # for a projector: fewer, larger tiles with larger captions
+    shown = SHOWN // 2 if big else SHOWN
+    ui.figure(vx.flip_grid(x, y, preds, idx[:shown], task.classnames, cols=6 if big else 8, font=17 if big else 11,
+                           title=f"{vx.FLIP_KINDS[kind].capitalize()}: {min(shown, len(idx))} of {len(idx)}"),
               f"ex-grid-{run.id}-{kind}",
               "Test inputs as the models see them (the task's transform applied). Under each: its true class, then "
               "every model's prediction, green when right, red when wrong. target = zero-shot, naive = theta_B + "

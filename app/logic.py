@@ -427,6 +427,15 @@ class RunHistory:
         return json.dumps([setup.signature(), method, sorted((k, str(v)) for k, v in (options or {}).items()),
                            int(shots), alpha])
 
+    def lookup(self, setup: Setup, method: str, options: Optional[dict] = None, shots: int = 2,
+               alpha: Optional[float] = None) -> Optional[Run]:
+        """The session's earlier run of exactly this request, or None."""
+        k = self.key(setup, method, {**get_method(method).options, **(options or {})}, shots, alpha)
+        if k in self._runs:
+            self._runs.move_to_end(k)
+            return self._runs[k]
+        return None
+
     def get_or_run(self, setup: Setup, method: str, options: Optional[dict] = None, shots: int = 2,
                    alpha: Optional[float] = None, progress: Progress = lambda f, m: None,
                    cache: MemoryCache = DEFAULT_CACHE) -> Run:

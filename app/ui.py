@@ -59,7 +59,8 @@ PRESENTATION_CSS = """<style>
 [data-testid="stMain"] { font-size: 1.25rem; }
 [data-testid="stMain"] p, [data-testid="stMain"] li, [data-testid="stMain"] label { font-size: 1.2rem; }
 [data-testid="stMain"] [data-testid="stCaptionContainer"] { font-size: 1.1rem; color: #1a1a1a; }
-[data-testid="stMetricValue"] { font-size: 2.6rem; }
+[data-testid="stMain"] [data-testid="stMetricValue"], [data-testid="stMain"] [data-testid="stMetricValue"] * {
+  font-size: 2.8rem; }
 [data-testid="stMetricLabel"] p { font-size: 1.2rem; color: #000000; }
 [data-testid="stMain"] h1 { font-size: 3rem; }
 </style>"""

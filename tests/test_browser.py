@@ -99,8 +99,8 @@ def _shot(page, path: Path) -> None:
 
 
 def _plotly(page, at_least: int = 1) -> int:
-    page.wait_for_function(f"() => document.querySelectorAll('.js-plotly-plot .main-svg').length >= {at_least}",
-                           timeout=60_000)
+    page.wait_for_function(f"() => [...document.querySelectorAll('.js-plotly-plot')].filter("
+                           f"g => g.querySelector('.main-svg')).length >= {at_least}", timeout=60_000)
     return page.locator(".js-plotly-plot").count()
 
 
@@ -115,8 +115,14 @@ def _open(page, title: str) -> None:
     _idle(page)
 
 
-def _run(page, label: str) -> None:
+def _run(page, label: str, timeout: float = 300_000) -> None:
+    """Click a Run button; the transfer runs in the background and the button is disabled until it is done."""
     page.get_by_role("button", name=label, exact=True).click()
+    page.wait_for_timeout(500)
+    page.wait_for_function(
+        "(label) => { const b = [...document.querySelectorAll('button')].find(b => b.innerText.trim() === label);"
+        " return b && !b.disabled && !document.querySelector('[data-testid=\"stProgress\"]'); }", arg=label,
+        timeout=timeout)
     _idle(page)
 
 

@@ -362,6 +362,18 @@ def test_presentation_theme_enlarges_and_thickens():
     lines = [t for t in big.data if "lines" in (t.mode or "")]
     assert lines and all(t.line.width >= PRESENT_LINE for t in lines)
     assert tuple(big.layout.yaxis.range) == (0.0, 100.0)  # the fixed axis survives the theme
+    # every kind of figure of the explorer takes the theme (images, heatmaps, 3-D scenes, subplots)
+    from viz import examples
+
+    y = np.array([0, 1])
+    grid = examples.flip_grid(np.zeros((2, 1, 8, 8)), y, {"m": y}, [0, 1])
+    rng = np.random.default_rng(0)
+    pca = theseus.pca_figure(rng.normal(size=(6, 3)), rng.normal(size=(6, 3)), rng.normal(size=(6, 3)),
+                             [0, 1, 2, 0, 1, 2], dims=3)
+    for f in (grid, pca, gradfix.agreement_heatmap(_gf_diag()), transfusion.head_permutation(_tf_layer([1, 0]))):
+        assert presentation(f).layout.font.size == 20
+    thin = [t for t in presentation(pca).data if t.mode == "lines"]
+    assert thin and all(t.line.width == 1 for t in thin)  # hundreds of segments stay thin
 
 
 def test_flip_indices_and_grid():

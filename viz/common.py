@@ -67,10 +67,13 @@ def accuracy_axis(fig: go.Figure, **where) -> go.Figure:
     return fig
 
 
+#: ``meta`` of traces that must stay thin in presentation mode (e.g. hundreds of connecting segments)
+THIN = "thin"
+
 # Presentation mode: sizes for a projector at the back of a lecture hall.
 PRESENT_FONT = 20
 PRESENT_TICK = 18
-PRESENT_TITLE = 26
+PRESENT_TITLE = 22
 PRESENT_LINE = 4.0
 
 
@@ -79,10 +82,19 @@ def presentation(fig: go.Figure) -> go.Figure:
     fig = go.Figure(fig)
     ink = "#000000"
     height = fig.layout.height
+    can = [t for t in fig.data if "showlegend" in t]  # an image trace has no legend entry at all
+    shown = [t for t in can if t.showlegend is not False]
+    legend = fig.layout.showlegend is not False and (len(shown) >= 2 or any(t.showlegend for t in can))
+    top = max(100, fig.layout.margin.t or 0)
+    if any(fig.layout[k].side == "top" for k in fig.layout if k.startswith("xaxis")):
+        top += 90  # an axis on top (tick labels and its title) sits between the plot and the title
+    # the legend goes under the plot: at the side it takes half the width of a projected chart
     fig.update_layout(font=dict(size=PRESENT_FONT, color=ink), title_font=dict(size=PRESENT_TITLE, color=ink),
-                      legend=dict(font=dict(size=PRESENT_TICK, color=ink)), hoverlabel=dict(font_size=PRESENT_TICK),
-                      margin=dict(l=90, r=30, t=90, b=80),
-                      **({"height": int(height * 1.2)} if height else {}))
+                      legend=dict(font=dict(size=PRESENT_TICK, color=ink), orientation="h", x=0, xanchor="left",
+                                  yref="container", y=0.0, yanchor="bottom"),
+                      hoverlabel=dict(font_size=PRESENT_TICK),
+                      margin=dict(l=105, r=30, t=top, b=170 if legend else 90),
+                      **({"height": int(height * 1.2) + (90 if legend else 0)} if height else {}))
     axis = dict(tickfont=dict(size=PRESENT_TICK, color=ink), title_font=dict(size=PRESENT_FONT + 2, color=ink),
                 linecolor=ink, linewidth=2, showline=True, gridcolor="#9e9e9e", zerolinecolor="#616161",
                 ticks="outside", tickcolor=ink, tickwidth=2)
@@ -93,9 +105,12 @@ def presentation(fig: go.Figure) -> go.Figure:
             fig.layout[scene][ax].update(tickfont=dict(size=PRESENT_TICK - 4, color=ink),
                                          title_font=dict(size=PRESENT_FONT, color=ink))
     for a in fig.layout.annotations or []:  # subplot titles and reference-line labels
-        a.font = dict(size=max(PRESENT_TICK, (a.font.size or 0)), color=ink)
+        if a.name != THIN:  # annotations laid out to their size (a grid's captions) keep it
+            a.font = dict(size=max(PRESENT_TICK, (a.font.size or 0)), color=ink)
     for t in fig.data:
         kind = t.type
+        if getattr(t, "meta", None) == THIN:
+            continue
         if kind in ("scatter", "scattergl", "scatter3d"):
             mode = t.mode or "lines+markers"
             if "lines" in mode:
@@ -106,11 +121,18 @@ def presentation(fig: go.Figure) -> go.Figure:
             t.marker.line = dict(color=ink, width=1.5)
             t.textfont = dict(size=PRESENT_TICK, color=ink)
         elif kind == "heatmap":
-            t.textfont = dict(size=PRESENT_TICK)  # colour left to plotly: readable on dark and light cells
+            # cell text: larger but still inside a cell; colour left to plotly (readable on dark and light cells)
+            t.textfont = dict(size=PRESENT_TICK - 4)
         if kind in ("heatmap", "histogram2d") or (kind in ("scatter", "bar") and t.marker.showscale):
             cb = t.colorbar if kind == "heatmap" else t.marker.colorbar
             cb.tickfont = dict(size=PRESENT_TICK, color=ink)
             cb.title.font = dict(size=PRESENT_TICK, color=ink)
+    return fig
+
+
+def log_axis(fig: go.Figure, **where) -> go.Figure:
+    """A log y-axis with one labelled tick per decade (1, 10, 100, 1k, ...): no 2 / 5 clutter."""
+    fig.update_yaxes(type="log", dtick=1, tickformat="~s", minor=dict(showgrid=False), **where)
     return fig
 
 

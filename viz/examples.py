@@ -10,7 +10,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import plotly.graph_objects as go
 
-from viz.common import accuracy_axis, color_of, empty_figure, finish, label_of
+from viz.common import THIN, accuracy_axis, color_of, empty_figure, finish, label_of
 
 #: how a test example can relate the method to the naive baseline
 FLIP_KINDS = {
@@ -53,9 +53,11 @@ def _rgb(image: np.ndarray, scale: int) -> np.ndarray:
 
 
 def flip_grid(images, labels, preds: Mapping[str, Sequence[int]], indices: Sequence[int],
-              classnames: Optional[Sequence[str]] = None, cols: int = 8, title: str = "") -> go.Figure:
+              classnames: Optional[Sequence[str]] = None, cols: int = 8, title: str = "",
+              font: int = 11) -> go.Figure:
     """A grid of test inputs; under each, the true class and every model's prediction (green = right, red =
-    wrong). ``preds``: model label -> predictions over the whole split; ``indices``: which examples to show."""
+    wrong). ``preds``: model label -> predictions over the whole split; ``indices``: which examples to show;
+    ``font``: caption size in px (the rows are spaced for it; fewer ``cols`` for a larger font)."""
     from plotly.subplots import make_subplots
 
     idx = [int(i) for i in indices]
@@ -69,7 +71,8 @@ def flip_grid(images, labels, preds: Mapping[str, Sequence[int]], indices: Seque
     names = list(classnames or [])
     cname = (lambda c: names[c] if 0 <= c < len(names) else str(c))
     models = list(preds)
-    tile_px, text_px = 110, 17 * (len(models) + 1) + 8  # fixed pixels per row: image, then its caption lines
+    # fixed pixels per row: the image, then its caption lines
+    tile_px, text_px = 110 + 4 * max(0, font - 11), int(1.5 * font) * (len(models) + 1) + 8
     height = rows * (tile_px + text_px) + 70
     fig = make_subplots(rows=rows, cols=cols, horizontal_spacing=0.02,
                         vertical_spacing=(text_px / height) if rows > 1 else 0.0)
@@ -85,7 +88,7 @@ def flip_grid(images, labels, preds: Mapping[str, Sequence[int]], indices: Seque
             lines.append(f"<span style='color:{RIGHT if p == truth else WRONG}'>{mname}: {cname(p)}</span>")
         fig.add_annotation(x=(xd[0] + xd[1]) / 2, y=yd[0], xref="paper", yref="paper", yshift=-2,
                            text="<br>".join(lines), showarrow=False, xanchor="center", yanchor="top",
-                           font=dict(size=11), align="center")
+                           font=dict(size=font), align="center", name=THIN)
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
     finish(fig, title or f"{n} test examples: true class, then each model's prediction", height=height)

@@ -12,7 +12,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from viz.common import AGREE_SCALE, block_mean, empty_figure, finish
+from viz.common import AGREE_SCALE, block_mean, empty_figure, finish, log_axis
 
 LAYER_BLOCKS = ("Q", "K", "V", "O", "fc1", "fc2", "ln1", "ln2")
 GLOBAL_BLOCKS = ("embed", "ln_pre", "ln_post", "proj")
@@ -93,8 +93,10 @@ def agreement_heatmap(diag: Mapping, stat: str = "agreement") -> go.Figure:
     fig.update_yaxes(autorange="reversed", type="category")
     fig.update_xaxes(type="category", side="top")
     what = " (of voted entries; ties shown)" if stat == "agreement" else ""
-    return finish(fig, f"{STATS[stat].capitalize()} per layer and block{what}", "block", "layer",
-                  height=max(320, 44 * len(rows) + 150))
+    finish(fig, f"{STATS[stat].capitalize()} per layer and block{what}", "block", "layer",
+           height=max(340, 44 * len(rows) + 170))
+    fig.update_layout(margin=dict(t=110))  # the block axis sits on top: room between it and the title
+    return fig
 
 
 def entry_counts(entries) -> tuple[int, int, int]:
@@ -108,7 +110,7 @@ def entry_title(name: str, shape: tuple, agree: int, disagree: int, ties: int) -
     """The drill-down's headline in the heatmap's terms (:data:`AGREEMENT_DEFINITION`)."""
     voted, n = agree + disagree, max(1, agree + disagree + ties)
     share = f"{agree / voted:.2f}" if voted else "-"
-    return (f"{name} {tuple(shape)}: agreement {share} ({agree} of {voted} voted entries), "
+    return (f"{name} {tuple(shape)}<br>agreement {share} ({agree} of {voted} voted entries), "
             f"tie {ties / n:.0%} ({ties} of {n})")
 
 
@@ -162,7 +164,7 @@ def margin_histogram(diag: Mapping) -> go.Figure:
                            hovertemplate="margin %{x:.2f}: %{y} entries<extra></extra>"))
     positive = [c for c in counts if c > 0]
     if positive and max(positive) > 100 * min(positive):  # counts over orders of magnitude: log scale,
-        fig.update_yaxes(type="log", dtick=1, tickformat="~s", minor=dict(showgrid=False))  # one tick per decade
+        log_axis(fig)  # one tick per decade
     return finish(fig, "Vote margin over all entries", "vote margin (0 = split, 1 = unanimous)", "number of entries",
                   height=320)
 
@@ -186,7 +188,7 @@ def keep_rate_per_layer(diag: Mapping) -> go.Figure:
     labels, keep, fo = per_layer(diag)
     if not labels:
         return empty_figure("no blocks in the sign vote", "Keep-rate and first-order decrease")
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("keep-rate", "first-order loss change"),
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("keep-rate", "first-order loss change (< 0: descent)"),
                         horizontal_spacing=0.2)
     fig.add_trace(go.Bar(x=labels, y=keep, marker_color="#1f77b4", name="keep-rate",
                          hovertemplate="layer %{x}: keeps %{y:.1%}<extra></extra>"), row=1, col=1)
@@ -194,6 +196,6 @@ def keep_rate_per_layer(diag: Mapping) -> go.Figure:
                          name="first order", hovertemplate="layer %{x}: %{y:.4g}<extra></extra>"), row=1, col=2)
     fig.update_xaxes(type="category", title_text="layer")
     fig.update_yaxes(range=[0, 1], tickformat=".0%", title_text="fraction of entries kept", row=1, col=1)
-    fig.update_yaxes(title_text="<g, m*tau> (below 0 = descent)", row=1, col=2)
+    fig.update_yaxes(title_text="<g, m*tau>", row=1, col=2)
     fig.update_layout(showlegend=False)
     return finish(fig, "Keep-rate and first-order decrease per layer", height=360)

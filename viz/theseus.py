@@ -8,7 +8,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from viz.common import empty_figure, finish
+from viz.common import THIN, empty_figure, finish, log_axis
 
 CLASS_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
                 "#bcbd22", "#17becf")
@@ -72,7 +72,7 @@ def pca_figure(target, source, mapped, labels: Optional[Sequence[int]], classnam
         # one segment per image from its source point to its target point: shorter after the map
         seg = _segments(proj_s, proj_t)
         line = dict(name="source -> target, same image", legendgroup="segments", showlegend=(col == 1),
-                    mode="lines", line=dict(color="rgba(80,80,80,0.35)", width=1), hoverinfo="skip")
+                    mode="lines", line=dict(color="rgba(80,80,80,0.35)", width=1), hoverinfo="skip", meta=THIN)
         if dims == 3:
             fig.add_trace(go.Scatter3d(x=seg[0], y=seg[1], z=seg[2], **line), row=1, col=col)
         else:
@@ -97,12 +97,14 @@ def pca_figure(target, source, mapped, labels: Optional[Sequence[int]], classnam
             fig.layout[s].update(xaxis_title="PC 1", yaxis_title="PC 2", zaxis_title="PC 3")
     else:
         fig.update_xaxes(title_text="PC 1 of target activations")
-        fig.update_yaxes(title_text="PC 2 of target activations")
+        fig.update_yaxes(title_text="PC 2 of target activations", row=1, col=1)  # once: it would sit on panel 1
     gap_before, gap_after = (float(np.linalg.norm((x - mu) @ v - proj_t, axis=1).mean()) for x in (xn, xm))
     fig.layout.annotations[0].text += f"<br><sup>mean source-target distance {gap_before:.3g}</sup>"
     fig.layout.annotations[1].text += f"<br><sup>mean source-target distance {gap_after:.3g}</sup>"
     title = f"PCA of activations{f' at {space}' if space else ''}: target (o) vs source (x)"
-    return finish(fig, title, height=560)
+    finish(fig, title, height=580)
+    fig.update_layout(margin=dict(t=110))  # room for the panel titles under the figure title
+    return fig
 
 
 def _segments(a: np.ndarray, b: np.ndarray) -> list[list]:
@@ -195,7 +197,7 @@ def singular_values(diag: Mapping, space: str) -> go.Figure:
         return empty_figure(f"no singular values for {space}", "Cross-covariance spectrum")
     fig = go.Figure(go.Scatter(x=list(range(1, len(sv) + 1)), y=sv, mode="lines", line=dict(color="#2ca02c"),
                                name=space, hovertemplate="#%{x}: %{y:.4g}<extra></extra>"))
-    fig.update_yaxes(type="log")
+    log_axis(fig)
     return finish(fig, f"Cross-covariance singular values at {space}", "index", "singular value", height=320)
 
 

@@ -45,10 +45,11 @@ def head_permutation(layer: Mapping, title: str | None = None) -> go.Figure:
     conf = head_confidence(cost, perm, raw)
     H = len(perm)
     heads = list(range(H))
-    fig = make_subplots(rows=1, cols=2, column_widths=[0.72, 0.28], shared_yaxes=True, horizontal_spacing=0.05,
+    # the cost colour bar sits between the panels, next to the cost matrix it belongs to
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.7, 0.3], shared_yaxes=True, horizontal_spacing=0.14,
                         subplot_titles=("cost (lower = more alike)", "confidence"))
     fig.add_trace(go.Heatmap(z=cost, x=heads, y=heads, colorscale="Viridis_r", name="cost",
-                             colorbar=dict(title=dict(text="cost", side="right"), x=1.01, xanchor="left", len=0.9,
+                             colorbar=dict(title=dict(text="cost", side="right"), x=0.615, xanchor="left", len=0.9,
                                            thickness=14),
                              hovertemplate="target head %{y} vs source head %{x}<br>cost %{z:.4g}<extra></extra>"),
                   row=1, col=1)
@@ -157,7 +158,7 @@ def objective_per_sweep(diag: Mapping) -> go.Figure:
                                line=dict(color="#1f77b4"),
                                hovertemplate="sweep %{x}: %{y:.6g}<extra></extra>"))
     fig.update_xaxes(dtick=1 if len(obj) <= 30 else None)
-    return finish(fig, "Weight-matching objective per sweep", "sweep", "objective (sum of matched similarities)",
+    return finish(fig, "Weight-matching objective per sweep", "sweep", "objective (sum of similarities)",
                   height=320)
 
 

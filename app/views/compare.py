@@ -60,7 +60,8 @@ with ui.guarded():
             continue
         prep = runs[k].prepared if k in runs else None
         rows.append({"model": label_of(k), "test accuracy (%)": round(100 * v, 1),
-                     "alpha": f"{alphas[k]:.2f}" if k in alphas else export.NO_TASK_VECTOR.get(k, "n/a"),
+                     "alpha": f"{alphas[k]:.2f}" if k in alphas else "0.00" if k == "zero_shot_target"
+                     else export.NO_TASK_VECTOR.get(k, "n/a"),
                      "prepare": "-" if prep is None else ("cached" if prep.cache_hit else f"{prep.seconds:.1f} s")})
     st.dataframe(rows, hide_index=True, key="cmp-table", width="content", column_config=ui.PERCENT_COLUMNS)
     st.caption("Each method (and naive) at the alpha it picked on the validation split; the other rows are the same "

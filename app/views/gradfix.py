@@ -56,7 +56,8 @@ with ui.guarded():
     stat = st.radio("Show", list(vg.STATS), horizontal=True, key=f"gf-stat-{run.id}",
                     format_func=lambda s: vg.STATS[s])
     event = ui.figure(vg.agreement_heatmap(diag, stat), f"gf-heat-{run.id}-{stat}-{variant}",
-                      "Each cell is one weight block of one layer. " + vg.AGREEMENT_DEFINITION.capitalize() +
+                      "Each cell is one weight block of one layer. " + vg.AGREEMENT_DEFINITION[0].upper() +
+                      vg.AGREEMENT_DEFINITION[1:] +
                       " Keep-rate = share of tau the mask keeps. Click a cell to drill into it below.",
                       filename=f"gradfix-{stat}", clickable=True)
 

@@ -25,9 +25,13 @@ with ui.guarded():
               "space: grey before alignment (the source copied as is, zero-padded or cut to the target width), "
               "green after the map. Lower is better. The space names are explained below the chart.",
               filename="theseus-residual")
-    with st.expander("What the space names mean", expanded=True):
-        st.markdown("  \n".join(f"`{k}`: {v}" for k, v in vth.SPACE_LEGEND.items())
-                    + "  \nL is the block index, counted from 0 (`res:2m` = the output of block 2).")
+    with st.expander("What the space names mean (res:2m, ctx:1, ...)"):
+        items = [f"`{k}`: {v}" for k, v in vth.SPACE_LEGEND.items()]
+        half = (len(items) + 1) // 2
+        left, right = st.columns(2)
+        left.markdown("  \n".join(items[:half]))
+        right.markdown("  \n".join(items[half:]))
+        st.caption("L is the block index, counted from 0: res:2m is the output of block 2.")
 
     samples = getattr(alignment, "pca_sample", None) or {}
     spaces = [m["space"] for m in diag.get("maps") or [] if m["space"] in samples] or list(samples)
