@@ -13,10 +13,9 @@ import torch
 
 from test_app import APP, GRID, app, arr, charts, metric, ok, pick_pair, press, the_run, titles, wait, zoo_dir  # noqa: F401
 
-from app import analysis, logic
+from app import logic
 from transport import zoo
 from transport.errors import TransportError
-from transport.evaluate import predictions
 from viz.common import label_of
 
 PAGES = ["views/transport.py", "views/transfusion.py", "views/gradfix.py", "views/theseus.py", "views/compare.py",
@@ -90,6 +89,8 @@ def test_fixed_axes_expectation_line_and_no_gain_within_seed_spread(app, monkeyp
 
 
 def test_gain_is_judged_against_the_band():
+    from app import analysis
+
     rows = [{"pair": "p", "task": "t", "seed": s, "zero_shot_target": z, "naive": n}
             for s, z, n in ((0, 0.10, 0.11), (1, 0.12, 0.16), (2, 0.09, 0.10))]
     band = analysis.seed_band(rows, "p", "t")
@@ -294,6 +295,8 @@ def test_recovered_permutation_against_the_hidden_shuffle(app):
 
 
 def test_which_examples_flip_per_class_and_confusion(app):
+    from transport.evaluate import predictions
+
     at = app
     pick_pair(at, "next")
     at.selectbox(key="tp-method").set_value("transfusion").run()

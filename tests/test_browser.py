@@ -118,7 +118,13 @@ def _open(page, title: str) -> None:
 def _run(page, label: str, timeout: float = 300_000) -> None:
     """Click a Run button; the transfer runs in the background and the button is disabled until it is done."""
     page.get_by_role("button", name=label, exact=True).click()
-    page.wait_for_timeout(500)
+    try:  # the page redraws with the button disabled while the job runs (a very short job may be missed)
+        page.wait_for_function(
+            "(label) => { const b = [...document.querySelectorAll('button')].find(b => b.innerText.trim() === label);"
+            " return (b && b.disabled) || document.querySelector('[data-testid=\"stProgress\"]'); }", arg=label,
+            timeout=30_000)
+    except Exception:  # noqa: BLE001 - playwright's TimeoutError: the job was over before the first redraw
+        pass
     page.wait_for_function(
         "(label) => { const b = [...document.querySelectorAll('button')].find(b => b.innerText.trim() === label);"
         " return b && !b.disabled && !document.querySelector('[data-testid=\"stProgress\"]'); }", arg=label,
