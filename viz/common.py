@@ -85,16 +85,21 @@ def presentation(fig: go.Figure) -> go.Figure:
     can = [t for t in fig.data if "showlegend" in t]  # an image trace has no legend entry at all
     shown = [t for t in can if t.showlegend is not False]
     legend = fig.layout.showlegend is not False and (len(shown) >= 2 or any(t.showlegend for t in can))
-    top = max(100, fig.layout.margin.t or 0)
+    m = fig.layout.margin
+    top = max(100, m.t or 0)
     if any(fig.layout[k].side == "top" for k in fig.layout if k.startswith("xaxis")):
         top += 90  # an axis on top (tick labels and its title) sits between the plot and the title
+    bottom = max(m.b or 0, 170 if legend else 90)
+    # the plot area keeps (1.2 x) its height: the larger margins are added to the figure, not taken from it
+    grow = max(0, top - (m.t or 60)) + max(0, bottom - (m.b or 50))
     # the legend goes under the plot: at the side it takes half the width of a projected chart
-    fig.update_layout(font=dict(size=PRESENT_FONT, color=ink), title_font=dict(size=PRESENT_TITLE, color=ink),
+    fig.update_layout(font=dict(size=PRESENT_FONT, color=ink),
+                      title=dict(font=dict(size=PRESENT_TITLE, color=ink), yref="container", y=1.0, yanchor="top",
+                                 pad=dict(t=12)),
                       legend=dict(font=dict(size=PRESENT_TICK, color=ink), orientation="h", x=0, xanchor="left",
                                   yref="container", y=0.0, yanchor="bottom"),
-                      hoverlabel=dict(font_size=PRESENT_TICK),
-                      margin=dict(l=105, r=30, t=top, b=170 if legend else 90),
-                      **({"height": int(height * 1.2) + (90 if legend else 0)} if height else {}))
+                      hoverlabel=dict(font_size=PRESENT_TICK), margin=dict(l=105, r=30, t=top, b=bottom),
+                      **({"height": int(height * 1.2) + grow} if height else {}))
     axis = dict(tickfont=dict(size=PRESENT_TICK, color=ink), title_font=dict(size=PRESENT_FONT + 2, color=ink),
                 linecolor=ink, linewidth=2, showline=True, gridcolor="#9e9e9e", zerolinecolor="#616161",
                 ticks="outside", tickcolor=ink, tickwidth=2)
