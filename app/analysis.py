@@ -93,8 +93,9 @@ def sampling_band(correct_m, correct_z) -> NoiseBand:
 
 
 def noise_band(run: Run, correct_m=None, correct_z=None) -> NoiseBand:
-    """The larger of the zoo's seed spread (zoo pairs built with several seeds) and the test split's paired
-    sampling noise (when the per-image outcomes are given)."""
+    """The zoo's seed spread (zoo pairs built with several seeds) and the test split's paired sampling noise
+    (when the per-image outcomes are given), added in quadrature: two independent sources of noise on one
+    change of accuracy. Labelled 'seed spread' whenever the zoo's seeds are part of it."""
     bands = []
     if run.setup.pair:
         z = _zoo()
@@ -106,10 +107,11 @@ def noise_band(run: Run, correct_m=None, correct_z=None) -> NoiseBand:
         bands.append(sampling_band(correct_m, correct_z))
     if not bands:
         return NoiseBand(0.0, "none", "no noise estimate for this measurement")
-    best = max(bands, key=lambda b: b.width)
-    others = [b for b in bands if b is not best]
-    extra = "".join(f"; {b.kind} +-{100 * b.width:.1f} pts ({b.detail})" for b in others)
-    return NoiseBand(best.width, best.kind, best.detail + extra)
+    if len(bands) == 1:
+        return bands[0]
+    width = math.sqrt(sum(b.width ** 2 for b in bands))
+    detail = " and ".join(f"{b.kind} +-{100 * b.width:.1f} pts ({b.detail})" for b in bands)
+    return NoiseBand(width, bands[0].kind, f"{detail}, added in quadrature")
 
 
 def gain(delta: float, band: NoiseBand) -> tuple[str, str]:

@@ -169,8 +169,8 @@ def timing_line(run: Run) -> str:
 
 def gain_metric(col, label: str, value: Optional[float], zero: Optional[float], run: Run, help_: str,
                 correct_m=None, correct_z=None) -> None:
-    """A metric with its change from zero-shot; a change inside the noise band (the zoo's seed spread, the
-    test split's paired sampling noise: the larger) reads 'no gain', in grey."""
+    """A metric with its change from zero-shot; a change inside the noise band (the zoo's seed spread and the
+    test split's paired sampling noise, in quadrature) reads 'no gain', in grey."""
     if value is None or zero is None:
         col.metric(label, "-" if value is None else f"{100 * value:.1f}%", None, help=help_)
         return
