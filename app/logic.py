@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 from transport import cache as disk_cache
 from transport.data import Task, builtin_tasks, load_task
 from transport.errors import NotImplementedYet, TransportError
-from transport.core.evaluate import accuracy, default_alpha_grid, parse_alpha_grid, sweep_alpha
+from transport.core.evaluate import accuracy, default_alpha_grid, parse_alpha_grid, predictions, sweep_alpha
 from transport.methods import METHOD_NAMES, MethodInfo, Progress, TransportInputs, check_compatible, get_method
 from transport.core.model import Model
 from transport.pipeline import Prepared, TransferResult, on_target, prepare, transfer
@@ -144,6 +144,7 @@ class Setup:
     seed: int = 0
     device: str = "cpu"
     alpha_grid: str = ""  # 'LO:HI:N'; '' = the default grid
+    pair: str = ""  # the demo zoo's pair key ('control', 'next', ...) when the models are a zoo pair
 
     def signature(self) -> str:
         parts = [self.source_pre.key(), self.source_ft.key(), self.target.key(), self.task,
@@ -153,6 +154,9 @@ class Setup:
     @property
     def label(self) -> str:
         return f"{self.source_ft.short} ({self.source_pre.short}) -> {self.target.short} on {self.task}"
+
+
+ZERO_TAU = "tau is zero (source fine-tuned equals source pretrained): there is nothing to transport"
 
 
 @dataclass
@@ -166,6 +170,12 @@ class Loaded:
     task: Task
     tau: TaskVector
     hashes: dict[str, str]
+
+    @property
+    def tau_is_zero(self) -> bool:
+        """The fine-tuned source is the pretrained source itself (same content hash, or every entry of tau 0)."""
+        return self.hashes["source_pre"] == self.hashes["source_ft"] or all(
+            not bool(t.any()) for t in self.tau.tensors.values())
 
 
 def _load_model(mref: ModelRef, cache: MemoryCache) -> tuple[Model, str]:
@@ -275,6 +285,7 @@ class Run:
     memo: dict = field(default_factory=dict)  # accuracies already measured for this run's sliders
     baselines: dict = field(default_factory=dict)  # extra baseline name -> AlphaSweep (cross-width naive)
     base: Optional[Prepared] = None  # composition: this method is applied to what ``base`` transported
+    timings: dict = field(default_factory=dict)  # seconds: load, prepare, apply, sweep, evaluate, total
 
     def sweeps(self) -> dict:
         """Every alpha sweep of this run: the method's, the naive baseline's (same shapes or zero-padded)."""
@@ -330,15 +341,20 @@ def run_transfer(setup: Setup, method: str, options: Optional[dict] = None, shot
                  progress: Progress = lambda f, m: None, cache: MemoryCache = DEFAULT_CACHE,
                  alpha: Optional[float] = None) -> Run:
     """Load, prepare (memory cache, then the on-disk content-hashed cache), apply, pick alpha on validation,
-    evaluate on test. Progress: loading 0-10 %, prepare 10-60 %, evaluation 60-100 %."""
+    evaluate on test. Progress: loading 0-10 %, prepare 10-60 %, alpha sweeps 60-95 %, test accuracies 95-100 %.
+    ``Run.timings`` says where the time went (load, prepare, apply, sweep, evaluate, total)."""
     t0 = time.perf_counter()
     info = get_method(method)
     loaded = load_setup(setup, cache, lambda f, m: progress(f, m))
+    t_load = time.perf_counter() - t0
     opts = {**info.options, **(options or {})}
     on = opts.pop("on", None)  # composition: apply `method` to what method `on` transported
     check_compatible(info, TransportInputs(loaded.source_pre, loaded.target, loaded.task))
+    if loaded.tau_is_zero:
+        raise TransportError(ZERO_TAU)
     inputs = TransportInputs(loaded.source_pre, loaded.target, loaded.task, shots, setup.seed, setup.device)
     base = None
+    t_prep = time.perf_counter()
     if on:
         b_info = get_method(on)
         check_compatible(b_info, inputs)
@@ -348,35 +364,54 @@ def run_transfer(setup: Setup, method: str, options: Optional[dict] = None, shot
     prepared: Prepared = cache.get_or_make(
         _prepare_key(method, opts, loaded, shots, setup.seed, setup.device),
         lambda: prepare(info, inputs, opts, lambda f, m: progress(0.1 + 0.5 * f, m)))
+    t_prep = time.perf_counter() - t_prep  # this run's share: near zero when the alignment was cached
     grid = parse_alpha_grid(setup.alpha_grid) if setup.alpha_grid.strip() else None
-    progress(0.6, "applying and choosing alpha on the validation split")
+    cross = not same_shapes(loaded.source_pre.arch, loaded.target.arch) and loaded.task is not None
+    hi = 0.9 if cross else 1.0  # across widths the zero-padded baseline's sweep follows
+
+    def later(f: float, m: str) -> None:  # the pipeline's evaluation (its 0.7-1.0) onto 0.6-hi
+        progress(0.6 + (hi - 0.6) * max(0.0, (f - 0.7) / 0.3), m)
+
+    progress(0.6, "applying the alignment to tau")
     result = transfer(loaded.source_pre, loaded.source_ft, loaded.target, method, loaded.task,
                       options=opts, alpha=alpha, shots=shots, seed=setup.seed, alpha_grid=grid,
-                      device=setup.device, oracle=loaded.oracle,
-                      progress=lambda f, m: progress(0.6 + 0.4 * f, m), use_cache=True, on=on,
+                      device=setup.device, oracle=loaded.oracle, progress=later, use_cache=True, on=on,
                       prepared=prepared, prepared_on=base)
-    baselines = _cross_width_baseline(loaded, result, grid, alpha, setup.device)
+    baselines = _cross_width_baseline(loaded, result, grid, alpha, setup.device,
+                                      lambda f, m: progress(hi + (1.0 - hi) * f, m)) if cross else {}
     progress(1.0, "done")
+    total = time.perf_counter() - t0
+    rt = result.timings
+    timings = {"load": t_load, "prepare": t_prep, "apply": rt.get("apply", 0.0),
+        "sweep": rt.get("sweep", 0.0) + baselines.pop("_sweep_s", 0.0),
+        "evaluate": rt.get("evaluate", 0.0) + baselines.pop("_evaluate_s", 0.0), "total": total}
     return Run(uuid.uuid4().hex[:12], setup, method, {**opts, **({"on": on} if on else {})}, shots, loaded, prepared,
-               result, time.perf_counter() - t0, baselines=baselines, base=base)
+               result, total, baselines=baselines, base=base, timings=timings)
 
 
 def _cross_width_baseline(loaded: Loaded, result: TransferResult, grid: Optional[list[float]],
-                          alpha: Optional[float], device: str) -> dict:
+                          alpha: Optional[float], device: str, progress: Progress = lambda f, m: None) -> dict:
     """Across widths theta_B + alpha * tau does not exist; the baseline is tau zero-padded / truncated to the
-    target's shapes (Theseus' ``naive_resize``), alpha picked on validation like every other row."""
-    if same_shapes(loaded.source_pre.arch, loaded.target.arch) or loaded.task is None:
-        return {}
+    target's shapes (Theseus' ``naive_resize``), alpha picked on validation like every other row.
+    Returns ``{"naive_resize": sweep, "_sweep_s": s, "_evaluate_s": s}`` (the seconds for the timings)."""
     try:
         from transport.methods.theseus import naive_resize
     except ImportError:
         return {}
     t, task = loaded.target, loaded.task
     delta = naive_resize(loaded.tau, t.arch)
-    sweep = sweep_alpha(t, delta, task, grid or default_alpha_grid(), device) if alpha is None else None
+    t0 = time.perf_counter()
+    grid = grid or default_alpha_grid()
+    sweep = sweep_alpha(t, delta, task, grid, device, on_alpha=lambda i, n: progress(
+        0.9 * i / n, f"alpha sweep (naive, zero-padded): {i}/{n} on validation")) if alpha is None else None
+    t1 = time.perf_counter()
     a = sweep.best_alpha if sweep is not None else float(alpha)
-    result.accuracies["naive_resize"] = accuracy(t, task, "test", delta.apply_to(t.params, a), device=device)
-    return {"naive_resize": sweep}
+    progress(0.95, "test accuracy: naive, zero-padded")
+    pred = predictions(t, task, "test", delta.apply_to(t.params, a), device=device)
+    y = task.split("test")[1]
+    result.test_predictions["naive_resize"] = pred
+    result.accuracies["naive_resize"] = int((pred == y).sum()) / len(y) if len(y) else float("nan")
+    return {"naive_resize": sweep, "_sweep_s": t1 - t0, "_evaluate_s": time.perf_counter() - t1}
 
 
 class RunHistory:
@@ -391,6 +426,15 @@ class RunHistory:
     def key(setup: Setup, method: str, options: Optional[dict], shots: int, alpha: Optional[float]) -> str:
         return json.dumps([setup.signature(), method, sorted((k, str(v)) for k, v in (options or {}).items()),
                            int(shots), alpha])
+
+    def lookup(self, setup: Setup, method: str, options: Optional[dict] = None, shots: int = 2,
+               alpha: Optional[float] = None) -> Optional[Run]:
+        """The session's earlier run of exactly this request, or None."""
+        k = self.key(setup, method, {**get_method(method).options, **(options or {})}, shots, alpha)
+        if k in self._runs:
+            self._runs.move_to_end(k)
+            return self._runs[k]
+        return None
 
     def get_or_run(self, setup: Setup, method: str, options: Optional[dict] = None, shots: int = 2,
                    alpha: Optional[float] = None, progress: Progress = lambda f, m: None,

@@ -10,7 +10,7 @@ from pathlib import Path
 import streamlit as st
 import torch
 
-from app import state, ui
+from app import common, state, ui
 
 HERE = Path(__file__).parent
 
@@ -27,7 +27,10 @@ PAGES = [
 ]
 
 page = st.navigation(PAGES)
+state.harvest()  # a transfer that finished while the user was elsewhere lands in this session's runs
 state.set_setup(None)
 with ui.guarded():
     state.set_setup(state.sidebar_setup())
+ui.presentation_css()
+common.sidebar_job_status()
 page.run()

@@ -10,7 +10,7 @@ from typing import Optional
 
 import streamlit as st
 
-from app import logic, ui
+from app import jobs, logic, ui
 from app.logic import ModelRef, Run, Setup
 
 MODEL_KINDS = ("demo zoo", "open_clip", "Hugging Face", "local file", "upload")
@@ -160,6 +160,8 @@ def devices() -> list[str]:
 def sidebar_setup() -> Optional[Setup]:
     """The transfer question, chosen in the sidebar (shared by every page of this session)."""
     sb = st.sidebar
+    sb.toggle("Presentation mode", key="present",
+              help="larger fonts, thicker lines and higher contrast in every figure and on the page, for a projector")
     sb.header("Transfer setup")
     ready = zoo_ready()
     if not ready:
@@ -186,17 +188,18 @@ def _pick_setup(mode: str) -> Optional[Setup]:
         lists = zoo_lists()
         pairs = lists["pairs"]
         by_key = {p[0]: p for p in pairs}
-        key = st.selectbox("Pair", list(by_key), format_func=lambda k: by_key[k][3], key="setup-pair")
+        # a radio, not a select box: the pair titles wrap in the narrow sidebar instead of being cut off
+        key = st.radio("Pair", list(by_key), format_func=lambda k: by_key[k][3], key="setup-pair")
         _, source, target, title, expected = by_key[key]
         task = st.selectbox("Task", lists["tasks"], key="setup-task")
         seed = st.selectbox("Zoo seed", lists["seeds"], key="setup-seed")
-        st.caption(f"{source} -> {target}: {expected}")
+        st.caption(f"{source} -> {target} (what to expect: at the top of every page)")
         refs = {m[0] for m in lists["models"]}
         sfx = f"@{seed}"
         oracle = f"{target}+{task}{sfx}"
         return Setup(ModelRef(f"zoo:{source}{sfx}"), ModelRef(f"zoo:{source}+{task}{sfx}"),
                      ModelRef(f"zoo:{target}{sfx}"), task,
-                     ModelRef(f"zoo:{oracle}") if oracle in refs else None, seed=int(seed))
+                     ModelRef(f"zoo:{oracle}") if oracle in refs else None, seed=int(seed), pair=key)
     src = model_picker("Source pretrained (theta_A)", "src")
     ft = model_picker("Source fine-tuned (theta_A + tau)", "ft", allow_task_vector=True)
     tgt = model_picker("Target pretrained (theta_B)", "tgt")
@@ -238,19 +241,70 @@ def runs_for(setup: Optional[Setup]) -> dict[str, Run]:
     return {k[len(sig):]: r for k, r in runs().items() if k.startswith(sig)}
 
 
-def execute(setup: Setup, method: str, options: dict, shots: int, alpha: Optional[float] = None) -> Optional[Run]:
-    """Run a transfer with a progress bar per phase; store it in this session. Errors: one st.error line."""
-    bar = st.progress(0.0, f"{method}: starting")
-    run = None
-    with ui.guarded():
-        history = st.session_state.setdefault("run-history", logic.RunHistory())
-        run = history.get_or_run(setup, method, options, shots, alpha,
-                                 progress=lambda f, m: bar.progress(min(1.0, max(0.0, float(f))), m),
-                                 cache=shared_cache())
-        runs()[run_key(setup, method)] = run
-        st.session_state["last-run"] = run_key(setup, method)
-    bar.empty()
-    return run
+def history() -> logic.RunHistory:
+    return st.session_state.setdefault("run-history", logic.RunHistory())
+
+
+def current_job() -> Optional[jobs.Job]:
+    """This session's latest background job (running or finished), if any."""
+    return st.session_state.get("job")
+
+
+def job_running() -> bool:
+    job = current_job()
+    return job is not None and job.state == "running"
+
+
+def request_key(setup: Setup, methods: list[str], options: dict, shots: int, alpha: Optional[float]) -> str:
+    return "|".join(logic.RunHistory.key(setup, m, {**logic.get_method(m).options, **options}, shots, alpha)
+                    for m in methods)
+
+
+def execute(setup: Setup, method: str, options: dict, shots: int, alpha: Optional[float] = None,
+            auto: bool = False) -> Optional[jobs.Job]:
+    """Start a transfer in the background (one job per session); the pages poll it. ``auto``: started by a
+    widget change, not a button; then a request that just failed or was cancelled is not started again."""
+    return execute_many(setup, [method], options, shots, alpha, auto, label=f"{method}")
+
+
+def execute_many(setup: Setup, methods: list[str], options: dict, shots: int, alpha: Optional[float] = None,
+                 auto: bool = False, label: str = "") -> Optional[jobs.Job]:
+    """Run ``methods`` one after the other in one background job; their runs land in this session when done."""
+    key = request_key(setup, methods, options, shots, alpha)
+    last = current_job()
+    if last is not None and (last.state == "running" or (auto and last.key == key and last.state != "done")):
+        return None
+    hist, cache = history(), shared_cache()
+    known = [hist.lookup(setup, m, options, shots, alpha) for m in methods]
+    if all(r is not None for r in known):  # this session ran exactly this before: show it again, no job
+        for m, r in zip(methods, known):
+            runs()[run_key(setup, m)] = r
+            st.session_state["last-run"] = run_key(setup, m)
+        return None
+
+    def work(progress) -> list[tuple[str, Run]]:
+        out = []
+        for i, m in enumerate(methods):
+            def sub(f: float, msg: str, i: int = i, m: str = m) -> None:
+                progress((i + f) / len(methods), msg if len(methods) == 1 else f"{m} ({i + 1}/{len(methods)}): {msg}")
+            out.append((run_key(setup, m), hist.get_or_run(setup, m, options, shots, alpha, progress=sub,
+                                                           cache=cache)))
+        return out
+
+    job = jobs.Job(label or ", ".join(methods), work, key=key, meta={"setup": setup.signature(), "methods": methods})
+    st.session_state["job"] = job.start()
+    return job
+
+
+def harvest() -> None:
+    """Move a finished job's runs into this session's runs (on whichever page the user is now)."""
+    job = current_job()
+    if job is None or job.state == "running" or job.harvested:
+        return
+    job.harvested = True
+    for key, run in job.result or []:
+        runs()[key] = run
+        st.session_state["last-run"] = key
 
 
 def set_setup(setup: Optional[Setup]) -> None:

@@ -11,6 +11,7 @@ import streamlit as st
 
 from transport.errors import NotImplementedYet, TransportError
 from viz import export
+from viz.common import presentation
 from viz.results import accuracy_rows
 
 log = logging.getLogger("transport.app")
@@ -49,11 +50,36 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:60] or "figure"
 
 
+def presenting() -> bool:
+    """Presentation mode (the sidebar toggle): every figure and the page text drawn for a projector."""
+    return bool(st.session_state.get("present", False))
+
+
+PRESENTATION_CSS = """<style>
+[data-testid="stMain"] { font-size: 1.25rem; }
+[data-testid="stMain"] p, [data-testid="stMain"] li, [data-testid="stMain"] label { font-size: 1.2rem; }
+[data-testid="stMain"] [data-testid="stCaptionContainer"] { font-size: 1.1rem; color: #1a1a1a; }
+[data-testid="stMain"] [data-testid="stMetricValue"], [data-testid="stMain"] [data-testid="stMetricValue"] * {
+  font-size: 2.8rem; }
+[data-testid="stMetricLabel"] p { font-size: 1.2rem; color: #000000; }
+[data-testid="stMain"] h1 { font-size: 3rem; }
+</style>"""
+
+
+def presentation_css() -> None:
+    """Larger page text and metrics in presentation mode (figures get :func:`viz.common.presentation`)."""
+    if presenting():
+        st.html(PRESENTATION_CSS)
+
+
 def figure(fig: go.Figure, key: str, caption: str, filename: Optional[str] = None, clickable: bool = False) -> Any:
     """Draw ``fig`` with a one-or-two-sentence caption, an HTML download and the modebar's PNG camera.
 
-    ``clickable``: clicking a point reruns the page; the selection event is returned.
+    ``clickable``: clicking a point reruns the page; the selection event is returned. In presentation mode
+    the figure (and its HTML download) gets :func:`viz.common.presentation`.
     """
+    if presenting():
+        fig = presentation(fig)
     name = filename or slug(key)
     kwargs: dict[str, Any] = {"on_select": "rerun", "selection_mode": "points"} if clickable else {}
     event = st.plotly_chart(fig, key=f"fig-{key}", config=export.png_config(name), **kwargs)
@@ -64,13 +90,19 @@ def figure(fig: go.Figure, key: str, caption: str, filename: Optional[str] = Non
     return event if clickable else None
 
 
+#: every table of the explorer shows accuracies with one decimal (as the metrics do), alphas with two
+PERCENT_COLUMNS = {"test accuracy (%)": st.column_config.NumberColumn(format="%.1f"),
+                   "validation accuracy (%)": st.column_config.NumberColumn(format="%.1f")}
+
+
 def accuracy_table(accuracies: dict, key: str) -> None:
     rows = accuracy_rows(accuracies)
     if not rows:
         st.info("No accuracies (no task was evaluated).")
         return
     st.dataframe([{"model": r["model"], "test accuracy (%)": r["test accuracy (%)"]} for r in rows],
-                 hide_index=True, key=f"tbl-{key}", width="content")
+                 hide_index=True, key=f"tbl-{key}", width="content", column_config=PERCENT_COLUMNS)
+
 
 
 def not_available(method: str, reason: str) -> None:

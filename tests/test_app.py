@@ -94,9 +94,23 @@ def built(method: str) -> bool:
 
 
 def pick_pair(at: AppTest, key: str, task: str = "rot90") -> None:
-    at.selectbox(key="setup-pair").set_value(key)
+    at.radio(key="setup-pair").set_value(key)
     at.selectbox(key="setup-task").set_value(task)
     at.run()
+
+
+def wait(at: AppTest, timeout: float = 240) -> AppTest:
+    """Let this session's background transfer finish, then redraw the page."""
+    job = at.session_state["job"] if "job" in at.session_state else None
+    if job is not None:
+        assert job.join(timeout), "the background transfer did not finish in time"
+    return at.run()
+
+
+def press(at: AppTest, key: str, timeout: float = 240) -> AppTest:
+    """Click a Run button and wait for the transfer it starts (runs go to a background thread)."""
+    at.button(key=key).click().run()
+    return wait(at, timeout)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,7 +120,7 @@ def test_transport_page_runs_and_alpha_reapplies(app):
     assert any("Run transport" in i.value for i in at.info)
     pick_pair(at, "next")
     at.selectbox(key="tp-method").set_value("transfusion")
-    at.button(key="tp-run").click().run()
+    press(at, "tp-run")
     ok(at)
     run = the_run(at, "transfusion")
     acc = run.result.accuracies
@@ -170,7 +184,7 @@ def test_transfusion_page_layer_and_head_pair(app):
     pick_pair(at, "next")
     at.switch_page("views/transfusion.py").run()
     ok(at)
-    at.button(key="tf-run").click().run()
+    press(at, "tf-run")
     ok(at)
     run = the_run(at, "transfusion")
     diag = run.result.diagnostics
@@ -194,7 +208,7 @@ def test_gradfix_page_k_variant_and_drill_down(app):
     pick_pair(at, "indep")
     at.switch_page("views/gradfix.py").run()
     ok(at)
-    at.button(key="gf-run").click().run()
+    press(at, "gf-run")
     ok(at)
     run = the_run(at, "gradfix")
     assert run.shots == 2
@@ -217,15 +231,18 @@ def test_gradfix_page_k_variant_and_drill_down(app):
     ok(at)
     assert any(t.startswith("blocks.1.mlp.fc1.weight (") for t in titles(at))
 
-    at.slider(key="gf-k").set_value(1).run()  # a new K re-runs the vote
+    at.slider(key="gf-k").set_value(1).run()  # a new K re-runs the vote (in the background)
+    wait(at)
     ok(at)
     assert the_run(at, "gradfix").shots == 1
     at.slider(key="gf-k").set_value(2).run()  # back to K = 2: the session's earlier run, not a new one
+    wait(at)
     ok(at)
     assert the_run(at, "gradfix") is run
 
     if built("transfusion"):  # mask TransFusion's pi(tau) instead of tau: the same vote, a permuted tau
         at.radio(key="gf-on").set_value("transfusion").run()
+        wait(at)
         ok(at)
         comp = the_run(at, "gradfix")
         assert comp is not run and comp.options["on"] == "transfusion" and comp.base.method.name == "transfusion"
@@ -236,6 +253,7 @@ def test_gradfix_page_k_variant_and_drill_down(app):
         assert comp.apply(1.0).allclose(want, atol=1e-7)
         assert comp.result.transported.allclose(want, atol=1e-7)
         at.radio(key="gf-on").set_value("tau").run()  # back: the earlier run again
+        wait(at)
         ok(at)
         assert the_run(at, "gradfix") is run
 
@@ -250,19 +268,26 @@ def test_theseus_page(app):
         return
     pick_pair(at, "wide_grown")
     at.switch_page("views/theseus.py").run()
-    at.button(key="th-run").click().run()
+    press(at, "th-run")
     ok(at)
     run = the_run(at, "theseus")
     pca = next(f for f in charts(at) if f["layout"]["title"]["text"].startswith("PCA of activations"))
     space = at.selectbox(key=f"th-space-{run.id}").value
     labels = run.prepared.alignment.pca_sample[space]["labels"]
     n_classes = 1 if labels is None else len(set(labels.tolist()))
-    assert len(pca["data"]) == 2 * 2 * n_classes
+    assert n_classes == len(run.loaded.task.classnames)  # a display sample stratified by class: every class
+    assert len(pca["data"]) == 2 * (1 + 2 * n_classes)  # per panel: source -> target segments, models x classes
+    segs = [t for t in pca["data"] if t.get("mode") == "lines"]
+    assert len(segs) == 2 and len(segs[1]["x"]) == 3 * len(labels)  # one segment per display image
+    # the space names are explained on the page
+    legend = " ".join(m.value for m in at.markdown)
+    assert "`res:Lm`: residual stream after block L's MLP" in legend and "`ctx:L`" in legend
     at.radio(key=f"th-dims-{run.id}").set_value(3).run()
     ok(at)
     pca = next(f for f in charts(at) if f["layout"]["title"]["text"].startswith("PCA of activations"))
     assert all(t["type"] == "scatter3d" for t in pca["data"])
-    spaces = at.selectbox(key=f"th-space-{run.id}").options
+    # the options name each space and say what it is ("res:1m: residual stream after block 1's MLP ...")
+    spaces = [o.split(": ", 1)[0] for o in at.selectbox(key=f"th-space-{run.id}").options]
     assert at.selectbox(key=f"th-space-{run.id}").value == spaces[-1]  # the deepest space first
     at.selectbox(key=f"th-space-{run.id}").set_value(spaces[1]).run()
     ok(at)
@@ -277,7 +302,7 @@ def test_compare_page(app):
     pick_pair(at, "control")
     at.switch_page("views/compare.py").run()
     ok(at)
-    at.button(key="cmp-run").click().run()
+    press(at, "cmp-run")
     assert not at.exception
     table = at.dataframe[0].value
     methods = [m for m in logic.built_methods()]
@@ -296,8 +321,7 @@ def test_debug_page_range_and_ablation(app):
     at.switch_page("views/debug.py").run()
     ok(at)
     at.selectbox(key="dbg-method").set_value("transfusion" if built("transfusion") else "naive").run()
-    key = "dbg-run"
-    at.button(key=key).click().run()
+    press(at, "dbg-run")
     ok(at)
     run = next(iter(at.session_state["runs"].values()))
     L = run.arch.layers
@@ -324,13 +348,13 @@ def test_error_paths_show_one_line_and_session_survives(app, zoo_dir, tmp_path):
     from safetensors import safe_open
 
     at = app
-    # 1. architecture mismatch: TransFusion across widths
+    # 1. architecture mismatch: TransFusion across widths is refused before Run, in one line
     pick_pair(at, "wide_grown")
-    at.selectbox(key="tp-method").set_value("transfusion" if built("transfusion") else "naive")
-    at.button(key="tp-run").click().run()
-    assert not at.exception
-    assert [e.value for e in at.error] and "same architecture" in at.error[0].value
-    assert "\n" not in at.error[0].value and "Traceback" not in at.error[0].value
+    at.selectbox(key="tp-method").set_value("transfusion" if built("transfusion") else "naive").run()
+    assert not at.exception and not at.error
+    warn = [w.value for w in at.warning if "cannot run on this setup" in w.value]
+    assert warn and "same architecture" in warn[0] and "\n" not in warn[0] and "Traceback" not in warn[0]
+    assert at.button(key="tp-run").disabled
 
     # 2. a wrong file (not a checkpoint) uploaded as the source
     at.radio(key="setup-mode").set_value("custom models").run()
@@ -340,8 +364,7 @@ def test_error_paths_show_one_line_and_session_survives(app, zoo_dir, tmp_path):
     at.selectbox(key="ft-zoo").set_value("A+rot90@0")
     at.selectbox(key="tgt-kind").set_value("demo zoo").run()
     at.selectbox(key="tgt-zoo").set_value("B_next@0")
-    at.run()
-    at.button(key="tp-run").click().run()
+    at.run()  # the page loads the inputs to check what applies: the bad file is reported before any Run
     assert not at.exception
     assert at.error and "notes.safetensors" in at.error[0].value and "not a readable" in at.error[0].value
 
@@ -356,7 +379,6 @@ def test_error_paths_show_one_line_and_session_survives(app, zoo_dir, tmp_path):
     save_file(sd, str(bad), metadata=md)
     at.file_uploader(key="src-upload").clear().upload("nan.safetensors", bad.read_bytes())
     at.run()
-    at.button(key="tp-run").click().run()
     assert not at.exception
     assert at.error and "NaN or Inf" in at.error[0].value
 
@@ -367,7 +389,6 @@ def test_error_paths_show_one_line_and_session_survives(app, zoo_dir, tmp_path):
     empty = tmp_path / "empty-folder"
     empty.mkdir()
     at.text_input(key="task-dir").set_value(str(empty)).run()
-    at.button(key="tp-run").click().run()
     assert not at.exception
     assert at.error and "no class sub-folders found" in at.error[0].value
 
@@ -381,7 +402,7 @@ def test_error_paths_show_one_line_and_session_survives(app, zoo_dir, tmp_path):
     at.radio(key="setup-mode").set_value("demo zoo pair").run()
     pick_pair(at, "control")
     at.selectbox(key="tp-method").set_value("naive")
-    at.button(key="tp-run").click().run()
+    press(at, "tp-run")
     ok(at)
     assert metric(at, "naive (test)")
 
@@ -390,11 +411,11 @@ def test_sessions_do_not_share_selections(app, zoo_dir):
     a = app
     pick_pair(a, "indep")
     a.selectbox(key="tp-method").set_value("naive")
-    a.button(key="tp-run").click().run()
+    press(a, "tp-run")
     ok(a)
     b = AppTest.from_file(APP, default_timeout=240).run()
     ok(b)
-    assert b.selectbox(key="setup-pair").value == "control"  # b's own default, not a's choice
+    assert b.radio(key="setup-pair").value == "control"  # b's own default, not a's choice
     assert not b.session_state["runs"] if "runs" in b.session_state else True
     assert any("Run transport" in i.value for i in b.info)
 

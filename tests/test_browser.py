@@ -1,7 +1,8 @@
 """The app in a real browser: Streamlit on a free localhost port, driven by headless Chromium (playwright).
 
 Runs a transport on the test zoo, opens every page, checks its key text and that a plotly chart
-rendered, and saves a screenshot of each page into ``$SCREENSHOT_DIR`` (default: a temp dir).
+rendered, and saves a screenshot of each page, in normal and in presentation mode, into
+``$SCREENSHOT_DIR`` (default: a temp dir).
 """
 from __future__ import annotations
 
@@ -98,8 +99,8 @@ def _shot(page, path: Path) -> None:
 
 
 def _plotly(page, at_least: int = 1) -> int:
-    page.wait_for_function(f"() => document.querySelectorAll('.js-plotly-plot .main-svg').length >= {at_least}",
-                           timeout=60_000)
+    page.wait_for_function(f"() => [...document.querySelectorAll('.js-plotly-plot')].filter("
+                           f"g => g.querySelector('.main-svg')).length >= {at_least}", timeout=60_000)
     return page.locator(".js-plotly-plot").count()
 
 
@@ -114,8 +115,20 @@ def _open(page, title: str) -> None:
     _idle(page)
 
 
-def _run(page, label: str) -> None:
+def _run(page, label: str, timeout: float = 300_000) -> None:
+    """Click a Run button; the transfer runs in the background and the button is disabled until it is done."""
     page.get_by_role("button", name=label, exact=True).click()
+    try:  # the page redraws with the button disabled while the job runs (a very short job may be missed)
+        page.wait_for_function(
+            "(label) => { const b = [...document.querySelectorAll('button')].find(b => b.innerText.trim() === label);"
+            " return (b && b.disabled) || document.querySelector('[data-testid=\"stProgress\"]'); }", arg=label,
+            timeout=30_000)
+    except Exception:  # noqa: BLE001 - playwright's TimeoutError: the job was over before the first redraw
+        pass
+    page.wait_for_function(
+        "(label) => { const b = [...document.querySelectorAll('button')].find(b => b.innerText.trim() === label);"
+        " return b && !b.disabled && !document.querySelector('[data-testid=\"stProgress\"]'); }", arg=label,
+        timeout=timeout)
     _idle(page)
 
 
@@ -140,9 +153,25 @@ def test_pages_in_a_real_browser(server, shots_dir):
             grid.press("Enter")
             _idle(page)
 
-            # Transport: run the default method on the default zoo pair
+            # every pair's full name is readable in the sidebar (no cut-off titles)
+            from transport import zoo
+
+            labels = _pair_labels(page)
+            for p_ in zoo.pairs():
+                label = labels.filter(has_text=p_.title).first
+                assert label.is_visible(), p_.title
+                fits = label.evaluate("e => { const t = e.querySelector('[data-testid=\"stMarkdownContainer\"]');"
+                                      " const s = e.closest('[data-testid=\"stSidebar\"]').getBoundingClientRect();"
+                                      " const r = t.getBoundingClientRect();"
+                                      " return t.scrollWidth <= t.clientWidth + 1 && r.right <= s.right; }")
+                assert fits and p_.title in label.inner_text(), p_.title
+            assert page.get_by_text("What to expect on control").first.is_visible()
+
+            # Transport: run the default method on the default zoo pair; the run goes on in the background and
+            # the page shows its result by itself when it is done (no further click)
             _run(page, "Run transport")
             page.get_by_text("Accuracy", exact=True).wait_for(timeout=180_000)
+            _idle(page)
             _no_error(page)
             assert page.get_by_text("zero-shot target", exact=True).first.is_visible()
             assert _plotly(page, 2) >= 2
@@ -184,9 +213,27 @@ def test_pages_in_a_real_browser(server, shots_dir):
             _no_error(page)
             assert _plotly(page, 1) >= 1
             _shot(page, shots_dir / "06-debug.png")
+
+            # presentation mode: one toggle restyles every figure; one screenshot per page
+            page.locator('[data-testid="stSidebar"]').get_by_text("Presentation mode").click()
+            _idle(page)
+            pages = [("Transport", "01-transport"), ("TransFusion", "02-transfusion"), ("GradFix", "03-gradfix"),
+                     ("Theseus", "04-theseus"), ("Compare", "05-compare"), ("Debug a transfer", "06-debug")]
+            for title, name in pages:
+                if title == "Theseus" and "theseus" in methods:
+                    _pick_pair(page, "Wider release grown from A")
+                _open(page, title)
+                _no_error(page)
+                n = _plotly(page, 1)
+                sizes = page.evaluate("() => [...document.querySelectorAll('.js-plotly-plot')]"
+                                      ".map(g => g._fullLayout.font.size)")
+                assert len(sizes) == n and min(sizes) >= 18, (title, sizes)
+                _shot(page, shots_dir / f"{name}-presentation.png")
+                if title == "Theseus" and "theseus" in methods:
+                    _pick_pair(page, "Control: A with its units shuffled")
         finally:
             browser.close()
-    assert len(list(shots_dir.glob("0*.png"))) == 6
+    assert len(list(shots_dir.glob("0*.png"))) == 12
 
 
 def _click_cell(page, title: str, x: str, y: str) -> None:
@@ -203,8 +250,11 @@ def _click_cell(page, title: str, x: str, y: str) -> None:
     _idle(page)
 
 
+def _pair_labels(page):
+    radios = page.locator('[data-testid="stSidebar"] [data-testid="stRadio"]')
+    return radios.filter(has=page.get_by_text("Pair", exact=True)).first.locator("label")
+
+
 def _pick_pair(page, title: str) -> None:
-    box = page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]', has_text="Pair").first
-    box.click()
-    page.get_by_role("option", name=title).click()
+    _pair_labels(page).filter(has_text=title).first.click()
     _idle(page)

@@ -389,7 +389,8 @@ def test_progress_bar_follows_the_pipeline(files, tmp_path, capsys):
     rc = main([str(a) for a in _base(files, tmp_path / "p", **{"--task": "rot90", "--alpha-grid": "0:1:2"})])
     err = capsys.readouterr().err
     assert rc == 0
-    assert "naive: nothing to prepare" in err and "evaluating" in err  # the phases the pipeline reported
+    # the phases the pipeline reported: prepare, each alpha of the sweep, the test accuracies
+    assert "naive: nothing to prepare" in err and "alpha sweep (naive): 2/2" in err and "test accuracy:" in err
     assert err.count("\n") == 0  # the bar clears itself: nothing left between the user and the next line
 
 

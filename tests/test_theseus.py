@@ -205,21 +205,33 @@ def test_end_to_end_64_to_128(wide_pair, task):
     assert torch.allclose(apply(al, tau, 2.5)["blocks.0.attn.q.weight"], 2.5 * out["blocks.0.attn.q.weight"], atol=1e-6)
 
 
-def test_pca_sample(wide_pair, task):
+def test_pca_sample(wide_pair, task, monkeypatch):
+    """The PCA view keeps its own display images: many more than the 32 calibration images, every class,
+    balanced (stratified by class); the maps never see them."""
+    import transport.methods.theseus as th
+
     A, B, al = wide_pair
     assert set(al.pca_sample) == {"res:0", "res:0m", "res:1m", "res:2m"}
     s = al.pca_sample["res:1m"]
-    assert s["source"].dtype == torch.float16 and s["source"].shape == (32, 64) and s["target"].shape == (32, 128)
-    _, labels = task.calibration(32, 0, with_labels=True)
+    n = min(th.PCA_ROWS, th.PCA_TOKENS // max(A.arch.tokens, B.arch.tokens))
+    assert n > 100
+    assert s["source"].dtype == torch.float16 and s["source"].shape == (n, 64) and s["target"].shape == (n, 128)
+    images, labels = task.stratified(n, 0)
     assert torch.equal(s["labels"], labels)
+    counts = torch.bincount(labels, minlength=len(task.classnames))
+    assert int(counts.min()) >= 1 and int(counts.max() - counts.min()) <= 1  # every class, balanced
     # the rows are the class tokens of the residual stream after block 1 of the source
-    images = task.calibration(32, 0)
     rec = {}
     encode(A.params, A.arch, preprocess(A.arch, images), record=lambda site, x: rec.setdefault(site, x))
     after1 = rec["res:1m"][:, 0]
     assert torch.allclose(s["source"].float(), after1, atol=2e-2, rtol=1e-2)
     assert torch.allclose(al.mapped_sample("res:1m"), s["source"].float() @ al.maps["res:1m"])
-    assert al.naive_sample("res:1m").shape == (32, 128)
+    assert al.naive_sample("res:1m").shape == (n, 128)
+    # the display images change no map: the maps equal those of a prepare without any display sample
+    monkeypatch.setattr(th, "_display_sample", lambda task, n, seed: (None, None))
+    bare = prepare(TransportInputs(A, B, task, seed=0), {}, lambda f, m: None)
+    assert all(torch.equal(bare.maps[k], al.maps[k]) for k in al.maps)
+    assert bare.pca_sample["res:1m"]["source"].shape == (32, 64) and bare.pca_sample["res:1m"]["labels"] is None
 
 
 def test_save_load_exact(wide_pair, tmp_path):

@@ -52,8 +52,10 @@ def test_identity_head_permutation_draws_a_diagonal():
     assert np.asarray(heat.z).shape == (5, 5)
     assert np.allclose(np.diag(np.asarray(heat.z)), 0.0)
     bars = next(t for t in fig.data if t.type == "bar")
+    # margin 1, chosen cost 0 (the diagonal): exact and unique -> confidence 1
     assert list(bars.x) == [1.0] * 5 and bars.orientation == "h"
-    assert {"target head i", "source head j", "cost margin to 2nd best"} <= set(_axis_titles(fig))
+    assert {"target head i", "source head j", "confidence (0 = toss-up, 1 = certain)"} <= set(_axis_titles(fig))
+    assert tuple(fig.layout.xaxis2.range) == (0, 1)  # a fixed scale on every pair
 
 
 def test_head_permutation_marks_follow_the_assignment():
@@ -63,7 +65,17 @@ def test_head_permutation_marks_follow_the_assignment():
     # target head i (y) takes source head perm[i] (x)
     assert list(zip(marks.y, marks.x)) == [(0, 2), (1, 0), (2, 3), (3, 1)]
     bars = next(t for t in fig.data if t.type == "bar")
-    assert list(bars.x) == [0.5, 0.0, 2.0, 1.0]
+    # confidence = margin / (margin + chosen cost); chosen costs |i - perm[i]| = 2, 1, 1, 2
+    assert list(bars.x) == pytest.approx([0.5 / 2.5, 0.0, 2.0 / 3.0, 1.0 / 3.0])
+
+
+def test_head_confidence_is_scale_free():
+    """The same assignment on costs ten times larger gets the same confidence (pairs compare on one scale)."""
+    cost = np.array([[1.0, 3.0], [3.0, 1.0]])
+    a = transfusion.head_confidence(cost, [0, 1], [4.0, 4.0])
+    b = transfusion.head_confidence(10 * cost, [0, 1], [40.0, 40.0])
+    assert a == pytest.approx(b) and a == pytest.approx([0.8, 0.8])
+    assert math.isnan(transfusion.head_confidence(cost[:1, :1], [0], [float("inf")])[0])
 
 
 def test_within_head_permutation_matrix():
@@ -96,6 +108,21 @@ def test_objective_per_sweep_and_empty():
     assert _xy(fig)[0] == "sweep"
     empty = transfusion.objective_per_sweep({"objective_per_sweep": []})
     assert len(empty.data) == 0 and "no sweeps" in empty.layout.annotations[0].text
+    # activation matching solves once: no one-dot "per sweep" curve, a statement instead
+    act = transfusion.objective_per_sweep({"matching": "activation", "objective_per_sweep": [12.5]})
+    assert len(act.data) == 0 and "per sweep" not in act.layout.title.text
+    assert act.layout.title.text == "Activation matching: one solve, no sweeps"
+    assert "12.5" in act.layout.annotations[0].text
+
+
+def test_recovery_figure_values():
+    rec = {"layers": [0, 1], "groups": {"res_attn": [1.0, 0.5], "res_mlp": [1.0, 1.0], "heads": [1.0, 0.25],
+                                        "head_dims": [1.0, 0.5], "mlp": [0.75, 1.0]}, "res_0": 1.0, "overall": 0.8}
+    fig = transfusion.recovery_figure(rec)
+    by = {t.name: list(t.y) for t in fig.data}
+    assert by["heads"] == [100.0, 25.0] and by["MLP units"] == [75.0, 100.0]
+    assert tuple(fig.layout.yaxis.range) == (0, 100)
+    assert fig.layout.title.text.startswith("Recovered vs hidden shuffle: 80.0 % of all units matched")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,7 +160,8 @@ def test_entry_map_image_small_exact_and_large_downsampled():
     m = torch.tensor([[1, -1, 0], [1, 1, -1]], dtype=torch.int8)
     fig = gradfix.entry_map_image(m, "blocks.0.attn.q.weight")
     assert np.array_equal(np.asarray(fig.data[0].z), m.numpy().astype(float))
-    assert "50.0% agree" in fig.layout.title.text and "33.3% disagree" in fig.layout.title.text
+    # the heatmap's definition: 3 agree of 5 voted entries (ties excluded), 1 tie of 6 entries
+    assert "agreement 0.60 (3 of 5 voted entries), tie 17% (1 of 6)" in fig.layout.title.text
     big = torch.ones(1000, 300, dtype=torch.int8)
     big[:500] = -1
     fig = gradfix.entry_map_image(big, "blocks.0.mlp.fc1.weight", max_side=100)
@@ -141,6 +169,26 @@ def test_entry_map_image_small_exact_and_large_downsampled():
     assert z.shape == (100, 100)  # at most max_side per side reaches the browser
     assert np.allclose(z[:50], -1) and np.allclose(z[50:], 1)
     assert "mean of 10x3 entries" in fig.layout.title.text
+
+
+def test_entry_map_of_a_vector_is_a_strip():
+    """A bias or LayerNorm vector is one row over its entries, not an image with a meaningless y-axis."""
+    v = torch.tensor([1, -1, 0, 1], dtype=torch.int8)
+    fig = gradfix.entry_map_image(v, "blocks.0.ln1.weight")
+    z = np.asarray(fig.data[0].z, dtype=float)
+    assert z.shape == (1, 4) and z.tolist() == [[1, -1, 0, 1]]
+    assert fig.layout.yaxis.visible is False and fig.layout.xaxis.title.text == "entry index"
+    assert fig.layout.height <= 260
+    long = gradfix.entry_map_image(torch.ones(3000, dtype=torch.int8), "blocks.0.mlp.fc1.bias", max_strip=500)
+    assert np.asarray(long.data[0].z).shape == (1, 500) and "mean of 6 entries" in long.layout.title.text
+
+
+def test_heatmap_cells_show_ties_with_the_drill_down_definition():
+    fig = gradfix.agreement_heatmap(_gf_diag())
+    # layer 0, Q: agreement (0.8 * 100 + 0.4 * 300) / 400 = 0.5 of voted entries, ties 40 / 400 = 10 %
+    assert fig.data[0].text[0][0] == "0.50<br>tie 10%"
+    assert fig.data[0].text[2][2] == "1.00<br>tie 10%"  # a count of one tie is a count, not a rate of 100 %
+    assert "ties shown" in fig.layout.title.text
 
 
 def test_block_mean_keeps_edge_weights():
@@ -154,6 +202,9 @@ def test_margin_histogram_and_keep_rate():
     fig = gradfix.margin_histogram(_gf_diag())
     assert list(fig.data[0].y) == [5, 10, 1]
     assert list(fig.data[0].x) == [0.125, 0.5, 0.875]
+    assert fig.layout.yaxis.type is None  # counts within two orders of magnitude: a linear axis
+    wide = gradfix.margin_histogram({"margin_hist": {"edges": [0.0, 0.5, 1.0], "counts": [3, 50_000]}})
+    assert wide.layout.yaxis.type == "log" and wide.layout.yaxis.dtick == 1  # one tick per decade, no clutter
     labels, keep, fo = gradfix.per_layer(_gf_diag())
     assert labels == ["0", "1", "global"]
     assert keep[0] == pytest.approx((0.7 * 100 + 0.3 * 300) / 400)
@@ -174,17 +225,33 @@ def test_pca_trace_counts_and_alignment():
     q, _ = np.linalg.qr(rng.normal(size=(d, d)))
     source = target @ q.T  # a rotated copy: the perfect map is q
     fig = theseus.pca_figure(target, source, source @ q, labels, ["a", "b", "c"], dims=2, space="res:0")
-    assert len(fig.data) == 2 * 2 * 3  # panels x models x classes
+    assert len(fig.data) == 2 * (1 + 2 * 3)  # panels x (segments + models x classes)
     after_t = [t for t in fig.data if t.xaxis == "x2" and t.marker.symbol == "circle"]
     after_s = [t for t in fig.data if t.xaxis == "x2" and t.marker.symbol == "x"]
     assert len(after_t) == len(after_s) == 3
     for t, s in zip(after_t, after_s):  # after the map, the crosses sit on the circles
         assert np.allclose(t.x, s.x) and np.allclose(t.y, s.y)
-    assert [t.name for t in fig.data if t.showlegend] == ["a", "b", "c"]  # one legend entry per class
+    assert [t.name for t in fig.data if t.showlegend] == ["source -> target, same image", "a", "b", "c"]
+    # one segment per image from its source point to its target point: zero length after a perfect map
+    seg_before, seg_after = [t for t in fig.data if t.mode == "lines"]
+    assert len(seg_after.x) == 3 * n and seg_after.x[2] is None
+    xs = np.asarray([v for v in seg_after.x if v is not None], dtype=float).reshape(n, 2)
+    assert np.allclose(xs[:, 0], xs[:, 1])
+    xb = np.asarray([v for v in seg_before.x if v is not None], dtype=float).reshape(n, 2)
+    assert not np.allclose(xb[:, 0], xb[:, 1])
     assert "PC 1 of target activations" in _axis_titles(fig)
     fig3 = theseus.pca_figure(target, source[:, :4], source @ q, labels, dims=3)
-    assert len(fig3.data) == 12 and all(t.type == "scatter3d" for t in fig3.data)
+    assert len(fig3.data) == 14 and all(t.type == "scatter3d" for t in fig3.data)
     assert fig3.layout.scene.xaxis.title.text == "PC 1"
+
+
+def test_space_names_are_explained():
+    assert theseus.describe_space("res:2m") == "residual stream after block 2's MLP (block 2's output)"
+    assert theseus.describe_space("ctx:1").startswith("block 1: attention context")
+    assert theseus.describe_space("res:0") == "residual stream entering block 0"
+    assert theseus.describe_space("res:3a") == "residual stream in block 3 after the attention branch"
+    fig = theseus.procrustes_residual({"maps": [{"space": "ctx:1", "residual_before": 1.0, "residual_after": 0.5}]})
+    assert list(fig.data[0].customdata) == [theseus.describe_space("ctx:1")]
 
 
 def test_fit_to_width_pads_and_truncates():
@@ -212,10 +279,14 @@ def test_alpha_curves_mark_the_chosen_alpha():
     s2 = {"alphas": [0.0, 0.5, 1.0], "val": [0.1, 0.2, 0.3], "best_alpha": 1.0, "best_val": 0.3}
     fig = results.alpha_curves({"transfusion": s1, "naive": s2}, chosen={"transfusion": 1.0}, picked=0.5)
     stars = [t for t in fig.data if t.marker.symbol == "star"]
-    assert [(s.x[0], s.y[0]) for s in stars] == [(1.0, 0.4), (1.0, 0.3)]
+    assert [(s.x[0], s.y[0]) for s in stars] == [(1.0, 40.0), (1.0, 30.0)]  # percent, like every table
     assert len(fig.data) == 4
-    assert _xy(fig) == ("alpha (scale of the transported task vector)", "validation accuracy")
+    assert _xy(fig) == ("alpha (scale of the transported task vector)", "validation accuracy (%)")
     assert any(sh.x0 == 0.5 for sh in fig.layout.shapes)
+    # a fixed 0-100 % axis: a 0.08-0.135 wiggle must not fill the chart
+    flat = results.alpha_curves({"naive": {"alphas": [0.0, 1.0], "val": [0.08, 0.135], "best_alpha": 1.0,
+                                           "best_val": 0.135}})
+    assert tuple(flat.layout.yaxis.range) == (0.0, 100.0)
 
 
 def test_accuracy_rows_order_and_bars():
@@ -224,6 +295,7 @@ def test_accuracy_rows_order_and_bars():
     assert [r["key"] for r in rows] == ["zero_shot_target", "transfusion", "source_finetuned", "oracle"]
     fig = results.accuracy_bars(acc)
     assert list(fig.data[0].y) == [20.0, 70.0, 95.0, 90.0]
+    assert tuple(fig.layout.yaxis.range) == (0.0, 100.0)
 
 
 def _tv(arch, fill):
@@ -247,6 +319,8 @@ def test_layer_ablation_figure():
     assert list(fig.data[0].x) == ["0", "1", "global"]
     assert list(fig.data[0].y) == pytest.approx([50, 20, 10]) and list(fig.data[1].y) == pytest.approx([30, 60, 70])
     assert list(fig.data[2].y) == pytest.approx([70] * 3) and list(fig.data[3].y) == pytest.approx([10] * 3)
+    assert tuple(fig.layout.yaxis.range) == (0.0, 100.0)
+    assert fig.data[3].name == "no layer (target zero-shot, validation)"  # the split is in the label
 
 
 def test_exports_round_trip(tmp_path):
@@ -261,6 +335,76 @@ def test_exports_round_trip(tmp_path):
     assert rep == {"accuracies": {"x": None, "y": 0.5}, "alpha": 1.5}
     csv = export.accuracies_csv({"zero_shot_target": 0.25, "gradfix": 0.5}, 1.2, "gradfix").decode().splitlines()
     assert csv[0] == "model,key,test_accuracy_percent,method,alpha"
-    assert csv[1] == "target zero-shot,zero_shot_target,25.0,gradfix,1.2"
+    assert csv[1] == "target zero-shot,zero_shot_target,25.00,gradfix,0"  # zero-shot adds no task vector
+    assert csv[2] == "GradFix,gradfix,50.00,gradfix,1.2"
+    # the comparison table: every method at its own alpha, every cell filled
+    acc = {"zero_shot_target": 0.25, "naive": 0.3, "transfusion": 0.8, "gradfix": 0.35, "oracle": 0.9}
+    rows = [r.split(",") for r in export.accuracies_csv(acc, alphas={"naive": 0.5, "transfusion": 1.0,
+                                                                     "gradfix": 1.5}).decode().splitlines()[1:]]
+    assert [(r[1], r[3], r[4]) for r in rows] == [("zero_shot_target", "shared", "0"), ("naive", "naive", "0.5"),
+                                                  ("transfusion", "transfusion", "1"), ("gradfix", "gradfix", "1.5"),
+                                                  ("oracle", "shared", "n/a (own weights)")]
+    assert all(all(c != "" for c in r) for r in rows)
     html = export.figure_html(results.accuracy_bars({"naive": 0.5})).decode()
     assert "<html>" in html[:100] and "plotly" in html and len(html) > 1_000_000  # plotly.js embedded: offline
+
+
+# ----------------------------------------------------------------------------------------------
+# presentation mode, examples
+# ----------------------------------------------------------------------------------------------
+def test_presentation_theme_enlarges_and_thickens():
+    from viz.common import PRESENT_LINE, PRESENT_TICK, presentation
+
+    s1 = AlphaSweep([0.0, 0.5, 1.0], [0.1, 0.6, 0.4], 0.5, 0.6)
+    fig = results.alpha_curves({"transfusion": s1})
+    big = presentation(fig)
+    assert big is not fig and fig.layout.font.size is None  # the original is left alone
+    assert big.layout.font.size >= 18 and big.layout.xaxis.tickfont.size == PRESENT_TICK
+    assert big.layout.yaxis.tickfont.color == "#000000" and big.layout.yaxis.linewidth == 2
+    lines = [t for t in big.data if "lines" in (t.mode or "")]
+    assert lines and all(t.line.width >= PRESENT_LINE for t in lines)
+    assert tuple(big.layout.yaxis.range) == (0.0, 100.0)  # the fixed axis survives the theme
+    # every kind of figure of the explorer takes the theme (images, heatmaps, 3-D scenes, subplots)
+    from viz import examples
+
+    y = np.array([0, 1])
+    grid = examples.flip_grid(np.zeros((2, 1, 8, 8)), y, {"m": y}, [0, 1])
+    rng = np.random.default_rng(0)
+    pca = theseus.pca_figure(rng.normal(size=(6, 3)), rng.normal(size=(6, 3)), rng.normal(size=(6, 3)),
+                             [0, 1, 2, 0, 1, 2], dims=3)
+    for f in (grid, pca, gradfix.agreement_heatmap(_gf_diag()), transfusion.head_permutation(_tf_layer([1, 0]))):
+        assert presentation(f).layout.font.size == 20
+    thin = [t for t in presentation(pca).data if t.mode == "lines"]
+    assert thin and all(t.line.width == 1 for t in thin)  # hundreds of segments stay thin
+
+
+def test_flip_indices_and_grid():
+    from viz import examples
+
+    y = np.array([0, 1, 2, 0, 1])
+    preds = {"target": np.array([1, 1, 0, 0, 0]), "naive": np.array([1, 1, 0, 0, 1]),
+             "transfusion": np.array([0, 0, 2, 0, 1])}
+    assert examples.flip_indices(y, preds, "transfusion", "fixed") == [0, 2]  # naive wrong, method right
+    assert examples.flip_indices(y, preds, "transfusion", "broken") == [1]  # naive right, method wrong
+    assert examples.flip_indices(y, preds, "transfusion", "changed") == [0, 1, 2, 4]
+    images = np.random.default_rng(0).random((5, 1, 8, 8))
+    fig = examples.flip_grid(images, y, preds, [0, 2], ["zero", "one", "two"])
+    assert sum(t.type == "image" for t in fig.data) == 2
+    notes = [a.text for a in fig.layout.annotations]
+    assert notes[0].startswith("<b>#0: zero</b>")
+    assert f"<span style='color:{examples.WRONG}'>target: one</span>" in notes[0]
+    assert f"<span style='color:{examples.RIGHT}'>transfusion: zero</span>" in notes[0]
+    assert notes[1].startswith("<b>#2: two</b>") and f"color:{examples.WRONG}'>naive: zero" in notes[1]
+
+
+def test_per_class_accuracy_and_confusion():
+    from viz import examples
+
+    y = np.array([0, 0, 1, 1])
+    pred = np.array([0, 1, 1, 1])
+    fig = examples.per_class_accuracy(y, {"m": pred}, ["a", "b"])
+    assert list(fig.data[0].y) == [50.0, 100.0] and tuple(fig.layout.yaxis.range) == (0.0, 100.0)
+    assert examples.confusion_matrix(y, pred, 2).tolist() == [[1, 1], [0, 2]]
+    conf = examples.confusion_figure(y, pred, ["a", "b"], "m")
+    assert np.allclose(np.asarray(conf.data[0].z, dtype=float), [[0.5, 0.5], [0.0, 1.0]])
+    assert "75.0 % right" in conf.layout.title.text

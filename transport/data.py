@@ -51,6 +51,19 @@ class Task:
         i = torch.cat(idx)
         return x[i], y[i]
 
+    def stratified(self, n: int, seed: int = 0, split: str = "train") -> tuple[Tensor, Tensor]:
+        """``n`` labelled images of ``split`` (seeded), classes taken in turn: any prefix is balanced, so no
+        class is missing once ``n`` reaches the number of classes (for figures, never for fitting)."""
+        if split == "test":
+            raise TransportError("display samples are never drawn from the test split")
+        x, y = self.split(split)
+        g = torch.Generator().manual_seed(seed)
+        pools = [p[torch.randperm(len(p), generator=g)] for p in
+                 (torch.nonzero(y == c).flatten() for c in range(len(self.classnames)))]
+        order = [p[i] for i in range(max((len(p) for p in pools), default=0)) for p in pools if i < len(p)]
+        idx = torch.stack(order[:n]) if order and n > 0 else torch.zeros(0, dtype=torch.long)
+        return x[idx], y[idx]
+
     def calibration(self, n: int, seed: int = 0, with_labels: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """``n`` unlabelled train images (seeded): Theseus' calibration inputs.
 

@@ -9,7 +9,7 @@ from typing import Any, Optional
 import torch
 
 from transport import __version__, cache
-from transport.core.evaluate import AlphaSweep, accuracy, default_alpha_grid, sweep_alpha
+from transport.core.evaluate import AlphaSweep, default_alpha_grid, predictions, sweep_alpha
 from transport.core.layout import same_shapes
 from transport.core.model import Model
 from transport.core.task_vector import TaskVector
@@ -98,6 +98,7 @@ class TransferResult:
     diagnostics: dict = field(default_factory=dict)
     cache_hit: bool = False
     inputs: dict[str, str] = field(default_factory=dict)
+    test_predictions: dict[str, torch.Tensor] = field(default_factory=dict)  # accuracy row -> predicted class [N]
 
     def report(self) -> dict:
         return {
@@ -108,6 +109,48 @@ class TransferResult:
             "accuracies": self.accuracies, "timings_s": self.timings, "cache_hit": self.cache_hit,
             "diagnostics": self.diagnostics,
         }
+
+
+def _evaluate(result: TransferResult, timings: dict[str, float], source_pre: Model, source_ft: Model, target: Model,
+              oracle: Optional[Model], tau: TaskVector, task: Task, alpha: Optional[float], grid: list[float],
+              device: str, progress: Progress) -> None:
+    """The alpha sweep(s) on validation (timings['sweep']), then every test accuracy (timings['evaluate']).
+
+    Progress: 0.75-0.95 over the sweeps, one step per alpha; 0.95-1.0 over the test accuracies.
+    """
+    name = result.method
+    naive_too = name != "naive" and same_shapes(source_pre.arch, target.arch)
+    sweeps = (1 + int(naive_too)) if alpha is None else 0
+    t2 = time.perf_counter()
+
+    def on_alpha(k: int, label: str):
+        def report(i: int, n: int) -> None:
+            progress(0.75 + 0.2 * (k + i / n) / max(1, sweeps), f"alpha sweep ({label}): {i}/{n} on validation")
+        return report
+
+    if alpha is None:
+        progress(0.75, f"alpha sweep ({name}): 0/{len(grid)} on validation")
+        result.sweep = sweep_alpha(target, result.transported, task, grid, device, on_alpha=on_alpha(0, name))
+        result.alpha = result.sweep.best_alpha
+        if naive_too:
+            result.naive_sweep = sweep_alpha(target, tau, task, grid, device, on_alpha=on_alpha(1, "naive"))
+    t3 = time.perf_counter()
+    timings["sweep"] = t3 - t2
+    a_naive = result.naive_sweep.best_alpha if result.naive_sweep is not None else result.alpha
+    rows = [("zero_shot_target", target, None), (name, target, result.transported.apply_to(target.params, result.alpha))]
+    if naive_too:
+        rows.append(("naive", target, tau.apply_to(target.params, a_naive)))
+    rows += [("source_finetuned", source_ft, None), ("source_zero_shot", source_pre, None)]
+    if oracle is not None:
+        rows.append(("oracle", oracle, None))
+    y = task.split("test")[1]
+    for i, (key, model, params) in enumerate(rows):
+        progress(0.95 + 0.05 * i / len(rows), f"test accuracy: {key} ({i + 1}/{len(rows)})")
+        # the predictions behind the accuracy are kept: which examples flip, paired noise of a gain
+        pred = predictions(model, task, "test", params, device=device)
+        result.test_predictions[key] = pred
+        result.accuracies[key] = int((pred == y).sum()) / len(y) if len(y) else float("nan")
+    timings["evaluate"] = time.perf_counter() - t3
 
 
 def _held(p: Optional[Prepared], method: str, what: str) -> Optional[Prepared]:
@@ -160,28 +203,8 @@ def transfer(source_pre: Model, source_ft: Model, target: Model, method: str, ta
                             inputs={"source_pre": source_pre.ref, "source_ft": source_ft.ref, "target": target.ref,
                                     "task": task.name if task else "", "shots": str(shots), "seed": str(seed)})
     if task is not None and evaluate:
-        progress(0.75, "evaluating")
-        t2 = time.perf_counter()
-        grid = alpha_grid or default_alpha_grid()
-        if alpha is None:
-            result.sweep = sweep_alpha(target, transported, task, grid, device)
-            result.alpha = result.sweep.best_alpha
-        acc = result.accuracies
-        acc["zero_shot_target"] = accuracy(target, task, "test", device=device)
-        acc[prep.method.name] = accuracy(target, task, "test", transported.apply_to(target.params, result.alpha),
-                                         device=device)
-        if prep.method.name != "naive" and same_shapes(source_pre.arch, target.arch):
-            if alpha is None:
-                result.naive_sweep = sweep_alpha(target, tau, task, grid, device)
-                a_naive = result.naive_sweep.best_alpha
-            else:
-                a_naive = float(alpha)
-            acc["naive"] = accuracy(target, task, "test", tau.apply_to(target.params, a_naive), device=device)
-        acc["source_finetuned"] = accuracy(source_ft, task, "test", device=device)
-        acc["source_zero_shot"] = accuracy(source_pre, task, "test", device=device)
-        if oracle is not None:
-            acc["oracle"] = accuracy(oracle, task, "test", device=device)
-        timings["evaluate"] = time.perf_counter() - t2
+        _evaluate(result, timings, source_pre, source_ft, target, oracle, tau, task, alpha,
+                  alpha_grid or default_alpha_grid(), device, progress)
     timings["total"] = time.perf_counter() - t0
     result.timings = timings
     progress(1.0, "done")

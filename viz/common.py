@@ -57,6 +57,90 @@ def ordered(names) -> list[str]:
     return known + [n for n in names if n not in known]
 
 
+#: every accuracy axis of every figure: 0-100 % (an autoscaled axis makes noise look like a peak)
+ACCURACY_RANGE = (0.0, 100.0)
+
+
+def accuracy_axis(fig: go.Figure, **where) -> go.Figure:
+    """Fix a y-axis (``row``/``col`` select a subplot) to 0-100 % with ticks every 20 %."""
+    fig.update_yaxes(range=list(ACCURACY_RANGE), dtick=20, ticksuffix=" %", **where)
+    return fig
+
+
+#: ``meta`` of traces that must stay thin in presentation mode (e.g. hundreds of connecting segments)
+THIN = "thin"
+
+# Presentation mode: sizes for a projector at the back of a lecture hall.
+PRESENT_FONT = 20
+PRESENT_TICK = 18
+PRESENT_TITLE = 22
+PRESENT_LINE = 4.0
+
+
+def presentation(fig: go.Figure) -> go.Figure:
+    """A copy of ``fig`` for projection: larger fonts, thicker lines and markers, black text and axes."""
+    fig = go.Figure(fig)
+    ink = "#000000"
+    height = fig.layout.height
+    can = [t for t in fig.data if "showlegend" in t]  # an image trace has no legend entry at all
+    shown = [t for t in can if t.showlegend is not False]
+    legend = fig.layout.showlegend is not False and (len(shown) >= 2 or any(t.showlegend for t in can))
+    m = fig.layout.margin
+    top = max(100, m.t or 0)
+    if any(fig.layout[k].side == "top" for k in fig.layout if k.startswith("xaxis")):
+        top += 90  # an axis on top (tick labels and its title) sits between the plot and the title
+    bottom = max(m.b or 0, 170 if legend else 90)
+    # the plot area keeps (1.2 x) its height: the larger margins are added to the figure, not taken from it
+    grow = max(0, top - (m.t or 60)) + max(0, bottom - (m.b or 50))
+    # the legend goes under the plot: at the side it takes half the width of a projected chart
+    fig.update_layout(font=dict(size=PRESENT_FONT, color=ink),
+                      title=dict(font=dict(size=PRESENT_TITLE, color=ink), yref="container", y=1.0, yanchor="top",
+                                 pad=dict(t=12)),
+                      legend=dict(font=dict(size=PRESENT_TICK, color=ink), orientation="h", x=0, xanchor="left",
+                                  yref="container", y=0.0, yanchor="bottom"),
+                      hoverlabel=dict(font_size=PRESENT_TICK), margin=dict(l=105, r=30, t=top, b=bottom),
+                      **({"height": int(height * 1.2) + grow} if height else {}))
+    axis = dict(tickfont=dict(size=PRESENT_TICK, color=ink), title_font=dict(size=PRESENT_FONT + 2, color=ink),
+                linecolor=ink, linewidth=2, showline=True, gridcolor="#9e9e9e", zerolinecolor="#616161",
+                ticks="outside", tickcolor=ink, tickwidth=2)
+    fig.update_xaxes(**axis)
+    fig.update_yaxes(**axis)
+    for scene in [k for k in fig.layout if k.startswith("scene")]:
+        for ax in ("xaxis", "yaxis", "zaxis"):
+            fig.layout[scene][ax].update(tickfont=dict(size=PRESENT_TICK - 4, color=ink),
+                                         title_font=dict(size=PRESENT_FONT, color=ink))
+    for a in fig.layout.annotations or []:  # subplot titles and reference-line labels
+        if a.name != THIN:  # annotations laid out to their size (a grid's captions) keep it
+            a.font = dict(size=max(PRESENT_TICK, (a.font.size or 0)), color=ink)
+    for t in fig.data:
+        kind = t.type
+        if getattr(t, "meta", None) == THIN:
+            continue
+        if kind in ("scatter", "scattergl", "scatter3d"):
+            mode = t.mode or "lines+markers"
+            if "lines" in mode:
+                t.line.width = max(PRESENT_LINE, 2 * float(t.line.width or 2))
+            if "markers" in mode and t.marker.size is not None and not isinstance(t.marker.size, (list, tuple)):
+                t.marker.size = float(t.marker.size) * 1.4
+        elif kind == "bar":
+            t.marker.line = dict(color=ink, width=1.5)
+            t.textfont = dict(size=PRESENT_TICK, color=ink)
+        elif kind == "heatmap":
+            # cell text: larger but still inside a cell; colour left to plotly (readable on dark and light cells)
+            t.textfont = dict(size=PRESENT_TICK - 4)
+        if kind in ("heatmap", "histogram2d") or (kind in ("scatter", "bar") and t.marker.showscale):
+            cb = t.colorbar if kind == "heatmap" else t.marker.colorbar
+            cb.tickfont = dict(size=PRESENT_TICK, color=ink)
+            cb.title.font = dict(size=PRESENT_TICK, color=ink)
+    return fig
+
+
+def log_axis(fig: go.Figure, **where) -> go.Figure:
+    """A log y-axis with one labelled tick per decade (1, 10, 100, 1k, ...): no 2 / 5 clutter."""
+    fig.update_yaxes(type="log", dtick=1, tickformat="~s", minor=dict(showgrid=False), **where)
+    return fig
+
+
 def finish(fig: go.Figure, title: str, x: str | None = None, y: str | None = None, height: int | None = None) -> go.Figure:
     """Template, title and axis titles (every figure names its axes)."""
     fig.update_layout(template=TEMPLATE, title=dict(text=title, x=0.0, xanchor="left"),

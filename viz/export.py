@@ -44,11 +44,30 @@ def report_json(report: Mapping) -> bytes:
     return json.dumps(_clean(report), indent=2, default=str).encode("utf-8")
 
 
-def accuracies_csv(accuracies: Mapping[str, float], alpha: float | None = None, method: str = "") -> bytes:
-    """The accuracy table as CSV: model, key, test accuracy (%) [, method, alpha]."""
+#: rows that add no task vector: the alpha column says so instead of staying empty
+NO_TASK_VECTOR = {"zero_shot_target": "0", "source_finetuned": "n/a (own weights)",
+                  "source_zero_shot": "n/a (own weights)", "oracle": "n/a (own weights)"}
+
+
+def accuracies_csv(accuracies: Mapping[str, float], alpha: float | None = None, method: str = "",
+                   alphas: Mapping[str, float] | None = None, methods: Mapping[str, str] | None = None) -> bytes:
+    """The accuracy table as CSV: model, key, test accuracy (%), method, alpha; every cell filled.
+
+    ``method`` / ``alpha``: the run the table comes from (alpha is then the alpha of that method's row);
+    ``alphas``: per-row alphas (e.g. every method's own, naive's own); ``methods``: per-row run names
+    (default: the row's own key for transported rows, ``shared`` for the rows that are the same for every
+    method, or ``method`` when one run made the whole table).
+    """
+    alphas = dict(alphas or {})
+    if alpha is not None and method:
+        alphas.setdefault(method, alpha)
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["model", "key", "test_accuracy_percent", "method", "alpha"])
     for r in accuracy_rows(accuracies):
-        w.writerow([r["model"], r["key"], r["test accuracy (%)"], method, "" if alpha is None else alpha])
+        k = r["key"]
+        who = (methods or {}).get(k) or method or (k if k in alphas else "shared")
+        a = alphas.get(k)
+        a_txt = NO_TASK_VECTOR.get(k, "n/a") if a is None else f"{float(a):g}"
+        w.writerow([r["model"], k, f"{r['test accuracy (%)']:.2f}", who, a_txt])
     return buf.getvalue().encode("utf-8")

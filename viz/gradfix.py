@@ -12,7 +12,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from viz.common import AGREE_SCALE, block_mean, empty_figure, finish
+from viz.common import AGREE_SCALE, block_mean, empty_figure, finish, log_axis
 
 LAYER_BLOCKS = ("Q", "K", "V", "O", "fc1", "fc2", "ln1", "ln2")
 GLOBAL_BLOCKS = ("embed", "ln_pre", "ln_post", "proj")
@@ -24,7 +24,7 @@ def block_table(diag: Mapping, stat: str = "agreement") -> tuple[list[str], list
 
     Rows are layers 0..L-1 then ``global``; columns the per-layer blocks then the global ones. Several
     entries for one cell (weight and bias) are averaged weighted by their number of entries; ``ties`` is
-    read as a count and turned into a rate. Cells with no entry are NaN.
+    a count (as the method records it) and turned into a rate. Cells with no entry are NaN.
     """
     if stat not in STATS:
         raise ValueError(f"unknown statistic '{stat}' (known: {', '.join(STATS)})")
@@ -47,7 +47,7 @@ def block_table(diag: Mapping, stat: str = "agreement") -> tuple[list[str], list
         if v is None or n <= 0:
             continue
         v = float(v)
-        if stat == "ties" and v > 1.0:  # a count: make it a rate
+        if stat == "ties":  # the method records a count: make it a rate (a count of 1 included)
             v = v / n
         acc[r, c] += v * n
         num[r, c] += n
@@ -56,14 +56,31 @@ def block_table(diag: Mapping, stat: str = "agreement") -> tuple[list[str], list
     return rows, cols, val, num
 
 
+#: the one definition of agreement used by the heatmap and the drill-down
+AGREEMENT_DEFINITION = ("agreement = share of the voted entries (ties excluded) where sign(tau) equals the vote; "
+                        "0.5 = chance. Ties (the K votes cancel, no sign) are counted apart: the tie share is of all "
+                        "entries.")
+
+
+def _pct(v: float) -> str:
+    return "" if np.isnan(v) else f"{100 * v:.0f}%"
+
+
 def agreement_heatmap(diag: Mapping, stat: str = "agreement") -> go.Figure:
-    """Layers x blocks heatmap of ``stat`` (default: fraction of entries where sign(tau) agrees with the vote)."""
+    """Layers x blocks heatmap of ``stat`` (default: :data:`AGREEMENT_DEFINITION`); every cell also shows its
+    tie share, so the heatmap and the drill-down read the same numbers."""
     rows, cols, val, num = block_table(diag, stat)
     if not rows:
         return empty_figure("no blocks in the sign vote", "Sign agreement")
-    text = [[("" if np.isnan(v) else f"{v:.2f}") for v in row] for row in val]
-    hover = [[f"layer {r}, {c}<br>{STATS[stat]} {'' if np.isnan(v) else f'{v:.3f}'}<br>{int(n)} entries"
-              for c, v, n in zip(cols, vrow, nrow)] for r, vrow, nrow in zip(rows, val, num)]
+    _, _, ties, _ = block_table(diag, "ties")
+    if stat == "agreement":
+        text = [[("" if np.isnan(v) else f"{v:.2f}<br>tie {_pct(t)}") for v, t in zip(row, trow)]
+                for row, trow in zip(val, ties)]
+    else:
+        text = [[("" if np.isnan(v) else f"{v:.2f}") for v in row] for row in val]
+    hover = [[f"layer {r}, {c}<br>{STATS[stat]} {'' if np.isnan(v) else f'{v:.3f}'}<br>tie share {_pct(t)}"
+              f"<br>{int(n)} entries" for c, v, t, n in zip(cols, vrow, trow, nrow)]
+             for r, vrow, trow, nrow in zip(rows, val, ties, num)]
     scale = AGREE_SCALE if stat == "agreement" else "Blues"
     fig = go.Figure(go.Heatmap(z=val, x=cols, y=rows, colorscale=scale, zmin=0.0, zmax=1.0, text=text,
                                texttemplate="%{text}", hovertext=hover, hoverinfo="text",
@@ -75,46 +92,64 @@ def agreement_heatmap(diag: Mapping, stat: str = "agreement") -> go.Figure:
                              showlegend=False))
     fig.update_yaxes(autorange="reversed", type="category")
     fig.update_xaxes(type="category", side="top")
-    return finish(fig, f"{STATS[stat].capitalize()} per layer and block", "block", "layer",
-                  height=max(300, 32 * len(rows) + 140))
+    what = " (of voted entries; ties shown)" if stat == "agreement" else ""
+    finish(fig, f"{STATS[stat].capitalize()} per layer and block{what}", "block", "layer",
+           height=max(340, 44 * len(rows) + 170))
+    fig.update_layout(margin=dict(t=110))  # the block axis sits on top: room between it and the title
+    return fig
 
 
-def entry_map_image(entries, name: str, max_side: int = 192) -> go.Figure:
-    """One tensor's entry map (+1: sign(tau) agrees with the vote, -1: disagrees, 0: tie) as an image.
+def entry_counts(entries) -> tuple[int, int, int]:
+    """(agree, disagree, tie) counts of an entry map (+1 / -1 / 0)."""
+    a = np.asarray(entries.detach().cpu().numpy() if hasattr(entries, "detach") else entries)
+    agree, disagree = int((a > 0).sum()), int((a < 0).sum())
+    return agree, disagree, int(a.size - agree - disagree)
 
-    Matrices larger than ``max_side`` on a side are averaged over k x k tiles (colour = mean in [-1, 1]),
-    so a 3072 x 768 matrix reaches the browser as at most max_side^2 cells.
+
+def entry_title(name: str, shape: tuple, agree: int, disagree: int, ties: int) -> str:
+    """The drill-down's headline in the heatmap's terms (:data:`AGREEMENT_DEFINITION`)."""
+    voted, n = agree + disagree, max(1, agree + disagree + ties)
+    share = f"{agree / voted:.2f}" if voted else "-"
+    return (f"{name} {tuple(shape)}<br>agreement {share} ({agree} of {voted} voted entries), "
+            f"tie {ties / n:.0%} ({ties} of {n})")
+
+
+def entry_map_image(entries, name: str, max_side: int = 192, max_strip: int = 768) -> go.Figure:
+    """One tensor's entry map (+1: sign(tau) agrees with the vote, -1: disagrees, 0: tie).
+
+    A matrix is an image (larger than ``max_side`` on a side: averaged over k x k tiles, colour = mean in
+    [-1, 1]); a vector (bias, LayerNorm) is a one-row strip over its entries (averaged over runs of k entries
+    beyond ``max_strip``), with no meaningless second axis.
     """
     a = np.asarray(entries.detach().cpu().numpy() if hasattr(entries, "detach") else entries, dtype=np.float64)
     shape = a.shape
-    if a.ndim == 0:
-        a = a.reshape(1, 1)
-    elif a.ndim == 1:
-        a = a.reshape(1, -1)
-    elif a.ndim > 2:
+    agree, disagree, ties = entry_counts(a)
+    title = entry_title(name, shape, agree, disagree, ties)
+    bar = dict(tickvals=[-1, 0, 1], ticktext=["disagree", "tie", "agree"])
+    if a.ndim <= 1:
+        v = a.reshape(1, -1)
+        img, _, k = block_mean(v, max_strip) if v.shape[1] > max_strip else (v, 1, 1)
+        x = (np.arange(img.shape[1]) * k).tolist()
+        fig = go.Figure(go.Heatmap(z=img, x=x, colorscale=AGREE_SCALE, zmin=-1, zmax=1,
+                                   colorbar=dict(title="mean" if k > 1 else "", **bar, len=1.2),
+                                   hovertemplate=("entry %{x}" + (f" (+{k - 1})" if k > 1 else "") +
+                                                  "<br>%{z:.2f}<extra></extra>")))
+        fig.update_yaxes(visible=False)
+        note = f", each cell = mean of {k} entries" if k > 1 else ""
+        return finish(fig, title + note, "entry index", None, height=230)
+    if a.ndim > 2:
         a = a.reshape(a.shape[0], -1)
-    agree, disagree = int((a > 0).sum()), int((a < 0).sum())
-    ties = int(a.size - agree - disagree)
-    if a.shape[0] == 1 and a.shape[1] > max_side:
-        # a long vector: fold it into a near-square image so it stays readable
-        side = int(np.ceil(np.sqrt(a.shape[1])))
-        pad = np.full(side * side, np.nan)
-        pad[: a.shape[1]] = a[0]
-        a = pad.reshape(side, side)
     img, kr, kc = block_mean(a, max_side)
     down = kr > 1 or kc > 1
     fig = go.Figure(go.Heatmap(z=img, colorscale=AGREE_SCALE, zmin=-1, zmax=1,
-                               colorbar=dict(title="mean" if down else "", tickvals=[-1, 0, 1],
-                                             ticktext=["disagree", "tie", "agree"]),
+                               colorbar=dict(title="mean" if down else "", **bar),
                                hovertemplate=("row %{y}, col %{x}<br>" + ("mean " if down else "") +
                                               "%{z:.2f}<extra></extra>")))
     fig.update_yaxes(autorange="reversed")
     note = f", each cell = mean of {kr}x{kc} entries" if down else ""
-    n = max(1, agree + disagree + ties)
-    title = (f"{name} {tuple(shape)}: {agree / n:.1%} agree, {disagree / n:.1%} disagree, {ties / n:.1%} tie{note}")
     row_t = "output row" + (f" (/{kr})" if kr > 1 else "")
     col_t = "input column" + (f" (/{kc})" if kc > 1 else "")
-    return finish(fig, title, col_t, row_t, height=460)
+    return finish(fig, title + note, col_t, row_t, height=460)
 
 
 def margin_histogram(diag: Mapping) -> go.Figure:
@@ -128,8 +163,8 @@ def margin_histogram(diag: Mapping) -> go.Figure:
     fig = go.Figure(go.Bar(x=centers, y=counts, width=widths, marker_color="#9467bd", name="entries",
                            hovertemplate="margin %{x:.2f}: %{y} entries<extra></extra>"))
     positive = [c for c in counts if c > 0]
-    if positive and max(positive) > 100 * min(positive):  # counts over orders of magnitude: log scale
-        fig.update_yaxes(type="log")
+    if positive and max(positive) > 100 * min(positive):  # counts over orders of magnitude: log scale,
+        log_axis(fig)  # one tick per decade
     return finish(fig, "Vote margin over all entries", "vote margin (0 = split, 1 = unanimous)", "number of entries",
                   height=320)
 
@@ -153,7 +188,7 @@ def keep_rate_per_layer(diag: Mapping) -> go.Figure:
     labels, keep, fo = per_layer(diag)
     if not labels:
         return empty_figure("no blocks in the sign vote", "Keep-rate and first-order decrease")
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("keep-rate", "first-order loss change"),
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("keep-rate", "first-order loss change (< 0: descent)"),
                         horizontal_spacing=0.2)
     fig.add_trace(go.Bar(x=labels, y=keep, marker_color="#1f77b4", name="keep-rate",
                          hovertemplate="layer %{x}: keeps %{y:.1%}<extra></extra>"), row=1, col=1)
@@ -161,6 +196,6 @@ def keep_rate_per_layer(diag: Mapping) -> go.Figure:
                          name="first order", hovertemplate="layer %{x}: %{y:.4g}<extra></extra>"), row=1, col=2)
     fig.update_xaxes(type="category", title_text="layer")
     fig.update_yaxes(range=[0, 1], tickformat=".0%", title_text="fraction of entries kept", row=1, col=1)
-    fig.update_yaxes(title_text="<g, m*tau> (below 0 = descent)", row=1, col=2)
+    fig.update_yaxes(title_text="<g, m*tau>", row=1, col=2)
     fig.update_layout(showlegend=False)
     return finish(fig, "Keep-rate and first-order decrease per layer", height=360)

@@ -7,7 +7,7 @@ from typing import Any, Mapping, Optional, Sequence
 import plotly.graph_objects as go
 import torch
 
-from viz.common import color_of, empty_figure, finish, label_of, ordered
+from viz.common import accuracy_axis, color_of, empty_figure, finish, label_of, ordered
 
 PAIR_COLORS = ("#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666")
 
@@ -21,11 +21,12 @@ def _sweep_dict(sweep: Any) -> Optional[dict]:
 def alpha_curves(sweeps: Mapping[str, Any], chosen: Optional[Mapping[str, float]] = None,
                  zero_shot: Optional[float] = None, split: str = "validation",
                  picked: Optional[float] = None) -> go.Figure:
-    """Accuracy vs alpha, one line per method, the chosen alpha of each marked with a star.
+    """Accuracy (%, on a fixed 0-100 axis) vs alpha, one line per method, the chosen alpha of each marked
+    with a star.
 
-    sweeps: method -> AlphaSweep (or its ``to_dict()``); chosen: method -> alpha to mark (default: best_alpha);
-    picked: an alpha drawn as a dotted vertical line (e.g. the one picked on validation when the star shows
-    a user's slider).
+    sweeps: method -> AlphaSweep (or its ``to_dict()``, accuracies in [0, 1]); chosen: method -> alpha to
+    mark (default: best_alpha); picked: an alpha drawn as a dotted vertical line (e.g. the one picked on
+    validation when the star shows a user's slider); zero_shot: in [0, 1], drawn as a dashed line.
     """
     fig = go.Figure()
     chosen = dict(chosen or {})
@@ -35,16 +36,17 @@ def alpha_curves(sweeps: Mapping[str, Any], chosen: Optional[Mapping[str, float]
         if not s or not s.get("alphas"):
             continue
         c = color_of(name, i)
-        fig.add_trace(go.Scatter(x=list(s["alphas"]), y=list(s["val"]), mode="lines+markers", name=label_of(name),
+        val = [100.0 * float(v) for v in s["val"]]
+        fig.add_trace(go.Scatter(x=list(s["alphas"]), y=val, mode="lines+markers", name=label_of(name),
                                  line=dict(color=c), marker=dict(size=5), legendgroup=name,
-                                 hovertemplate="alpha %{x:.2f}<br>accuracy %{y:.3f}<extra>" + label_of(name) + "</extra>"))
+                                 hovertemplate="alpha %{x:.2f}<br>accuracy %{y:.1f} %<extra>" + label_of(name) + "</extra>"))
         a = float(chosen.get(name, s["best_alpha"]))
         # the accuracy at the marked alpha is read off the sweep (nearest grid point)
         j = min(range(len(s["alphas"])), key=lambda k: abs(s["alphas"][k] - a))
-        fig.add_trace(go.Scatter(x=[a], y=[s["val"][j]], mode="markers", name=f"{label_of(name)}: alpha = {a:.2f}",
+        fig.add_trace(go.Scatter(x=[a], y=[val[j]], mode="markers", name=f"{label_of(name)}: alpha = {a:.2f}",
                                  marker=dict(symbol="star", size=16, color=c, line=dict(color="black", width=1)),
                                  legendgroup=name, showlegend=True,
-                                 hovertemplate="chosen alpha %{x:.2f}<br>accuracy %{y:.3f}<extra></extra>"))
+                                 hovertemplate="chosen alpha %{x:.2f}<br>accuracy %{y:.1f} %<extra></extra>"))
         drawn += 1
     if not drawn:
         return empty_figure("no alpha sweep (alpha was fixed, or no task was given)", "Accuracy vs alpha")
@@ -52,9 +54,10 @@ def alpha_curves(sweeps: Mapping[str, Any], chosen: Optional[Mapping[str, float]
         fig.add_vline(x=float(picked), line=dict(color="#555555", dash="dot"),
                       annotation_text=f"picked on validation: {float(picked):.2f}", annotation_position="top")
     if zero_shot is not None and not math.isnan(zero_shot):
-        fig.add_hline(y=zero_shot, line=dict(color=color_of("zero_shot_target"), dash="dash"),
+        fig.add_hline(y=100.0 * zero_shot, line=dict(color=color_of("zero_shot_target"), dash="dash"),
                       annotation_text="target zero-shot (test)", annotation_position="bottom right")
-    return finish(fig, "Accuracy vs alpha", "alpha (scale of the transported task vector)", f"{split} accuracy",
+    accuracy_axis(fig)
+    return finish(fig, "Accuracy vs alpha", "alpha (scale of the transported task vector)", f"{split} accuracy (%)",
                   height=420)
 
 
@@ -77,8 +80,8 @@ def accuracy_bars(accuracies: Mapping[str, float], title: str = "Test accuracy")
     fig = go.Figure(go.Bar(x=[r["model"] for r in rows], y=[r["test accuracy (%)"] for r in rows],
                            marker_color=[color_of(r["key"], i) for i, r in enumerate(rows)],
                            text=[f"{r['test accuracy (%)']:.1f}" for r in rows], textposition="outside",
-                           hovertemplate="%{x}: %{y:.2f}%<extra></extra>"))
-    fig.update_yaxes(range=[0, 105])
+                           cliponaxis=False, hovertemplate="%{x}: %{y:.1f} %<extra></extra>"))
+    accuracy_axis(fig)
     return finish(fig, title, "model", "test accuracy (%)", height=380)
 
 
@@ -151,14 +154,15 @@ def layer_ablation_figure(layers: Sequence[int], only: Sequence[float], without:
     fig.add_trace(go.Bar(x=x, y=[100 * v for v in without], name="all layers but this one",
                          marker_color="#ff7f0e", hovertemplate="all but layer %{x}: %{y:.1f}%<extra></extra>"))
     # reference levels as legend entries (annotations would sit on the bars)
-    fig.add_trace(go.Scatter(x=x, y=[100 * full] * len(x), mode="lines", name="all layers transported",
+    fig.add_trace(go.Scatter(x=x, y=[100 * full] * len(x), mode="lines", name=f"all layers transported ({split})",
                              line=dict(color="black"), hovertemplate="all layers: %{y:.1f}%<extra></extra>"))
-    fig.add_trace(go.Scatter(x=x, y=[100 * zero_shot] * len(x), mode="lines", name="no layer (target zero-shot)",
+    fig.add_trace(go.Scatter(x=x, y=[100 * zero_shot] * len(x), mode="lines",
+                             name=f"no layer (target zero-shot, {split})",
                              line=dict(color=color_of("zero_shot_target"), dash="dash"),
                              hovertemplate="no layer: %{y:.1f}%<extra></extra>"))
     fig.update_layout(barmode="group")
     fig.update_xaxes(type="category")
-    fig.update_yaxes(range=[0, 105])
+    accuracy_axis(fig)
     return finish(fig, "Which layers carry the transfer", "layer (global = embeddings, final norm, projection)",
                   f"{split} accuracy (%)", height=420)
 

@@ -8,7 +8,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from viz.common import empty_figure, finish
+from viz.common import THIN, empty_figure, finish, log_axis
 
 CLASS_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
                 "#bcbd22", "#17becf")
@@ -69,6 +69,14 @@ def pca_figure(target, source, mapped, labels: Optional[Sequence[int]], classnam
     names = list(classnames) if classnames else []
     for col, (panel, xs) in enumerate(panels.items(), start=1):
         proj_s = (xs - mu) @ v
+        # one segment per image from its source point to its target point: shorter after the map
+        seg = _segments(proj_s, proj_t)
+        line = dict(name="source -> target, same image", legendgroup="segments", showlegend=(col == 1),
+                    mode="lines", line=dict(color="rgba(80,80,80,0.35)", width=1), hoverinfo="skip", meta=THIN)
+        if dims == 3:
+            fig.add_trace(go.Scatter3d(x=seg[0], y=seg[1], z=seg[2], **line), row=1, col=col)
+        else:
+            fig.add_trace(go.Scatter(x=seg[0], y=seg[1], **line), row=1, col=col)
         for who, pts, symbol in (("target", proj_t, "circle"), ("source", proj_s, "x")):
             for c in classes:
                 m = y == c
@@ -89,9 +97,56 @@ def pca_figure(target, source, mapped, labels: Optional[Sequence[int]], classnam
             fig.layout[s].update(xaxis_title="PC 1", yaxis_title="PC 2", zaxis_title="PC 3")
     else:
         fig.update_xaxes(title_text="PC 1 of target activations")
-        fig.update_yaxes(title_text="PC 2 of target activations")
+        fig.update_yaxes(title_text="PC 2 of target activations", row=1, col=1)  # once: it would sit on panel 1
+    gap_before, gap_after = (float(np.linalg.norm((x - mu) @ v - proj_t, axis=1).mean()) for x in (xn, xm))
+    fig.layout.annotations[0].text += f"<br><sup>mean source-target distance {gap_before:.3g}</sup>"
+    fig.layout.annotations[1].text += f"<br><sup>mean source-target distance {gap_after:.3g}</sup>"
     title = f"PCA of activations{f' at {space}' if space else ''}: target (o) vs source (x)"
-    return finish(fig, title, height=520)
+    finish(fig, title, height=580)
+    fig.update_layout(margin=dict(t=110))  # room for the panel titles under the figure title
+    return fig
+
+
+def _segments(a: np.ndarray, b: np.ndarray) -> list[list]:
+    """Per coordinate, a_i, b_i, None for every row i: one line segment per pair, in one trace."""
+    out = []
+    for k in range(a.shape[1]):
+        col: list = []
+        for u, w in zip(a[:, k].tolist(), b[:, k].tolist()):
+            col += [u, w, None]
+        out.append(col)
+    return out
+
+
+#: what the Theseus space names mean (L = block index, counted from 0)
+SPACE_LEGEND = {
+    "embed": "patch + position embeddings, before ln_pre",
+    "res:0": "residual stream entering block 0",
+    "ln1:L": "block L: LayerNorm 1 output (attention input)",
+    "q:L": "block L: queries", "k:L": "block L: keys", "v:L": "block L: values",
+    "ctx:L": "block L: attention context (heads' weighted values, input of the output projection)",
+    "o:L": "block L: attention output projection",
+    "res:La": "residual stream in block L after the attention branch",
+    "ln2:L": "block L: LayerNorm 2 output (MLP input)",
+    "fc1:L": "block L: MLP hidden pre-activation (only with hidden = separate)",
+    "act:L": "block L: MLP hidden activation (input of fc2)",
+    "fc2:L": "block L: MLP output",
+    "res:Lm": "residual stream after block L's MLP (block L's output)",
+    "ln_post": "final LayerNorm output (class token feature)",
+    "proj": "projection into the shared image-text space",
+}
+
+
+def describe_space(space: str) -> str:
+    """One line saying what a Theseus activation space is, e.g. ``res:2m`` -> residual stream after block 2's MLP."""
+    if space in SPACE_LEGEND:
+        return SPACE_LEGEND[space]
+    kind, _, where = space.partition(":")
+    digits = "".join(ch for ch in where if ch.isdigit())
+    if not digits:
+        return space
+    key = f"{kind}:L{where[len(digits):]}"
+    return SPACE_LEGEND[key].replace("block L", f"block {digits}") if key in SPACE_LEGEND else space
 
 
 #: where each kind of Theseus space sits inside a block, in forward order (``res`` with suffix a / m)
@@ -126,8 +181,8 @@ def procrustes_residual(diag: Mapping) -> go.Figure:
         if all(v is None for v in ys):
             continue
         fig.add_trace(go.Scatter(x=x, y=[np.nan if v is None else float(v) for v in ys], mode="lines+markers",
-                                 name=name, line=dict(color=color),
-                                 hovertemplate="%{x}: %{y:.3f}<extra>" + name + "</extra>"))
+                                 name=name, line=dict(color=color), customdata=[describe_space(sp) for sp in x],
+                                 hovertemplate="%{x}: %{y:.3f}<br>%{customdata}<extra>" + name + "</extra>"))
     fig.update_xaxes(type="category", tickangle=-45)
     fig.update_yaxes(rangemode="tozero")
     return finish(fig, "Procrustes residual per activation space", "activation space (in layer order)",
@@ -142,7 +197,7 @@ def singular_values(diag: Mapping, space: str) -> go.Figure:
         return empty_figure(f"no singular values for {space}", "Cross-covariance spectrum")
     fig = go.Figure(go.Scatter(x=list(range(1, len(sv) + 1)), y=sv, mode="lines", line=dict(color="#2ca02c"),
                                name=space, hovertemplate="#%{x}: %{y:.4g}<extra></extra>"))
-    fig.update_yaxes(type="log")
+    log_axis(fig)
     return finish(fig, f"Cross-covariance singular values at {space}", "index", "singular value", height=320)
 
 

@@ -14,22 +14,42 @@ from plotly.subplots import make_subplots
 from viz.common import empty_figure, finish
 
 
+def head_confidence(cost: np.ndarray, perm: Sequence[int], margin: Sequence[float]) -> list[float]:
+    """Per target head i, margin_i / (margin_i + C[i, perm[i]]) in [0, 1], scale-free so pairs compare.
+
+    margin_i: how much the total assignment cost rises when head i may not take its chosen source head.
+    1 = the chosen source head matches exactly and every alternative is worse; 0 = an alternative is as
+    good (a toss-up). NaN where nothing can be said (a single head: infinite margin).
+    """
+    out = []
+    for i, (j, m) in enumerate(zip(perm, margin)):
+        m = float(m)
+        if not np.isfinite(m):
+            out.append(float("nan"))
+            continue
+        chosen = max(0.0, float(cost[i, j])) if cost.size else 0.0
+        out.append(0.0 if m + chosen <= 0 else m / (m + chosen))
+    return out
+
+
 def head_permutation(layer: Mapping, title: str | None = None) -> go.Figure:
     """The H x H head cost matrix (row: target head i, column: source head j) with the chosen assignment
-    drawn as markers, and beside it each target head's confidence (margin to its best alternative).
+    drawn as markers, and beside it each target head's confidence on a fixed 0-1 scale
+    (:func:`head_confidence`).
 
     ``layer["head_perm"][i] = j`` means source head j is moved onto target head i.
     """
     perm = [int(j) for j in layer["head_perm"]]
     cost = np.asarray(layer.get("head_cost") or np.zeros((len(perm), len(perm))), dtype=np.float64)
-    # an infinite margin (a single head: nothing to confuse it with) is drawn as missing
-    margin = [float(m) if np.isfinite(float(m)) else np.nan for m in layer.get("head_margin") or [np.nan] * len(perm)]
+    raw = [float(m) for m in layer.get("head_margin") or [np.nan] * len(perm)]
+    conf = head_confidence(cost, perm, raw)
     H = len(perm)
     heads = list(range(H))
-    fig = make_subplots(rows=1, cols=2, column_widths=[0.72, 0.28], shared_yaxes=True, horizontal_spacing=0.05,
+    # the cost colour bar sits between the panels, next to the cost matrix it belongs to
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.7, 0.3], shared_yaxes=True, horizontal_spacing=0.14,
                         subplot_titles=("cost (lower = more alike)", "confidence"))
     fig.add_trace(go.Heatmap(z=cost, x=heads, y=heads, colorscale="Viridis_r", name="cost",
-                             colorbar=dict(title=dict(text="cost", side="right"), x=1.01, xanchor="left", len=0.9,
+                             colorbar=dict(title=dict(text="cost", side="right"), x=0.615, xanchor="left", len=0.9,
                                            thickness=14),
                              hovertemplate="target head %{y} vs source head %{x}<br>cost %{z:.4g}<extra></extra>"),
                   row=1, col=1)
@@ -37,11 +57,15 @@ def head_permutation(layer: Mapping, title: str | None = None) -> go.Figure:
                              marker=dict(symbol="square-open", size=max(8, min(28, 320 // max(H, 1))),
                                          color="#d62728", line=dict(width=3)),
                              hovertemplate="target head %{y} <- source head %{x}<extra></extra>"), row=1, col=1)
-    fig.add_trace(go.Bar(x=margin, y=heads, orientation="h", name="margin", marker_color="#1f77b4",
-                         hovertemplate="target head %{y}: margin %{x:.4g}<extra></extra>"), row=1, col=2)
+    chosen = [float(cost[i, j]) if cost.size else float("nan") for i, j in enumerate(perm)]
+    fig.add_trace(go.Bar(x=conf, y=heads, orientation="h", name="confidence", marker_color="#1f77b4",
+                         customdata=list(zip(raw, chosen)),
+                         hovertemplate="target head %{y}: confidence %{x:.2f}<br>cost margin %{customdata[0]:.4g}, "
+                                       "chosen cost %{customdata[1]:.4g}<extra></extra>"), row=1, col=2)
     fig.update_yaxes(autorange="reversed", title_text="target head i", dtick=1 if H <= 32 else None, row=1, col=1)
     fig.update_xaxes(title_text="source head j", dtick=1 if H <= 32 else None, row=1, col=1)
-    fig.update_xaxes(title_text="cost margin to 2nd best", row=1, col=2)
+    # a fixed scale: a toss-up must look like one on every pair
+    fig.update_xaxes(title_text="confidence (0 = toss-up, 1 = certain)", range=[0, 1], dtick=0.5, row=1, col=2)
     fig.update_layout(showlegend=False)
     lay = layer.get("layer", "?")
     return finish(fig, title or f"Layer {lay}: head assignment", height=max(360, min(700, 40 * H + 140)))
@@ -118,13 +142,54 @@ def permutation_distance(diag: Mapping) -> go.Figure:
 
 
 def objective_per_sweep(diag: Mapping) -> go.Figure:
-    """The weight-matching objective after each sweep over the residual / MLP permutations (should rise then flatten)."""
+    """The weight-matching objective after each sweep over the residual / MLP permutations (should rise then flatten).
+
+    Activation matching solves each permutation once (no sweeps): the figure says so instead of drawing a
+    one-point curve.
+    """
     obj = [float(v) for v in diag.get("objective_per_sweep") or []]
+    if diag.get("matching") == "activation":
+        value = f" Weight-matching objective of its permutations: {obj[-1]:.6g}." if obj else ""
+        return empty_figure("Activation matching solves each permutation once on the activation<br>correlations: "
+                            "there are no sweeps to plot." + value, "Activation matching: one solve, no sweeps")
     if not obj:
         return empty_figure("this alignment records no sweeps", "Objective per sweep")
     fig = go.Figure(go.Scatter(x=list(range(1, len(obj) + 1)), y=obj, mode="lines+markers", name="objective",
                                line=dict(color="#1f77b4"),
                                hovertemplate="sweep %{x}: %{y:.6g}<extra></extra>"))
     fig.update_xaxes(dtick=1 if len(obj) <= 30 else None)
-    return finish(fig, "Weight-matching objective per sweep", "sweep", "objective (sum of matched similarities)",
+    return finish(fig, "Weight-matching objective per sweep", "sweep", "objective (sum of similarities)",
                   height=320)
+
+
+#: the groups of units compared with a known shuffle, in drawing order
+RECOVERY_GROUPS = {"res_attn": "residual after attention", "res_mlp": "residual after MLP", "heads": "heads",
+                   "head_dims": "dims within heads", "mlp": "MLP units"}
+
+
+def recovery_figure(recovery: Mapping) -> go.Figure:
+    """Per layer, the share of units whose recovered permutation equals the hidden shuffle (0-100 %).
+
+    ``recovery``: ``{"layers": [0, 1, ...], "groups": {group: [share per layer]}, "overall": share,
+    "res_0": share}`` with group keys from :data:`RECOVERY_GROUPS` (shares in [0, 1]).
+    """
+    layers = list(recovery.get("layers") or [])
+    if not layers:
+        return empty_figure("no hidden shuffle to compare with", "Recovered vs hidden shuffle")
+    colors = {"res_attn": "#1f77b4", "res_mlp": "#17becf", "heads": "#d62728", "head_dims": "#ff9896",
+              "mlp": "#2ca02c"}
+    fig = go.Figure()
+    for key, name in RECOVERY_GROUPS.items():
+        ys = recovery["groups"].get(key)
+        if ys is None:
+            continue
+        fig.add_trace(go.Bar(x=[str(l) for l in layers], y=[100.0 * v for v in ys], name=name,
+                             marker_color=colors[key], hovertemplate="layer %{x}: %{y:.1f} % of " + name +
+                             " matched<extra></extra>"))
+    fig.update_layout(barmode="group")
+    fig.update_xaxes(type="category")
+    fig.update_yaxes(range=[0, 100], dtick=20, ticksuffix=" %")
+    res0 = recovery.get("res_0")
+    extra = "" if res0 is None else f", residual input {100 * res0:.0f} %"
+    return finish(fig, f"Recovered vs hidden shuffle: {100 * float(recovery.get('overall', 0)):.1f} % of all units "
+                       f"matched{extra}", "layer", "units matched (%)", height=380)

@@ -5,7 +5,8 @@ import math
 
 import streamlit as st
 
-from app import common, logic, state, ui
+from app import common, examples, logic, state, ui
+from app.logic import ZERO_TAU
 from transport.methods import METHOD_NAMES
 from viz import export, results
 from viz.common import label_of, ordered
@@ -20,22 +21,26 @@ with ui.guarded():
     missing = [m for m in METHOD_NAMES if m not in built]
     if missing:
         st.info("Not available yet: " + ", ".join(missing) + " (nothing is shown for them).")
-    chosen = st.multiselect("Methods", built, default=built, key="cmp-methods")
+    pf = common.checks(setup)
+    usable = [m for m in built if pf.applies(m)]
+    common.applicability(pf, built)
+    chosen = st.multiselect("Methods (those that apply to this pair)", usable, default=usable, key="cmp-methods")
     shots = int(st.number_input("K labelled samples per class (methods that need labels)", 1, 256, 2, key="cmp-k"))
-    if st.button("Run the selected methods", type="primary", key="cmp-run"):
+    busy = state.job_running()
+    blocked = ZERO_TAU if pf.tau_zero else ""
+    if blocked:
+        st.warning(blocked, icon=":material/block:")
+    pressed = st.button("Run the selected methods", type="primary", key="cmp-run", disabled=busy or bool(blocked))
+    common.job_panel("cmp")
+    if pressed and not busy and not blocked:
         have = state.runs_for(setup)
-        loaded = logic.load_setup(setup, state.shared_cache())
-        for m in chosen:
-            why = logic.incompatibility(m, loaded)
-            if why:
-                st.warning(f"{m}: skipped: {why}")
-                continue
-            if m in have and have[m].shots == shots:
-                continue
-            state.execute(setup, m, {}, shots)
+        todo = [m for m in chosen if not (m in have and have[m].shots == shots)]
+        if todo and state.execute_many(setup, todo, {}, shots, label="compare: " + ", ".join(todo)) is not None:
+            st.rerun()
     runs = {m: r for m, r in state.runs_for(setup).items() if m in chosen}
     if not runs:
-        st.info("Press **Run the selected methods** (or run methods on the other pages; they show up here).")
+        if not state.job_running():
+            st.info("Press **Run the selected methods** (or run methods on the other pages; they show up here).")
         raise ui.Stop
 
     # one table: the shared rows once, then each method at its own alpha
@@ -44,21 +49,25 @@ with ui.guarded():
         for k, v in r.result.accuracies.items():
             table.setdefault(k, v)
         table[r.method] = r.result.accuracies.get(r.method, float("nan"))
+    alphas: dict[str, float] = {}
+    for r in runs.values():
+        for k, a in examples.row_alphas(r).items():
+            alphas.setdefault(k, a)
     rows = []
     for k in ordered(table):
         v = table[k]
         if v is None or (isinstance(v, float) and math.isnan(v)):
             continue
-        alpha = runs[k].result.alpha if k in runs else None
         prep = runs[k].prepared if k in runs else None
-        rows.append({"model": label_of(k), "test accuracy (%)": round(100 * v, 2),
-                     "alpha": "" if alpha is None else f"{alpha:.2f}",
-                     "prepare": "" if prep is None else ("cached" if prep.cache_hit else f"{prep.seconds:.2f} s")})
-    st.dataframe(rows, hide_index=True, key="cmp-table", width="content")
-    st.caption("Each method at the alpha it picked on the validation split; the other rows are the same for all "
-               "methods (target zero-shot floor, source fine-tuned and oracle ceilings).")
-    st.download_button("table (.csv)", data=export.accuracies_csv(table), file_name="compare.csv", mime="text/csv",
-                       on_click="ignore", key="cmp-dl-csv")
+        rows.append({"model": label_of(k), "test accuracy (%)": round(100 * v, 1),
+                     "alpha": f"{alphas[k]:.2f}" if k in alphas else "0.00" if k == "zero_shot_target"
+                     else export.NO_TASK_VECTOR.get(k, "n/a"),
+                     "prepare": "-" if prep is None else ("cached" if prep.cache_hit else f"{prep.seconds:.1f} s")})
+    st.dataframe(rows, hide_index=True, key="cmp-table", width="content", column_config=ui.PERCENT_COLUMNS)
+    st.caption("Each method (and naive) at the alpha it picked on the validation split; the other rows are the same "
+               "for all methods (target zero-shot floor, source fine-tuned and oracle ceilings).")
+    st.download_button("table (.csv)", data=export.accuracies_csv(table, alphas=alphas), file_name="compare.csv",
+                       mime="text/csv", on_click="ignore", key="cmp-dl-csv")
 
     sweeps: dict = {}
     for r in runs.values():

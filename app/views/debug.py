@@ -25,6 +25,7 @@ with ui.guarded():
         method = st.selectbox("Transfer to debug (runs of this session on this setup)", names, key="dbg-run")
         run = have[method]
     common.summary(run)
+    st.caption("The summary above is on the test split; everything below is measured on the split chosen here.")
     split = st.radio("Measure on", ["val", "test"], horizontal=True, key="dbg-split",
                      format_func=lambda s: {"val": "validation", "test": "test"}[s])
     alpha = float(st.number_input("alpha", value=float(run.result.alpha), step=0.1, key=f"dbg-alpha-{run.id}"))
@@ -38,11 +39,14 @@ with ui.guarded():
                               help="embeddings, final LayerNorm and projection (they belong to no layer)")
     acc_range = logic.range_accuracy(run, first, last, alpha, with_global, split)
     abl = logic.layer_ablation(run, alpha, split)
+    where = {"val": "validation", "test": "test"}[split]
     m1, m2, m3 = st.columns(3)
-    m1.metric(f"layers {first}..{last}{' + global' if with_global else ''}", f"{100 * acc_range:.1f}%",
-              f"{100 * (acc_range - abl['zero_shot']):+.1f} vs none")
-    m2.metric("all layers", f"{100 * abl['full']:.1f}%")
-    m3.metric("no layer (target zero-shot)", f"{100 * abl['zero_shot']:.1f}%")
+    common.gain_metric(m1, f"layers {first}..{last}{' + global' if with_global else ''} ({where})", acc_range,
+                       abl["zero_shot"], run, "Only these layers' part of the transported task vector added; the "
+                       "change is against no layer at all.")
+    m2.metric(f"all layers ({where})", f"{100 * abl['full']:.1f}%")
+    m3.metric(f"no layer (target zero-shot, {where})", f"{100 * abl['zero_shot']:.1f}%",
+              help="measured on the split chosen above; the summary's 'zero-shot target' is on test")
 
     st.subheader("One layer at a time")
     ui.figure(results.layer_ablation_figure(abl["layers"], abl["only"], abl["without"], abl["full"],

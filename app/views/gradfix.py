@@ -32,12 +32,15 @@ with ui.guarded():
         options = {**options, "on": base}
     shots = st.slider("K: labelled samples per class used for the vote", 1, 16,
                       value=prev.shots if prev else 2, key="gf-k")
-    # once a vote exists, moving K re-runs it (each K is cached separately)
-    if prev is not None and not pressed and (shots != prev.shots or prev.options.get("on") != options.get("on")):
-        pressed = True  # moving K or the masked vector re-runs (each choice is cached separately)
+    # once a vote exists, moving K or the masked vector re-runs it (each choice is cached separately)
+    auto = prev is not None and not pressed and (shots != prev.shots or prev.options.get("on") != options.get("on"))
+    if auto:
         options = {**{k: v for k, v in prev.options.items() if k != "on"},
                    **{k: v for k, v in options.items() if k != "variant"}}
-    run = common.run_or_notice(setup, "gradfix", pressed, options, shots)
+    run = common.run_or_notice(setup, "gradfix", pressed, options, shots, auto=auto)
+    if run.shots != shots or run.options.get("on") != options.get("on"):
+        st.caption(f"Showing the run with K = {run.shots}" + (f" on {run.options['on']}" if run.options.get("on")
+                   else "") + " until the requested one is done (or press Run gradfix).")
     common.summary(run)
 
     variants = [v for v in ui.option_choices("gradfix").get("variant", ("normal",))
@@ -53,9 +56,10 @@ with ui.guarded():
     stat = st.radio("Show", list(vg.STATS), horizontal=True, key=f"gf-stat-{run.id}",
                     format_func=lambda s: vg.STATS[s])
     event = ui.figure(vg.agreement_heatmap(diag, stat), f"gf-heat-{run.id}-{stat}-{variant}",
-                      "Each cell is one weight block of one layer. Agreement = share of its entries where tau and "
-                      "the target's vote point the same way (0.5 = chance); keep-rate = share of tau the mask "
-                      "keeps. Click a cell to drill into it below.", filename=f"gradfix-{stat}", clickable=True)
+                      "Each cell is one weight block of one layer. " + vg.AGREEMENT_DEFINITION[0].upper() +
+                      vg.AGREEMENT_DEFINITION[1:] +
+                      " Keep-rate = share of tau the mask keeps. Click a cell to drill into it below.",
+                      filename=f"gradfix-{stat}", clickable=True)
 
     st.subheader("Drill into one weight matrix")
     rows, cols, _, _ = vg.block_table(diag, "agreement")
@@ -77,7 +81,8 @@ with ui.guarded():
         entries = run.prepared.alignment.entry_map(name, run.loaded.tau, diag.get("vote"))
         ui.figure(vg.entry_map_image(entries, name), f"gf-entry-{run.id}-{name}",
                   "Every entry of this tensor: blue where tau's sign agrees with the vote (kept), red where it "
-                  "disagrees (dropped), grey where the vote is tied. Large matrices are averaged over tiles.",
+                  "disagrees (dropped), grey where the vote is tied; the title counts them as the heatmap does. "
+                  "Large matrices are averaged over tiles; a vector (bias, LayerNorm) is one strip.",
                   filename=f"gradfix-entries-{name}")
     else:
         st.info("No vote for this block (the loss does not reach it).")

@@ -23,7 +23,15 @@ with ui.guarded():
     ui.figure(vth.procrustes_residual(diag), f"th-res-{run.id}",
               "How far the mapped source activations are from the target's, relative to their size, per activation "
               "space: grey before alignment (the source copied as is, zero-padded or cut to the target width), "
-              "green after the map. Lower is better.", filename="theseus-residual")
+              "green after the map. Lower is better. The space names are explained below the chart.",
+              filename="theseus-residual")
+    with st.expander("What the space names mean (res:2m, ctx:1, ...)"):
+        items = [f"`{k}`: {v}" for k, v in vth.SPACE_LEGEND.items()]
+        half = (len(items) + 1) // 2
+        left, right = st.columns(2)
+        left.markdown("  \n".join(items[:half]))
+        right.markdown("  \n".join(items[half:]))
+        st.caption("L is the block index, counted from 0: res:2m is the output of block 2.")
 
     samples = getattr(alignment, "pca_sample", None) or {}
     spaces = [m["space"] for m in diag.get("maps") or [] if m["space"] in samples] or list(samples)
@@ -33,7 +41,8 @@ with ui.guarded():
     st.subheader("Activations before and after the map")
     c1, c2 = st.columns([3, 1])
     # the deepest space by default: at res:0 the class token is the same for every image
-    space = c1.selectbox("Activation space (layer)", spaces, index=len(spaces) - 1, key=f"th-space-{run.id}")
+    space = c1.selectbox("Activation space (layer)", spaces, index=len(spaces) - 1, key=f"th-space-{run.id}",
+                         format_func=lambda sp: f"{sp}: {vth.describe_space(sp)}")
     dims = c2.radio("PCA", [2, 3], horizontal=True, format_func=lambda d: f"{d}-D", key=f"th-dims-{run.id}")
     sample = samples[space]
     mapped = alignment.mapped_sample(space)
@@ -44,9 +53,11 @@ with ui.guarded():
     ui.figure(vth.pca_figure(sample["target"], sample["source"], mapped, sample.get("labels"),
                              run.loaded.task.classnames, dims=int(dims), space=space, before=before),
               f"th-pca-{run.id}-{space}-{dims}",
-              "Each point is one image's activation, coloured by its class: circles from the target, crosses from "
-              "the source. Both panels use the target's main directions (PCA); after the map the crosses should "
-              "sit on the circles of the same colour.", filename=f"theseus-pca-{space}")
+              f"Each point is one image's class-token activation, coloured by its class: circles from the target, "
+              f"crosses from the source, a grey line joins the two of the same image. {len(sample['target'])} "
+              "display images taken class by class (not the calibration images, which fit the maps). Both panels "
+              "use the target's main directions (PCA); after the map the lines should be short and the crosses sit "
+              "on the circles of the same colour.", filename=f"theseus-pca-{space}")
     c1, c2 = st.columns(2)
     with c1:
         ui.figure(vth.singular_values(diag, space), f"th-sv-{run.id}-{space}",

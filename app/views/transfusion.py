@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app import common, ui
+from app import analysis, common, ui
 from viz import transfusion as vt
 
 st.title("TransFusion: permuting tau onto the target")
@@ -29,8 +29,9 @@ with ui.guarded():
     lay = layers[layer]
     ui.figure(vt.head_permutation(lay), f"tf-heads-{run.id}-{layer}",
               "Each cell compares a target head (row) with a source head (column) by the singular values of "
-              "their Q, K, V, O weights; red squares are the chosen one-to-one matching. The bars show how much "
-              "worse the best alternative would be: near zero means the match is a toss-up.",
+              "their Q, K, V, O weights; red squares are the chosen one-to-one matching. The bars (a fixed 0-1 "
+              "scale, comparable across pairs) are margin / (margin + chosen cost), the margin being how much "
+              "worse the best alternative assignment is: 1 = exact and unique, near 0 = a toss-up.",
               filename=f"transfusion-heads-layer{layer}")
 
     st.subheader("Inside one matched head")
@@ -42,12 +43,23 @@ with ui.guarded():
               "Inside a matched pair of heads, the dimensions can also be re-ordered (one order shared by Q, K, V "
               "and O). Dots on the dotted diagonal stay in place.", filename=f"transfusion-within-l{layer}-h{head}")
 
+    recovery = analysis.recovery_for(run)
+    if recovery is not None:
+        st.subheader("Recovered permutation vs the hidden shuffle")
+        ui.figure(vt.recovery_figure(recovery), f"tf-recovery-{run.id}",
+                  f"The zoo made {setup.target.short} by shuffling the units of a model that shares A's basis, and "
+                  "kept the shuffle. Each bar: the share of units where the permutation TransFusion found from the "
+                  "weights alone equals that hidden shuffle (100 % = recovered exactly).",
+                  filename="transfusion-recovery")
+
     c1, c2 = st.columns(2)
     with c1:
         ui.figure(vt.permutation_distance(diag), f"tf-dist-{run.id}",
                   "How far each permutation is from doing nothing: 0% means the two models already agree on "
                   "that order, 100% means every unit moved.", filename="transfusion-distance")
     with c2:
+        activation = diag.get("matching") == "activation"
         ui.figure(vt.objective_per_sweep(diag), f"tf-obj-{run.id}",
-                  "Weight matching improves the permutations one at a time; the total similarity should rise "
-                  "and flatten when it has converged.", filename="transfusion-objective")
+                  "Activation matching solves every permutation once from activation correlations: no sweeps."
+                  if activation else "Weight matching improves the permutations one at a time; the total "
+                  "similarity should rise and flatten when it has converged.", filename="transfusion-objective")

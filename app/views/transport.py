@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app import common, logic, state, ui
+from app import analysis, common, examples, logic, state, ui
 from transport.methods import METHOD_NAMES
 from transport.sources import task_vector_bytes
 from viz import export, results
@@ -15,25 +15,34 @@ st.caption("A task vector tau = theta_ft - theta_pre is what fine-tuning changed
 with ui.guarded():
     setup = common.need_setup()
     built = logic.built_methods()
-    default = next((m for m in ("transfusion", "theseus", "gradfix", "naive") if m in built), METHOD_NAMES[0])
+    pf = common.checks(setup)
+    default = next((m for m in ("transfusion", "theseus", "gradfix", "naive") if m in built and pf.applies(m)),
+                   next((m for m in METHOD_NAMES if m in built), METHOD_NAMES[0]))
+
+    def _name(n: str) -> str:
+        return f"{n} (not available yet)" if n not in built else n if pf.applies(n) else f"{n} (does not apply)"
+
     left, right = st.columns([1, 2])
     with left:
         method = st.selectbox("Method", METHOD_NAMES, index=METHOD_NAMES.index(default), key="tp-method",
-                              format_func=lambda n: n if n in built else f"{n} (not available yet)")
+                              format_func=_name)
         info = common.need_method(method)
         st.caption(info.summary)
+        with st.expander("Which methods apply to this pair", expanded=not pf.applies(method)):
+            common.applicability(pf)
         alpha_mode = st.radio("alpha", ["choose on validation", "fixed"], horizontal=True, key="tp-alpha-mode")
         fixed = None
         if alpha_mode == "fixed":
             fixed = float(st.number_input("fixed alpha", value=1.0, step=0.1, key="tp-alpha-fixed"))
         options, shots, pressed = common.run_controls(setup, method, info, "tp", label="Run transport")
     with right:
-        if pressed:
-            state.execute(setup, method, options, shots, alpha=fixed)
+        if pressed and state.execute(setup, method, options, shots, alpha=fixed) is not None:
+            st.rerun()  # redraw with the button disabled and the indicator running
         run = state.current_run(setup, method)
         if run is None:
-            st.info("Press **Run transport**. The first run on a pair aligns it (seconds on the demo zoo); "
-                    "later runs and every slider reuse the cached alignment.")
+            if not state.job_running():
+                st.info("Press **Run transport**. The first run on a pair aligns it (seconds on the demo zoo); "
+                        "later runs and every slider reuse the cached alignment.")
             raise ui.Stop
         common.summary(run, per_row=3)
         acc = run.result.accuracies
@@ -57,8 +66,9 @@ with ui.guarded():
     test_acc = None
     if peek:
         _, test_acc = logic.accuracy_at_alpha(run, float(alpha), "test")
-        c2.metric(f"test accuracy at alpha = {alpha:.2f}", f"{100 * test_acc:.1f}%",
-                  f"{100 * (test_acc - acc.get('zero_shot_target', test_acc)):+.1f} pts vs zero-shot")
+        common.gain_metric(c2, f"test accuracy at alpha = {alpha:.2f}", test_acc, acc.get("zero_shot_target"), run,
+                           "The change is against the target's zero-shot test accuracy.",
+                           analysis.correct_at(run, float(alpha)), analysis.correct(run, "zero_shot_target"))
     c3.metric("||alpha * transported tau||", f"{delta.norm():.3g}")
     sweeps = run.sweeps()
     fig = results.alpha_curves(sweeps, chosen={run.method: float(alpha)},
@@ -68,6 +78,8 @@ with ui.guarded():
               "the alpha picked on validation.", filename=f"alpha-{run.method}")
     ui.figure(results.accuracy_bars(acc), f"tp-bars-{run.id}", "The accuracy table as bars: the method should "
               "sit between the target zero-shot floor and the fine-tuned ceilings.", filename=f"accuracy-{run.method}")
+
+    examples.section(run)
 
     st.subheader("Export")
     e1, e2, e3 = st.columns(3)
@@ -80,7 +92,8 @@ with ui.guarded():
               "app_test_accuracy_at_alpha": test_acc}
     e2.download_button("report (.json)", data=export.report_json(report), file_name=f"report-{run.method}.json",
                        mime="application/json", on_click="ignore", key=f"dl-json-{run.id}")
-    e3.download_button("accuracies (.csv)", data=export.accuracies_csv(acc, run.result.alpha, run.method),
+    e3.download_button("accuracies (.csv)", data=export.accuracies_csv(acc, run.result.alpha, run.method,
+                                                                       alphas=examples.row_alphas(run)),
                        file_name=f"accuracies-{run.method}.csv", mime="text/csv", on_click="ignore",
                        key=f"dl-csv-{run.id}")
     st.caption("The task vector file holds alpha times the transported tau in the target family's own tensor "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
@@ -32,6 +33,18 @@ def accuracy(model: Model, task: Task, split: str = "test", params: dict[str, Te
     return correct / len(y)
 
 
+@torch.no_grad()
+def predictions(model: Model, task: Task, split: str = "test", params: dict[str, Tensor] | None = None,
+                head: Classifier | None = None, batch_size: int = 512, device: str = "cpu") -> Tensor:
+    """Predicted class index of every image of ``split`` [N] (the argmax :func:`accuracy` compares with y)."""
+    x, y = task.split(split)
+    p = {k: v.to(device) for k, v in (params if params is not None else model.params).items()}
+    h = (head or model.classifier(task.classnames)).to(device)
+    out = [h(encode(p, model.arch, preprocess(model.arch, x[i:i + batch_size].to(device)))).argmax(-1).cpu()
+           for i in range(0, len(y), batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
 def default_alpha_grid() -> list[float]:
     return [round(0.1 * i, 2) for i in range(0, 21)]
 
@@ -60,9 +73,16 @@ class AlphaSweep:
 
 
 def sweep_alpha(target: Model, delta: TaskVector, task: Task, grid: list[float], device: str = "cpu",
-                split: str = "val") -> AlphaSweep:
-    """Validation accuracy of theta_B + alpha * delta for each alpha; best = highest (ties: smallest alpha)."""
+                split: str = "val", on_alpha: Optional[Callable[[int, int], None]] = None) -> AlphaSweep:
+    """Validation accuracy of theta_B + alpha * delta for each alpha; best = highest (ties: smallest alpha).
+
+    ``on_alpha(done, total)`` is called after each alpha (progress of a long sweep).
+    """
     head = target.classifier(task.classnames)
-    accs = [accuracy(target, task, split, delta.apply_to(target.params, a), head, device=device) for a in grid]
+    accs = []
+    for i, a in enumerate(grid):
+        accs.append(accuracy(target, task, split, delta.apply_to(target.params, a), head, device=device))
+        if on_alpha is not None:
+            on_alpha(i + 1, len(grid))
     best = max(range(len(grid)), key=lambda i: (accs[i], -abs(grid[i])))
     return AlphaSweep(list(grid), accs, grid[best], accs[best])

@@ -95,7 +95,8 @@ SPEC = (
     Option("polar", "auto", "how polar factors are computed (see the docs)", choices=POLAR_MODES),
 )
 OPTIONS: dict[str, Any] = {o.name: o.default for o in SPEC}
-PCA_ROWS = 256  # class-token rows kept per residual space for the PCA view
+PCA_ROWS = 256  # at most this many display images (class-token rows per residual space) for the PCA view
+PCA_TOKENS = 4096  # ... and at most this many tokens per model for them (bounds the extra forward on large towers)
 SPECTRUM = 256  # singular values kept per map in the diagnostics
 
 
@@ -259,10 +260,13 @@ def _token_rows(xa: Tensor, xb: Tensor) -> tuple[Tensor, Tensor]:
     return xa.reshape(-1, xa.shape[-1]), xb.reshape(-1, xb.shape[-1])
 
 
-def _calibration(task, n: int, seed: int) -> tuple[Tensor, Optional[Tensor]]:
-    """Calibration images of the train split and, when the task has them, their labels (display only)."""
-    x, y = task.calibration(n, seed, with_labels=True)
-    return x, (y if y is not None and len(y) == len(x) else None)
+def _display_sample(task, n: int, seed: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """The PCA view's images: ``n`` train images stratified by class (labels pick and colour them, they never
+    touch a map). (None, None) when the task has no labels to stratify by."""
+    _, y = task.split("train")
+    if y is None or len(y) == 0 or n < 1:
+        return None, None
+    return task.stratified(n, seed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,11 +282,17 @@ def prepare(inputs: TransportInputs, options: dict, progress: Progress = no_prog
     if inputs.task is None:
         raise TransportError("theseus needs unlabelled calibration images: give --task or --data")
     device = torch.device(inputs.device)
-    images, labels = _calibration(inputs.task, o["calib_batches"] * o["calib_size"], inputs.seed)
+    images = inputs.task.calibration(o["calib_batches"] * o["calib_size"], inputs.seed)
     if len(images) == 0:
         raise TransportError(f"theseus: task {inputs.task.name} has no training images for calibration")
-    step = max(1, CHUNK_ROWS // max(A.arch.tokens, B.arch.tokens))
-    chunks = [slice(i, min(i + step, len(images))) for i in range(0, len(images), step)]
+    tokens = max(A.arch.tokens, B.arch.tokens)
+    shown, labels = _display_sample(inputs.task, min(PCA_ROWS, max(1, PCA_TOKENS // tokens)), inputs.seed)
+    n_calib = len(images)
+    step = max(1, CHUNK_ROWS // tokens)
+    chunks = [slice(i, min(i + step, n_calib)) for i in range(0, n_calib, step)]
+    if shown is not None:  # display chunks after the calibration chunks: they feed the PCA rows only
+        images = torch.cat([images, shown])
+        chunks += [slice(i, min(i + step, len(images))) for i in range(n_calib, len(images), step)]
     pa = {k: v.to(device) for k, v in A.params.items()}
     pb = {k: v.to(device) for k, v in B.params.items()}
     acc: dict[str, CrossCovariance] = {}
@@ -291,7 +301,7 @@ def prepare(inputs: TransportInputs, options: dict, progress: Progress = no_prog
     pca: dict[str, dict[str, list]] = {}
     timings = {"forward": 0.0, "covariance": 0.0, "svd": 0.0}
     cpu = {"forward": 0.0, "covariance": 0.0, "svd": 0.0}  # process CPU seconds (all threads) per phase
-    n_rows_pca = min(PCA_ROWS, len(images))
+    n_rows_pca = min(PCA_ROWS, n_calib)  # without a display sample: the first calibration rows
 
     def clock(phase: str, t0: float, c0: float) -> None:
         timings[phase] += time.perf_counter() - t0
@@ -311,14 +321,20 @@ def prepare(inputs: TransportInputs, options: dict, progress: Progress = no_prog
 
     def pair(found_a: dict[str, Tensor], found_b: dict[str, Tensor], first: int) -> None:
         t0, c0 = time.perf_counter(), time.process_time()
+        display = first >= n_calib
         for space, xa in found_a.items():
             xb = found_b[space]
             if space == "res:0" or space.startswith("res:") and space.endswith("m"):
-                keep = max(0, min(xa.shape[0], n_rows_pca - first))
+                if display:
+                    keep = xa.shape[0]
+                else:  # no display sample: the first calibration rows stand in for it
+                    keep = 0 if shown is not None else max(0, min(xa.shape[0], n_rows_pca - first))
                 if keep:
                     s = pca.setdefault(space, {"source": [], "target": []})
                     s["source"].append(xa[:keep, 0].detach().to(torch.float16).cpu())
                     s["target"].append(xb[:keep, 0].detach().to(torch.float16).cpu())
+            if display:
+                continue
             ra, rb = _token_rows(xa, xb)
             if space not in acc:
                 d_a, d_b = ra.shape[1], rb.shape[1]
@@ -360,15 +376,15 @@ def prepare(inputs: TransportInputs, options: dict, progress: Progress = no_prog
                 pair(found_a, found_b, c.start)
                 del found_a, found_b
             finish()
-            progress(min(0.99, (l + 1) / L), f"theseus: block {l + 1}/{L} ({len(images)} images)")
+            progress(min(0.99, (l + 1) / L), f"theseus: block {l + 1}/{L} ({n_calib} images)")
     pca_sample = {}
     for space, s in pca.items():
         pca_sample[space] = {"source": torch.cat(s["source"]), "target": torch.cat(s["target"]),
-                             "labels": None if labels is None else labels[:n_rows_pca].clone()}
-    info = {"calib_images": len(images), "maps": map_info, "updates": [],
+                             "labels": None if labels is None else labels.clone()}
+    info = {"calib_images": n_calib, "maps": map_info, "updates": [],
             "zeroed": _zeroed_names(A.arch, B.arch, maps, o), "timings": {k: round(v, 4) for k, v in timings.items()},
             "cpu_timings": {k: round(v, 4) for k, v in cpu.items()}}
-    progress(1.0, f"theseus: {len(maps)} maps from {len(images)} calibration images")
+    progress(1.0, f"theseus: {len(maps)} maps from {n_calib} calibration images")
     return TheseusAlignment(A.arch, B.arch, maps, info, o, pca_sample)
 
 
