@@ -171,8 +171,12 @@ def wide_pair(task):
 def test_end_to_end_64_to_128(wide_pair, task):
     A, B, al = wide_pair
     d = al.diagnostics()
-    assert set(d) == {"method", "calib_images", "maps", "updates", "zeroed", "timings"}
+    assert set(d) == {"method", "calib_images", "maps", "updates", "zeroed", "timings", "calibration", "depth",
+                      "heads"}
     assert d["method"] == "theseus" and d["calib_images"] == 32
+    assert d["calibration"] == {"kind": "images", "samples": 32, "rows": 32 * A.arch.tokens}
+    assert d["depth"]["map"] == [0, 1, 2] and d["depth"]["unmatched_target"] == [] == d["depth"]["dropped_source"]
+    assert d["heads"] == {"mode": "free", "layers": []}  # the paper's maps for ViTs
     assert set(d["timings"]) == {"forward", "covariance", "svd"}
     json.dumps(d)
     spaces = [m["space"] for m in d["maps"]]
@@ -316,9 +320,11 @@ def test_token_grid_resized(task):
 
 def test_errors(wide_pair, task):
     A, B, al = wide_pair
-    shallow = tower(tiny_arch(64, layers=2), 8)
-    with pytest.raises(TransportError, match="depths differ"):
-        prepare(TransportInputs(A, shallow, task), {}, lambda f, m: None)
+    with pytest.raises(TransportError, match=r"^theseus: option depth must be one of relative, similarity, got 'x'$"):
+        prepare(TransportInputs(A, B, task), {"depth": "x"}, lambda f, m: None)
+    text = type("T", (), {"kind": "text", "name": "txt"})()
+    with pytest.raises(TransportError, match=r"^theseus: task txt holds texts, .* reads images$"):
+        prepare(TransportInputs(A, B, text), {}, lambda f, m: None)
     with pytest.raises(TransportError, match="calibration images"):
         prepare(TransportInputs(A, B, None), {}, lambda f, m: None)
     for bad, msg in (({"whiten": 0.7}, "whiten"), ({"calib_size": 0}, "calib_size"), ({"center": "yes"}, "center"),
