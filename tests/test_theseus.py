@@ -171,8 +171,8 @@ def wide_pair(task):
 def test_end_to_end_64_to_128(wide_pair, task):
     A, B, al = wide_pair
     d = al.diagnostics()
-    assert set(d) == {"method", "calib_images", "maps", "updates", "zeroed", "timings", "calibration", "depth",
-                      "heads"}
+    assert set(d) == {"method", "calib_images", "maps", "updates", "zeroed", "unused", "timings", "calibration",
+                      "depth", "heads"}
     assert d["method"] == "theseus" and d["calib_images"] == 32
     assert d["calibration"] == {"kind": "images", "samples": 32, "rows": 32 * A.arch.tokens}
     assert d["depth"]["map"] == [0, 1, 2] and d["depth"]["unmatched_target"] == [] == d["depth"]["dropped_source"]
@@ -198,7 +198,7 @@ def test_end_to_end_64_to_128(wide_pair, task):
     assert set(out.tensors) == set(shapes)
     assert all(tuple(v.shape) == shapes[k] for k, v in out.tensors.items())
     d = al.diagnostics()
-    assert d["zeroed"] == ["embed.patch.weight", "embed.cls", "embed.pos"]
+    assert d["zeroed"] == ["embed.patch.weight", "embed.cls", "embed.pos"] == d["unused"]
     assert all(float(out.tensors[k].abs().max()) == 0 for k in d["zeroed"])
     ups = {u["name"]: u for u in d["updates"]}
     assert len(ups) == len(shapes) - 3

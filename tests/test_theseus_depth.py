@@ -62,7 +62,7 @@ def test_similarity_finds_the_inserted_block_and_transports_exactly(pair, task):
     assert S.shape == (5, 4) and torch.allclose(S[[0, 2, 3, 4], [0, 1, 2, 3]], torch.ones(4, dtype=S.dtype), atol=1e-6)
     assert float(S[INSERTED].max()) < 0.999  # the inserted block's output is its input: no source block does that
     out, err = error(A, B, al, task)
-    assert err < 1e-5
+    assert err < 1e-5 and al.diagnostics()["unused"] == []
     zeroed = al.diagnostics()["zeroed"]
     assert sorted(n for n in zeroed) == sorted(n for n in out.tensors if n.startswith(f"blocks.{INSERTED}."))
     assert all(float(out[n].abs().max()) == 0 for n in zeroed)
@@ -90,6 +90,16 @@ def test_depth_map_survives_save_and_load(pair, task, tmp_path):
     back.info["depth"]["map"] = [0, 2, 1, None, 3]  # crossing: refused, not applied
     with pytest.raises(TransportError, match=r"^theseus: malformed alignment: not an order-preserving depth map"):
         apply(back, tau, 1.0)
+
+
+def test_shallower_target_drops_source_blocks_and_says_so(pair, task):
+    A, B = pair
+    al = fit(B, A, task)  # 5 -> 4 blocks: one source block has no target block
+    d = al.diagnostics()
+    assert d["depth"]["map"] == [0, 1, 3, 4] and d["depth"]["dropped_source"] == [2]
+    apply(al, random_tau(B.arch, 1), 1.0)
+    unused = al.diagnostics()["unused"]
+    assert unused and all(n.startswith("blocks.2.") for n in unused)
 
 
 def test_relative_depth_baseline():

@@ -169,3 +169,13 @@ def test_tied_source_serves_both_roles_of_an_untied_target(task):
     assert torch.allclose(out["head.unembed"], tau["embed.tokens"].float() @ al.maps["ln_post"], atol=1e-6)
     src = {u["name"]: u["source"] for u in al.diagnostics()["updates"]}
     assert src["head.unembed"] == "embed.tokens" and "head.unembed" not in al.diagnostics()["zeroed"]
+
+
+def test_untied_unembedding_under_a_tied_target_is_reported_unused(task):
+    untied = A_ARCH.replace(tied_embeddings=False, name="test:untied")
+    A = model(untied, 1)
+    B = Model(A_ARCH, {**model(A_ARCH, 6).params, "embed.tokens": A.params["embed.tokens"].clone()}, "tied")
+    al = fit(A, B, task)
+    out = apply(al, random_tau(untied, 5), 1.0)
+    assert set(out.tensors) == set(B.params) and al.diagnostics()["zeroed"] == []
+    assert al.diagnostics()["unused"] == ["head.unembed"]  # the target's one tensor takes the input role's update

@@ -174,13 +174,16 @@ class TheseusAlignment:
     pca_sample: dict[str, dict[str, Optional[Tensor]]] = field(default_factory=dict)
 
     def diagnostics(self) -> dict:
-        """``{"method", "calib_images", "maps", "updates", "zeroed", "timings", "calibration", "depth", "heads"}``.
+        """``{"method", "calib_images", "maps", "updates", "zeroed", "unused", "timings", "calibration", "depth",
+        "heads"}``.
 
         maps: per space ``space, layer, d_source, d_target, residual_before`` (naive zero-pad /
         truncation map), ``residual_after`` (``||X_A T - X_B|| / ||X_B||``) and the leading singular
         values of C; updates (from the last :func:`apply`, at alpha = 1): per transported tensor its
         target ``name, layer, block``, the ``source`` tensor it came from and Frobenius norms
-        ``norm_source`` / ``norm_target``; calibration: ``kind`` (images | texts), ``samples``, ``rows``
+        ``norm_source`` / ``norm_target``; unused: the source tensors with a nonzero update that reaches no
+        target tensor (a dropped source block, an untied unembedding under a tied target, embeddings not
+        transported); calibration: ``kind`` (images | texts), ``samples``, ``rows``
         (paired rows per space: tokens, real tokens only for texts); depth: the depth map
         (:func:`transport.methods.theseus_depth.depth_info`); heads: ``mode`` (free | grouped) and per
         layer the matched groups and query heads and whether the q/k part is exact.
@@ -189,7 +192,8 @@ class TheseusAlignment:
         same = depth_info("relative", list(range(lb)), la, lb) if la == lb else {}
         return {"method": "theseus", "calib_images": int(self.info.get("calib_images", 0)),
                 "maps": list(self.info.get("maps", [])), "updates": list(self.info.get("updates", [])),
-                "zeroed": list(self.info.get("zeroed", [])), "timings": dict(self.info.get("timings", {})),
+                "zeroed": list(self.info.get("zeroed", [])), "unused": list(self.info.get("unused", [])),
+                "timings": dict(self.info.get("timings", {})),
                 "calibration": dict(self.info.get("calibration", {})), "depth": dict(self.info.get("depth", same)),
                 "heads": dict(self.info.get("heads", {"mode": "free", "layers": []}))}
 
@@ -401,8 +405,10 @@ def apply(alignment: TheseusAlignment, tau: TaskVector, alpha: float = 1.0, opti
         out[name] = moved * float(alpha)
         updates.append({"name": name, "layer": info.layer, "block": info.block, "source": src_name,
                         "norm_source": float(src.double().norm()), "norm_target": float(moved.double().norm())})
+    used = {u["source"] for u in updates}
     alignment.info["updates"] = updates
     alignment.info["zeroed"] = zeroed
+    alignment.info["unused"] = [n for n, t in tau.tensors.items() if n not in used and bool(t.detach().abs().max() > 0)]
     return TaskVector(alignment.target_arch, out, {"transported_by": "theseus"})
 
 

@@ -216,7 +216,7 @@ class Fit:
                     rows = cal.rows(h, mask, B.arch.tokens)
                     n = rows.shape[0]
                     keep = torch.nonzero((torch.arange(n, device=rows.device) + offset) % stride == 0).flatten()
-                    out[side][l].append(rows[keep].double().cpu())
+                    out[side][l].append(rows[keep].float().cpu())
                     if l < arch.layers:
                         h = block(p, arch, l, h, mask=mask)
             offset += n or 0
