@@ -171,8 +171,12 @@ def wide_pair(task):
 def test_end_to_end_64_to_128(wide_pair, task):
     A, B, al = wide_pair
     d = al.diagnostics()
-    assert set(d) == {"method", "calib_images", "maps", "updates", "zeroed", "timings"}
+    assert set(d) == {"method", "calib_images", "maps", "updates", "zeroed", "unused", "timings", "calibration",
+                      "depth", "heads"}
     assert d["method"] == "theseus" and d["calib_images"] == 32
+    assert d["calibration"] == {"kind": "images", "samples": 32, "rows": 32 * A.arch.tokens}
+    assert d["depth"]["map"] == [0, 1, 2] and d["depth"]["unmatched_target"] == [] == d["depth"]["dropped_source"]
+    assert d["heads"] == {"mode": "free", "layers": []}  # the paper's maps for ViTs
     assert set(d["timings"]) == {"forward", "covariance", "svd"}
     json.dumps(d)
     spaces = [m["space"] for m in d["maps"]]
@@ -194,7 +198,7 @@ def test_end_to_end_64_to_128(wide_pair, task):
     assert set(out.tensors) == set(shapes)
     assert all(tuple(v.shape) == shapes[k] for k, v in out.tensors.items())
     d = al.diagnostics()
-    assert d["zeroed"] == ["embed.patch.weight", "embed.cls", "embed.pos"]
+    assert d["zeroed"] == ["embed.patch.weight", "embed.cls", "embed.pos"] == d["unused"]
     assert all(float(out.tensors[k].abs().max()) == 0 for k in d["zeroed"])
     ups = {u["name"]: u for u in d["updates"]}
     assert len(ups) == len(shapes) - 3
@@ -228,10 +232,12 @@ def test_pca_sample(wide_pair, task, monkeypatch):
     assert torch.allclose(al.mapped_sample("res:1m"), s["source"].float() @ al.maps["res:1m"])
     assert al.naive_sample("res:1m").shape == (n, 128)
     # the display images change no map: the maps equal those of a prepare without any display sample
-    monkeypatch.setattr(th, "_display_sample", lambda task, n, seed: (None, None))
+    monkeypatch.setattr(th, "_display_sample", lambda task, n, seed: None)
     bare = prepare(TransportInputs(A, B, task, seed=0), {}, lambda f, m: None)
     assert all(torch.equal(bare.maps[k], al.maps[k]) for k in al.maps)
-    assert bare.pca_sample["res:1m"]["source"].shape == (32, 64) and bare.pca_sample["res:1m"]["labels"] is None
+    # without a display sample the first calibration images stand in for it, coloured by their labels
+    assert bare.pca_sample["res:1m"]["source"].shape == (32, 64)
+    assert torch.equal(bare.pca_sample["res:1m"]["labels"], task.calibration(32, 0, with_labels=True)[1])
 
 
 def test_save_load_exact(wide_pair, tmp_path):
@@ -328,9 +334,11 @@ def test_token_grid_resized(task):
 
 def test_errors(wide_pair, task):
     A, B, al = wide_pair
-    shallow = tower(tiny_arch(64, layers=2), 8)
-    with pytest.raises(TransportError, match="depths differ"):
-        prepare(TransportInputs(A, shallow, task), {}, lambda f, m: None)
+    with pytest.raises(TransportError, match=r"^theseus: option depth must be one of relative, similarity, got 'x'$"):
+        prepare(TransportInputs(A, B, task), {"depth": "x"}, lambda f, m: None)
+    text = type("T", (), {"kind": "text", "name": "txt"})()
+    with pytest.raises(TransportError, match=r"^theseus: task txt holds texts, .* reads images$"):
+        prepare(TransportInputs(A, B, text), {}, lambda f, m: None)
     with pytest.raises(TransportError, match="calibration images"):
         prepare(TransportInputs(A, B, None), {}, lambda f, m: None)
     for bad, msg in (({"whiten": 0.7}, "whiten"), ({"calib_size": 0}, "calib_size"), ({"center": "yes"}, "center"),

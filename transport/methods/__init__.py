@@ -114,6 +114,7 @@ class MethodInfo:
     apply: Callable[[Any, TaskVector, float, dict], TaskVector]
     load_alignment: Callable[[Any], Any]
     spec: tuple[Option, ...] = ()
+    same_depth: bool = True  # requires source and target of equal depth
 
     @property
     def options(self) -> dict[str, Any]:
@@ -177,7 +178,7 @@ def check_compatible(info: MethodInfo, inputs: TransportInputs) -> None:
         raise TransportError(f"{info.name} needs source and target of the same architecture: "
                              f"{inputs.source.ref} is {a.name} (width {a.width}, {a.layers} layers), "
                              f"{inputs.target.ref} is {b.name} (width {b.width}, {b.layers} layers)")
-    if a.layers != b.layers:
+    if info.same_depth and a.layers != b.layers:
         raise TransportError(f"{info.name}: source and target depths differ ({a.layers} vs {b.layers} layers)")
     if info.data != "none" and inputs.task is None:
         raise TransportError(f"{info.name} needs {info.data} data: give --task or --data")

@@ -1,16 +1,32 @@
-"""Theseus: closed-form transport of a task vector across widths from unlabelled calibration images
-(Rinaldi, Panariello, Salici et al., 2026, arXiv:2602.12952).
+"""Theseus: closed-form transport of a task vector across widths (and depths) from unlabelled calibration
+samples (Rinaldi, Panariello, Salici et al., 2026, arXiv:2602.12952).
 
-``prepare`` runs BOTH pretrained models on the same calibration images (each with its own
-preprocessing; the source's patch grid is resized bilinearly to the target's, class token apart),
-accumulates for every activation space the cross-covariance ``C = X_A^T X_B`` (float64, streamed:
-both models advance block by block over small chunks of images, so only one block's activations of
-one chunk are alive, besides the residual stream entering the block), and turns each block's C into
-the rectangular Procrustes maps ``T = U V^T`` (:mod:`transport.procrustes`) as soon as the block is done.
-``apply`` maps every update in closed form: for a linear module with rows = outputs, columns = inputs,
-``dW_B = T_out^T dW_A T_in`` and ``db_B = T_out^T db_A``; the final projection (used as ``x @ P``)
-``dP_B = T_in^T dP_A T_out``; LayerNorm gains and biases by their LayerNorm's output map. Generally:
-every axis of a tensor is contracted with the map of the activation space it lives in.
+``prepare`` runs BOTH pretrained models on the same calibration samples (:mod:`.theseus_inputs`: images,
+each model with its own preprocessing and the source's patch grid resized to the target's; or texts,
+the same token ids for both models, one row per real token), accumulates for every activation space
+the cross-covariance ``C = X_A^T X_B`` (float64, streamed block by block over small chunks,
+:mod:`.theseus_fit`), and turns each block's C into the rectangular Procrustes maps ``T = U V^T``
+(:mod:`transport.core.procrustes`) as soon as the block is done. ``apply`` maps every update in closed
+form: for a linear module with rows = outputs, columns = inputs, ``dW_B = T_out^T dW_A T_in`` and
+``db_B = T_out^T db_A``; the final projection (used as ``x @ P``) ``dP_B = T_in^T dP_A T_out``; norm
+gains and biases by their norm's output map. Generally: every axis of a tensor is contracted with the
+map of the activation space it lives in.
+
+Language models add three things:
+
+- heads (option ``heads``, :mod:`.theseus_maps`): under grouped-query attention or rotary positions the
+  q, k, v and ctx maps of a layer are fitted together: heads move as heads, one q/k map per key/value
+  group shared by its query heads (under rotary positions 2x2 rotations on rotary pairs of equal
+  frequency; APPROXIMATE, and reported so, where head widths differ), one v map per group that is also
+  its query heads' ctx map;
+- depth (option ``depth``, :mod:`.theseus_depth`): when depths differ each target block takes its update
+  from one source block (relative depth, or activation similarity), unmatched target blocks get zero;
+- tied embeddings: the token embedding is ONE tensor serving as input embedding and unembedding; it is
+  mapped once, with the input embedding's map (``res:0``: its rows are exactly what enters block 0,
+  so that map is fitted on the tensor's own rows, while ``ln_post``'s is fitted on normalised final
+  states; for a truly tied model the two are one symmetry space anyway). An untied target of a tied
+  source gets the source tensor's update in both of its tensors (``ln_post``'s map for the unembedding).
+  Token embeddings are always transported (their vocabulary axis is shared by construction).
 
 Activation spaces (one map each; source and target are paired by these names):
 
@@ -18,7 +34,7 @@ Activation spaces (one map each; source and target are paired by these names):
 space          rows                                        maps the axes of
 =============  ==========================================  ===========================================
 ``embed``      embedding output (ln_pre input)             embeddings (only with transport_embeddings)
-``res:0``      block 0 input (ln_pre output)               ln_pre
+``res:0``      block 0 input (ln_pre output)               ln_pre; token embedding (without ln_pre)
 ``ln1:l``      ln1 output = input of q, k, v (shared)      q/k/v columns, ln1
 ``q:l`` ...    q, k, v outputs                             q/k/v rows and biases
 ``ctx:l``      concatenated head context = input of o      o columns
@@ -29,7 +45,7 @@ space          rows                                        maps the axes of
 ``fc1:l``      MLP pre-activation (``hidden='separate'``)  fc1 rows and bias ('separate')
 ``fc2:l``      fc2 output (MLP branch)                     fc2 rows and bias ('branch' out maps)
 ``res:lm``     residual stream after block l               fc2 rows and bias ('residual' out maps)
-``ln_post``    final LayerNorm output                      ln_post, projection rows
+``ln_post``    final norm output                           ln_post, projection rows, untied unembedding
 ``proj``       projection output                           projection columns
 =============  ==========================================  ===========================================
 
@@ -59,7 +75,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -67,14 +82,16 @@ from typing import Any, Optional
 import torch
 
 from transport.core.arch import Arch
-from transport.core.forward import block, embed, norm
 from transport.core.layout import ParamInfo, param_axes, same_shapes, site_layer
-from transport.core.procrustes import POLAR_MODES, CrossCovariance, naive_map, polar, resize_tokens
-from transport.core.stems import preprocess
+from transport.core.procrustes import POLAR_MODES, naive_map
 from transport.core.task_vector import TaskVector
 from transport.errors import TransportError
 from transport.files import read_safetensors, write_safetensors
 from transport.methods import MethodInfo, Option, Progress, TransportInputs, no_progress
+from transport.methods.theseus_depth import DEPTH_MODES, check_mapping, depth_info
+from transport.methods.theseus_fit import PCA_ROWS, Fit
+from transport.methods.theseus_inputs import Calibration, check_inputs
+from transport.methods.theseus_maps import HEAD_MODES, resolve_heads
 
 Tensor = torch.Tensor
 
@@ -91,13 +108,15 @@ SPEC = (
     Option("out_maps", "branch", "output side of o and fc2: their branch's output map, or the residual "
            "stream's", choices=OUT_MAPS, apply_only=True),
     Option("transport_embeddings", False, "also transport the embeddings (class token, positions, patch "
-           "embedding)", apply_only=True),
+           "embedding; token embeddings always are)", apply_only=True),
     Option("polar", "auto", "how polar factors are computed (see the docs)", choices=POLAR_MODES),
+    Option("heads", "auto", "attention head maps: free per space (the paper's), or grouped (one q/k and one v "
+           "map per key/value group, rotary pairs kept); auto: grouped under grouped-query attention or "
+           "rotary positions", choices=HEAD_MODES),
+    Option("depth", "relative", "when depths differ, which source block each target block takes its update "
+           "from: by relative depth, or by activation similarity (CKA)", choices=DEPTH_MODES),
 )
 OPTIONS: dict[str, Any] = {o.name: o.default for o in SPEC}
-PCA_ROWS = 256  # at most this many display images (class-token rows per residual space) for the PCA view
-PCA_TOKENS = 4096  # ... and at most this many tokens per model for them (bounds the extra forward on large towers)
-SPECTRUM = 256  # singular values kept per map in the diagnostics
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,8 +145,9 @@ def check_options(options: dict) -> dict:
         raise TransportError(f"theseus: option hidden must be one of {', '.join(HIDDEN)}, got {o['hidden']!r}")
     if o["out_maps"] not in OUT_MAPS:
         raise TransportError(f"theseus: option out_maps must be one of {', '.join(OUT_MAPS)}, got {o['out_maps']!r}")
-    if o["polar"] not in POLAR_MODES:
-        raise TransportError(f"theseus: option polar must be one of {', '.join(POLAR_MODES)}, got {o['polar']!r}")
+    for k, allowed in (("polar", POLAR_MODES), ("heads", HEAD_MODES), ("depth", DEPTH_MODES)):
+        if o[k] not in allowed:
+            raise TransportError(f"theseus: option {k} must be one of {', '.join(allowed)}, got {o[k]!r}")
     for k in ("center", "transport_embeddings"):
         if not isinstance(o[k], bool):
             raise TransportError(f"theseus: option {k} must be true or false, got {o[k]!r}")
@@ -154,16 +174,42 @@ class TheseusAlignment:
     pca_sample: dict[str, dict[str, Optional[Tensor]]] = field(default_factory=dict)
 
     def diagnostics(self) -> dict:
-        """``{"method", "calib_images", "maps": [...], "updates": [...], "zeroed": [...], "timings": {...}}``.
+        """``{"method", "calib_images", "maps", "updates", "zeroed", "unused", "timings", "calibration", "depth",
+        "heads"}``.
 
         maps: per space ``space, layer, d_source, d_target, residual_before`` (naive zero-pad /
         truncation map), ``residual_after`` (``||X_A T - X_B|| / ||X_B||``) and the leading singular
         values of C; updates (from the last :func:`apply`, at alpha = 1): per transported tensor its
-        target ``name, layer, block`` and Frobenius norms ``norm_source`` / ``norm_target``.
+        target ``name, layer, block``, the ``source`` tensor it came from and Frobenius norms
+        ``norm_source`` / ``norm_target``; unused: the source tensors with a nonzero update that reaches no
+        target tensor (a dropped source block, an untied unembedding under a tied target, embeddings not
+        transported); calibration: ``kind`` (images | texts), ``samples``, ``rows``
+        (paired rows per space: tokens, real tokens only for texts); depth: the depth map
+        (:func:`transport.methods.theseus_depth.depth_info`); heads: ``mode`` (free | grouped) and per
+        layer the matched groups and query heads and whether the q/k part is exact.
         """
+        la, lb = self.source_arch.layers, self.target_arch.layers
+        same = depth_info("relative", list(range(lb)), la, lb) if la == lb else {}
         return {"method": "theseus", "calib_images": int(self.info.get("calib_images", 0)),
                 "maps": list(self.info.get("maps", [])), "updates": list(self.info.get("updates", [])),
-                "zeroed": list(self.info.get("zeroed", [])), "timings": dict(self.info.get("timings", {}))}
+                "zeroed": list(self.info.get("zeroed", [])), "unused": list(self.info.get("unused", [])),
+                "timings": dict(self.info.get("timings", {})),
+                "calibration": dict(self.info.get("calibration", {})), "depth": dict(self.info.get("depth", same)),
+                "heads": dict(self.info.get("heads", {"mode": "free", "layers": []}))}
+
+    def depth_map(self) -> list[Optional[int]]:
+        """Per target block the source block it takes its update from (None: zero update)."""
+        depth = self.info.get("depth")
+        if depth is None:
+            if self.source_arch.layers != self.target_arch.layers:
+                raise TransportError("theseus: this alignment has no depth map and the depths differ")
+            return list(range(self.target_arch.layers))
+        mapping = list(depth["map"])
+        try:
+            check_mapping(mapping, self.source_arch.layers, self.target_arch.layers)
+        except ValueError as e:
+            raise TransportError(f"theseus: malformed alignment: {e}") from None
+        return mapping
 
     def mapped_sample(self, space: str) -> Tensor:
         """The PCA sample of the source in ``space`` mapped into the target's coordinates, ``X_A T`` [n, d_B]."""
@@ -218,174 +264,59 @@ class TheseusAlignment:
                    meta["info"], meta["options"], pca)
 
 
-# ----------------------------------------------------------------------------------------------
-# recording: module records -> activation spaces
-# ----------------------------------------------------------------------------------------------
 #: tokens per forward chunk: one block's activations of a chunk stay small (tens of MB for ViT-B)
 CHUNK_ROWS = 2048
-_PRE_ACTIVATION = ("fc1", "gate")  # sites kept only with hidden='separate'
-
-
-class _Spaces:
-    """A recorder that keeps, per activation site, the tensor [N, tokens, width] one stage reveals."""
-
-    def __init__(self, hidden: str):
-        self.hidden = hidden
-        self.found: dict[str, Tensor] = {}
-
-    def __call__(self, site: str, x: Tensor) -> None:
-        if site.split(":")[0] in _PRE_ACTIVATION and self.hidden != "separate":
-            return
-        if site in ("ln_post", "proj"):  # the pooled features: Theseus maps every token instead
-            return
-        self.found[site] = x
-
-
-def _head_spaces(params: dict[str, Tensor], arch: Arch, x: Tensor, proj: bool) -> dict[str, Tensor]:
-    """``ln_post`` and (when both models project) ``proj``, from every token of the last residual stream."""
-    z = norm(x, params, "ln_post", arch)
-    return {"ln_post": z, **({"proj": z @ params["head.proj"]} if proj and arch.output_dim else {})}
-
-
-def _token_rows(xa: Tensor, xb: Tensor) -> tuple[Tensor, Tensor]:
-    """Rows of the paired activations, the source's patch grid resized to the target's when token counts differ."""
-    if xa.shape[0] != xb.shape[0]:
-        raise TransportError(f"theseus: calibration batch sizes differ ({xa.shape[0]} vs {xb.shape[0]})")
-    ta, tb = xa.shape[1], xb.shape[1]
-    if ta != tb:
-        ga, gb = math.isqrt(ta - 1), math.isqrt(tb - 1)
-        if ga * ga != ta - 1 or gb * gb != tb - 1:
-            raise TransportError(f"theseus: token counts {ta} and {tb} are not a class token plus a square patch grid")
-        xa = resize_tokens(xa, gb)
-    return xa.reshape(-1, xa.shape[-1]), xb.reshape(-1, xb.shape[-1])
-
-
-def _display_sample(task, n: int, seed: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """The PCA view's images: ``n`` train images stratified by class (labels pick and colour them, they never
-    touch a map). (None, None) when the task has no labels to stratify by."""
-    _, y = task.split("train")
-    if y is None or len(y) == 0 or n < 1:
-        return None, None
-    return task.stratified(n, seed)
 
 
 # ----------------------------------------------------------------------------------------------
 # prepare
 # ----------------------------------------------------------------------------------------------
+PCA_TOKENS = 4096  # at most this many tokens per model for the display sample (bounds the extra forward)
+
+
+def _display_sample(task, n: int, seed: int) -> Optional[tuple[Tensor, Tensor]]:
+    """The PCA view's images: ``n`` train images stratified by class (labels pick and colour them, they never
+    touch a map). None for texts and for tasks without labels to stratify by."""
+    if getattr(task, "kind", "image") == "text" or not getattr(task, "labelled", True) or n < 1:
+        return None
+    _, y = task.split("train")
+    if y is None or len(y) == 0 or not hasattr(task, "stratified"):
+        return None
+    return task.stratified(n, seed)
+
+
 def prepare(inputs: TransportInputs, options: dict, progress: Progress = no_progress) -> TheseusAlignment:
-    """Procrustes maps between the two pretrained models' activation spaces from unlabelled train images."""
+    """Procrustes maps between the two pretrained models' activation spaces from unlabelled train samples."""
     o = check_options(dict(options or {}))
     A, B = inputs.source, inputs.target
-    if A.arch.layers != B.arch.layers:
-        raise TransportError(f"theseus: source and target depths differ ({A.ref}: {A.arch.layers} layers, "
-                             f"{B.ref}: {B.arch.layers} layers); Theseus maps layer l to layer l")
     if inputs.task is None:
-        raise TransportError("theseus needs unlabelled calibration images: give --task or --data")
-    device = torch.device(inputs.device)
-    images = inputs.task.calibration(o["calib_batches"] * o["calib_size"], inputs.seed)
-    if len(images) == 0:
-        raise TransportError(f"theseus: task {inputs.task.name} has no training images for calibration")
-    tokens = max(A.arch.tokens, B.arch.tokens)
-    shown, labels = _display_sample(inputs.task, min(PCA_ROWS, max(1, PCA_TOKENS // tokens)), inputs.seed)
-    n_calib = len(images)
-    step = max(1, CHUNK_ROWS // tokens)
-    chunks = [slice(i, min(i + step, n_calib)) for i in range(0, n_calib, step)]
-    if shown is not None:  # display chunks after the calibration chunks: they feed the PCA rows only
-        images = torch.cat([images, shown])
-        chunks += [slice(i, min(i + step, len(images))) for i in range(n_calib, len(images), step)]
-    pa = {k: v.to(device) for k, v in A.params.items()}
-    pb = {k: v.to(device) for k, v in B.params.items()}
-    acc: dict[str, CrossCovariance] = {}
-    maps: dict[str, Tensor] = {}
-    map_info: list[dict] = []
-    pca: dict[str, dict[str, list]] = {}
-    timings = {"forward": 0.0, "covariance": 0.0, "svd": 0.0}
-    cpu = {"forward": 0.0, "covariance": 0.0, "svd": 0.0}  # process CPU seconds (all threads) per phase
-    n_rows_pca = min(PCA_ROWS, n_calib)  # without a display sample: the first calibration rows
-
-    def clock(phase: str, t0: float, c0: float) -> None:
-        timings[phase] += time.perf_counter() - t0
-        cpu[phase] += time.process_time() - c0
-
-    def finish() -> None:  # every space accumulated so far: its map and diagnostics
-        t0, c0 = time.perf_counter(), time.process_time()
-        for space in list(acc):
-            cc = acc.pop(space)
-            T, S = polar(cc.target_matrix(o["center"], o["whiten"], o["eps"]), o["polar"])
-            maps[space] = T.float().cpu()
-            map_info.append({"space": space, "layer": space_layer(space), "d_source": cc.d_a, "d_target": cc.d_b,
-                             "residual_before": cc.residual_naive(o["center"]),
-                             "residual_after": cc.residual(T, o["center"]),
-                             "singular_values": [float(s) for s in S[:SPECTRUM].cpu()]})
-        clock("svd", t0, c0)
-
-    def pair(found_a: dict[str, Tensor], found_b: dict[str, Tensor], first: int) -> None:
-        t0, c0 = time.perf_counter(), time.process_time()
-        display = first >= n_calib
-        for space, xa in found_a.items():
-            xb = found_b[space]
-            if space == "res:0" or space.startswith("res:") and space.endswith("m"):
-                if display:
-                    keep = xa.shape[0]
-                else:  # no display sample: the first calibration rows stand in for it
-                    keep = 0 if shown is not None else max(0, min(xa.shape[0], n_rows_pca - first))
-                if keep:
-                    s = pca.setdefault(space, {"source": [], "target": []})
-                    s["source"].append(xa[:keep, 0].detach().to(torch.float16).cpu())
-                    s["target"].append(xb[:keep, 0].detach().to(torch.float16).cpu())
-            if display:
-                continue
-            ra, rb = _token_rows(xa, xb)
-            if space not in acc:
-                d_a, d_b = ra.shape[1], rb.shape[1]
-                acc[space] = CrossCovariance(d_a, d_b, gram_a=d_a > d_b or o["whiten"] > 0, gram_b=o["whiten"] > 0,
-                                             device=device)
-            acc[space].update(ra, rb)
-        clock("covariance", t0, c0)
-
-    def run(fn_a, fn_b, ci: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        t0, c0 = time.perf_counter(), time.process_time()
-        sa, sb = _Spaces(o["hidden"]), _Spaces(o["hidden"])
-        xa[ci], xb[ci] = fn_a(sa), fn_b(sb)
-        clock("forward", t0, c0)
-        return sa.found, sb.found
-
-    L = A.arch.layers
-    xa: list[Optional[Tensor]] = [None] * len(chunks)  # the residual stream entering the next block, per chunk
-    xb: list[Optional[Tensor]] = [None] * len(chunks)
+        raise TransportError("theseus needs unlabelled calibration images or texts: give --task or --data")
+    check_inputs(inputs.task, A, B)
+    heads = resolve_heads(o["heads"], A.arch, B.arch)
+    shown = _display_sample(inputs.task, min(PCA_ROWS, max(1, PCA_TOKENS // max(A.arch.tokens, B.arch.tokens, 1))),
+                            inputs.seed)
+    calib = Calibration.draw(inputs.task, o["calib_batches"] * o["calib_size"], inputs.seed, A.arch, B.arch,
+                             CHUNK_ROWS, shown)
+    if len(calib) == 0:
+        raise TransportError(f"theseus: task {inputs.task.name} has no training samples for calibration")
+    fit = Fit(inputs, o, calib, heads)
     with torch.no_grad():
-        for ci, c in enumerate(chunks):
-            imgs = images[c].to(device)
-            found_a, found_b = run(lambda r: embed(pa, A.arch, preprocess(A.arch, imgs), r),
-                                   lambda r: embed(pb, B.arch, preprocess(B.arch, imgs), r), ci)
-            found_a.setdefault("res:0", xa[ci])  # without ln_pre the embedding output enters block 0
-            found_b.setdefault("res:0", xb[ci])
-            if "embed" not in found_a or "embed" not in found_b:  # both need an ln_pre for this space
-                found_a.pop("embed", None)
-                found_b.pop("embed", None)
-            pair(found_a, found_b, c.start)
-        finish()
-        for l in range(L):
-            for ci, c in enumerate(chunks):
-                found_a, found_b = run(lambda r: block(pa, A.arch, l, xa[ci], r),
-                                       lambda r: block(pb, B.arch, l, xb[ci], r), ci)
-                found_a[f"res:{l}m"], found_b[f"res:{l}m"] = xa[ci], xb[ci]
-                if l == L - 1:
-                    found_a.update(_head_spaces(pa, A.arch, xa[ci], bool(B.arch.output_dim)))
-                    found_b.update(_head_spaces(pb, B.arch, xb[ci], bool(A.arch.output_dim)))
-                pair(found_a, found_b, c.start)
-                del found_a, found_b
-            finish()
-            progress(min(0.99, (l + 1) / L), f"theseus: block {l + 1}/{L} ({n_calib} images)")
+        mapping, depth = fit.depth(progress)
+        fit.embed_stage()
+        fit.blocks([(i, j) for j, i in enumerate(mapping) if i is not None], progress)
     pca_sample = {}
-    for space, s in pca.items():
+    for space, s in fit.pca.items():
         pca_sample[space] = {"source": torch.cat(s["source"]), "target": torch.cat(s["target"]),
-                             "labels": None if labels is None else labels.clone()}
-    info = {"calib_images": n_calib, "maps": map_info, "updates": [],
-            "zeroed": _zeroed_names(A.arch, B.arch, maps, o), "timings": {k: round(v, 4) for k, v in timings.items()},
-            "cpu_timings": {k: round(v, 4) for k, v in cpu.items()}}
-    progress(1.0, f"theseus: {len(maps)} maps from {n_calib} calibration images")
-    return TheseusAlignment(A.arch, B.arch, maps, info, o, pca_sample)
+                             "labels": None if calib.labels is None else
+                             (calib.labels if calib.display else calib.labels[:fit.n_pca]).clone()}
+    info = {"calib_images": len(calib), "maps": fit.map_info, "updates": [],
+            "zeroed": _zeroed_names(A.arch, B.arch, fit.maps, o, mapping),
+            "timings": {k: round(v, 4) for k, v in fit.timings.items()},
+            "cpu_timings": {k: round(v, 4) for k, v in fit.cpu.items()},
+            "calibration": {"kind": "texts" if calib.text else "images", "samples": len(calib), "rows": fit.rows},
+            "depth": depth, "heads": {"mode": heads, "layers": fit.head_info}}
+    progress(1.0, f"theseus: {len(fit.maps)} maps from {len(calib)} calibration {'texts' if calib.text else 'images'}")
+    return TheseusAlignment(A.arch, B.arch, fit.maps, info, o, pca_sample)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -409,14 +340,31 @@ def axis_space(info: ParamInfo, axis: int, out_maps: str = "branch", hidden: str
     return a.site
 
 
-def _plan(name: str, source: dict[str, ParamInfo], target: dict[str, ParamInfo], maps: dict[str, Tensor],
-          o: dict) -> Optional[list[Optional[str]]]:
-    """Per axis the space to map it with (None: identity, sizes equal); None when the tensor is not transported."""
+def source_name(name: str, info: ParamInfo, depth: list[Optional[int]], source_arch: Arch) -> Optional[str]:
+    """The source tensor a target tensor takes its update from (None: a target block no source block serves).
+
+    Blocks follow the depth map; a tied source's token embedding also serves an untied target's unembedding.
+    """
+    if info.layer >= 0:
+        i = depth[info.layer]
+        return None if i is None else f"blocks.{i}." + name.split(".", 2)[2]
+    if name == "head.unembed" and source_arch.tied_embeddings:
+        return "embed.tokens"
+    return name
+
+
+def _plan(name: str, src: Optional[str], source: dict[str, ParamInfo], target: dict[str, ParamInfo],
+          maps: dict[str, Tensor], o: dict) -> Optional[list[Optional[str]]]:
+    """Per axis the space to map it with (None: identity, sizes equal); None when the tensor is not transported.
+
+    The token embedding (one tensor even when tied: input embedding AND unembedding) is always transported,
+    with its width axis's ONE map, the input embedding's (``res:0`` without ln_pre); see the module docstring.
+    """
     tb = target[name]
-    ta = source.get(name)
+    ta = source.get(src) if src is not None else None
     if ta is None or len(ta.shape) != len(tb.shape):
         return None
-    if tb.block == "embed" and not o["transport_embeddings"]:
+    if tb.block == "embed" and not o["transport_embeddings"] and name != "embed.tokens":
         return None
     plan: list[Optional[str]] = []
     for k in range(len(tb.shape)):
@@ -432,9 +380,9 @@ def _plan(name: str, source: dict[str, ParamInfo], target: dict[str, ParamInfo],
     return plan
 
 
-def _zeroed_names(a: Arch, b: Arch, maps: dict[str, Tensor], o: dict) -> list[str]:
+def _zeroed_names(a: Arch, b: Arch, maps: dict[str, Tensor], o: dict, depth: list[Optional[int]]) -> list[str]:
     source, target = param_axes(a), param_axes(b)
-    return [n for n in target if _plan(n, source, target, maps, o) is None]
+    return [n for n, i in target.items() if _plan(n, source_name(n, i, depth, a), source, target, maps, o) is None]
 
 
 def transport_tensor(t: Tensor, axis_maps: list[Optional[Tensor]]) -> Tensor:
@@ -459,21 +407,25 @@ def apply(alignment: TheseusAlignment, tau: TaskVector, alpha: float = 1.0, opti
                              f"the alignment was prepared from source {alignment.source_arch.name} "
                              f"(width {alignment.source_arch.width})")
     source, target = param_axes(alignment.source_arch), param_axes(alignment.target_arch)
+    depth = alignment.depth_map()
     out: dict[str, Tensor] = {}
     zeroed, updates = [], []
     for name, info in target.items():
-        plan = _plan(name, source, target, alignment.maps, o) if name in tau.tensors else None
+        src_name = source_name(name, info, depth, alignment.source_arch)
+        plan = _plan(name, src_name, source, target, alignment.maps, o) if src_name in tau.tensors else None
         if plan is None:
             out[name] = torch.zeros(info.shape)
             zeroed.append(name)
             continue
-        src = tau.tensors[name].detach().float().cpu()
+        src = tau.tensors[src_name].detach().float().cpu()
         moved = transport_tensor(src, [None if s is None else alignment.maps[s] for s in plan])
         out[name] = moved * float(alpha)
-        updates.append({"name": name, "layer": info.layer, "block": info.block,
+        updates.append({"name": name, "layer": info.layer, "block": info.block, "source": src_name,
                         "norm_source": float(src.double().norm()), "norm_target": float(moved.double().norm())})
+    used = {u["source"] for u in updates}
     alignment.info["updates"] = updates
     alignment.info["zeroed"] = zeroed
+    alignment.info["unused"] = [n for n, t in tau.tensors.items() if n not in used and bool(t.detach().abs().max() > 0)]
     return TaskVector(alignment.target_arch, out, {"transported_by": "theseus"})
 
 
@@ -502,7 +454,7 @@ METHOD = MethodInfo(name="theseus",
                     summary="closed-form transport across widths: Procrustes maps between activations of both "
                             "pretrained models on a few unlabelled images, dW_B = T_out^T dW_A T_in",
                     same_arch=False, data="unlabelled", prepare=prepare, apply=apply, load_alignment=_load,
-                    spec=SPEC)
+                    spec=SPEC, same_depth=False)
 
 __all__ = ["METHOD", "OPTIONS", "TheseusAlignment", "prepare", "apply", "naive_resize", "transport_tensor",
-           "axis_space", "check_options", "space_layer"]
+           "axis_space", "check_options", "space_layer", "source_name"]

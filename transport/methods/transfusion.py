@@ -28,7 +28,7 @@ from transport.core.arch import Arch
 from transport.core.assignment import lap_max, lap_min_cost
 from transport.core.forward import encode
 from transport.core.layout import check_params, param_axes, same_shapes
-from transport.core.stems import preprocess
+from transport.core.stems import TextBatch, model_inputs
 from transport.core.symmetry import (
     HeadPermutation,
     Perms,
@@ -52,10 +52,10 @@ Tensor = torch.Tensor
 MATCHINGS = ("weight", "activation")
 SPEC = (
     Option("matching", "weight", "what the permutations match: weights (data-free) or activations on "
-           "unlabelled images", choices=MATCHINGS, flag=True),
+           "unlabelled images or texts", choices=MATCHINGS, flag=True),
     Option("max_iter", 100, "weight-matching sweeps at most", flag=True, minimum=0),
     Option("seed", 0, "seed of the weight-matching visiting order and the calibration sample", minimum=0),
-    Option("calibration", 128, "calibration images for activation matching", minimum=0),
+    Option("calibration", 128, "calibration images (or texts) for activation matching", minimum=0),
     Option("within", "shared", "within-head order: one shared by q, k, v and o (the paper's) or separate "
            "q/k and v/o orders (the larger symmetry group)", choices=WITHIN),
 )
@@ -169,7 +169,7 @@ def assign_groups(spec_B: dict[str, Tensor], spec_A: dict[str, Tensor], arch: Ar
 
 
 # ----------------------------------------------------------------------------------------------
-# activation matching (optional; needs calibration images)
+# activation matching (optional; needs calibration images or texts)
 # ----------------------------------------------------------------------------------------------
 def _variable_sites(arch: Arch) -> dict[str, list[tuple[str, str]]]:
     """Variable -> (activation site, role) pairs recorded for it (residual streams, MLP hidden, heads)."""
@@ -187,20 +187,28 @@ def _variable_sites(arch: Arch) -> dict[str, list[tuple[str, str]]]:
 
 
 def activation_similarity(theta_A: Mapping[str, Tensor], theta_B: Mapping[str, Tensor], arch: Arch,
-                          images01: Tensor, device: str = "cpu", batch_size: int = 64) -> dict[str, dict[str, Tensor]]:
-    """Per variable and role, the correlation [n, n] between units of B (rows) and A (columns) on the same images."""
+                          samples: Tensor | TextBatch, device: str = "cpu",
+                          batch_size: int = 64) -> dict[str, dict[str, Tensor]]:
+    """Per variable and role, the correlation [n, n] between units of B (rows) and A (columns) on the same
+    samples: images in [0, 1] (every token a row) or a :class:`TextBatch` (its real tokens are the rows)."""
     sites = _variable_sites(arch)
     wanted = {site: (s, role) for s, lst in sites.items() for site, role in lst}
     acc: dict[str, dict[str, Tensor]] = {}
     pa = {k: v.to(device, torch.float32) for k, v in theta_A.items()}
     pb = {k: v.to(device, torch.float32) for k, v in theta_B.items()}
-    for i in range(0, len(images01), batch_size):
-        x = preprocess(arch, images01[i:i + batch_size].to(device))
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i:i + batch_size]
+        mask = None
+        if isinstance(chunk, TextBatch):
+            chunk = chunk.trimmed()
+            mask = chunk.mask.to(device)
+        x = model_inputs(arch, chunk.to(device))
         rec: dict[str, dict[str, Tensor]] = {"A": {}, "B": {}}
         for tag, p in (("A", pa), ("B", pb)):
             def hook(site: str, t: Tensor, tag: str = tag) -> None:
                 if site in wanted:
-                    rec[tag][site] = t.detach().reshape(-1, t.shape[-1]).double()
+                    rows = t.detach()[mask] if mask is not None else t.detach().reshape(-1, t.shape[-1])
+                    rec[tag][site] = rows.double()
             with torch.no_grad():
                 encode(p, arch, x, record=hook)
         for site in wanted:
