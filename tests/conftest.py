@@ -3,7 +3,21 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+#: set by the thread-count runs of the numerics tests (tests/test_procrustes.py): every test runs with N threads
+PINNED_THREADS = os.environ.get("TRANSPORT_TEST_THREADS")
+torch.set_num_threads(int(PINNED_THREADS) if PINNED_THREADS else max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _pinned_threads():
+    """Under TRANSPORT_TEST_THREADS=N no module or fixture may change the thread count (checked after each test)."""
+    if PINNED_THREADS:
+        torch.set_num_threads(int(PINNED_THREADS))
+    yield
+
+
+def pytest_report_header(config):
+    return f"torch threads: {torch.get_num_threads()}" + (" (pinned)" if PINNED_THREADS else "")
 
 
 @pytest.fixture(autouse=True)

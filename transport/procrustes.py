@@ -46,11 +46,11 @@ def polar(C: Tensor, mode: str = "auto", reference: Optional[Tensor] = None) -> 
     at most :data:`EIGH_FLOAT64_MAX`, else ``'eigh32'``). The eigendecomposition squares the condition
     number: directions with small singular values are less accurate than with the SVD (they carry little
     of the data), which is the price of its speed; in float32 that loses the directions whose singular
-    value is below about 3e-4 of the largest, which ``'svd32'`` still resolves.
+    value is below about 3e-4 of the largest (see :func:`route_noise`), which ``'svd32'`` still resolves.
 
     Where C is (numerically) rank deficient the polar factor is not unique: directions whose singular
-    value is below :data:`NULL_TOL` (relative) follow ``reference`` (default: :func:`naive_map`), made
-    orthogonal to the determined ones (so ``T == I`` when A == B, whatever the rank). T is float64
+    value is at most :func:`null_tol` of the largest follow ``reference`` (default: :func:`naive_map`),
+    made orthogonal to the determined ones (so ``T == I`` when A == B, whatever the rank). T is float64
     except for ``'svd32'`` and ``'eigh32'`` (float32); it has orthonormal rows or columns to working precision.
     """
     if C.dim() != 2:
@@ -80,22 +80,50 @@ def polar_batch(C: Tensor, mode: str = "auto", reference: Optional[Tensor] = Non
     if mode in ("svd", "svd32"):
         U, S, Vh = torch.linalg.svd(C.to(wd), full_matrices=False)
         S = S.to(torch.float64)
-        null = S <= NULL_TOL[mode] * S[:, :1]
+        null = S <= null_tol(mode, min(d_a, d_b)) * S[:, :1]
         for b in _rows_with(null):  # free directions: follow the reference
             Vt = Vh[b].clone()
             Vt[null[b]] = U[b][:, null[b]].t() @ ref.to(wd)
             Q, R = torch.linalg.qr(Vt.t())
             Vh[b] = (Q * _signs(R)).t()
         return U @ Vh, S
+    tol = null_tol(mode, min(d_a, d_b))
     if d_a > d_b:  # work on the transpose so that the Gram matrix is the smaller one
-        T, S = _polar_eigh(C.mT.to(wd), ref.t().to(wd))
+        T, S = _polar_eigh(C.mT.to(wd), ref.t().to(wd), tol)
         return T.mT.contiguous(), S
-    return _polar_eigh(C.to(wd), ref.to(wd))
+    return _polar_eigh(C.to(wd), ref.to(wd), tol)
 
 
-#: singular values below this fraction of the largest are treated as zero (the map follows the reference there)
-NULL_TOL = {"svd": 1e-10, "svd32": 1e-6, torch.float64: 1e-6, torch.float32: 1e-5}
 POLAR_MODES = ("auto", "svd", "svd32", "eigh", "eigh32")
+#: directions weaker than this fraction of the strongest count as unmeasured whatever the route (the
+#: float64 SVD's own floor, far above its rounding): C sums products of float32 activations
+DATA_TOL = 1e-10
+#: how far above a route's rounding floor on S (see :func:`route_noise`) a direction must be to count as measured
+NULL_SAFETY = 4.0
+
+
+def route_noise(mode: str, d: int) -> float:
+    """What a route promises about S: every computed singular value lies within this fraction of S_max
+    of the exact one, for a C whose smaller side is ``d`` (``NULL_SAFETY`` times the route's rounding floor).
+
+    The SVD is backward stable: S comes out within about ``sqrt(d) * eps * S_max``. The eigh routes take
+    ``S = sqrt(eigenvalue of C C^T)``; the eigenvalues are within about ``sqrt(d) * eps * S_max^2``, so a
+    zero singular value comes out as large as ``sqrt(sqrt(d) * eps) * S_max`` (float64: ~1e-8, float32:
+    ~3e-4 for small d). eps is the working precision's (float32 for 'svd32' and 'eigh32'). Measured on
+    exactly rank-deficient C (d = 12..3072, 1 and 2 threads, MKL), the largest zero singular value was at
+    most 0.16 (SVD) and 0.46 (eigh) of these floors, so NULL_SAFETY = 4 leaves a margin of 9x or more.
+    """
+    if mode not in ("svd", "svd32", "eigh", "eigh32"):
+        raise ValueError(f"route_noise: unknown route '{mode}'")
+    eps = torch.finfo(torch.float32 if mode.endswith("32") else torch.float64).eps
+    floor = math.sqrt(max(d, 1)) * eps
+    return NULL_SAFETY * (floor if mode.startswith("svd") else math.sqrt(floor))
+
+
+def null_tol(mode: str, d: int) -> float:
+    """Singular values at most this fraction of the largest are treated as zero (the map follows the
+    reference there): the route's noise (:func:`route_noise`), never below :data:`DATA_TOL`."""
+    return max(DATA_TOL, route_noise(mode, d))
 
 
 def _rows_with(null: Tensor) -> list[int]:
@@ -108,7 +136,7 @@ def _signs(R: Tensor) -> Tensor:
     return s
 
 
-def _polar_eigh(C: Tensor, ref: Tensor) -> tuple[Tensor, Tensor]:
+def _polar_eigh(C: Tensor, ref: Tensor, tol: float) -> tuple[Tensor, Tensor]:
     """Polar factors of C [B, d_a, d_b] (d_a <= d_b) from ``C C^T = U S^2 U^T``.
 
     ``W = U^T C = S V^T`` up to rounding; the rows of W that belong to small singular values are
@@ -122,7 +150,7 @@ def _polar_eigh(C: Tensor, ref: Tensor) -> tuple[Tensor, Tensor]:
     lam, U = lam.flip(-1), U.flip(-1)  # descending
     S = torch.sqrt(lam.clamp_min(0)).to(torch.float64)
     W = U.mT @ C  # [B, d_a, d_b], row i ~ s_i v_i^T
-    null = S <= NULL_TOL[C.dtype] * S[:, :1]
+    null = S <= tol * S[:, :1]  # below the route's noise (see route_noise): undetermined
     for b in _rows_with(null):  # unresolved directions follow the reference (after the resolved ones)
         W[b, null[b]] = U[b][:, null[b]].t() @ ref
     Q, R = torch.linalg.qr(W.mT)  # W^T = Q R, Q [B, d_b, d_a] orthonormal, Gram-Schmidt in order of S
@@ -302,4 +330,4 @@ class CrossCovariance:
 
 
 __all__ = ["CrossCovariance", "polar", "polar_batch", "POLAR_MODES", "procrustes_map", "naive_map", "matrix_power_sym", "resize_tokens",
-           "SVD_MAX", "EIGH_FLOAT64_MAX", "PRODUCT_FLOAT64_MAX"]
+           "SVD_MAX", "EIGH_FLOAT64_MAX", "PRODUCT_FLOAT64_MAX", "null_tol", "route_noise", "DATA_TOL", "NULL_SAFETY"]
