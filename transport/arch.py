@@ -208,7 +208,10 @@ def check_params(params: dict[str, Tensor], arch: ViTArch, what: str) -> None:
                                  f"{arch.name} needs {shape}")
     for k in want:
         t = params[k]
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        if not t.is_floating_point():
+            raise TransportError(f"{what}: tensor {k} holds {str(t.dtype).replace('torch.', '')} values; "
+                                 "weights must be floating point")
+        if not torch.isfinite(t).all():
             raise TransportError(f"{what}: tensor {k} contains NaN or Inf values")
 
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import re
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -106,32 +107,44 @@ def _first_sentence(e: BaseException) -> str:
     return text[:cut + 1] if 0 < cut < 200 else text[:200]
 
 
-_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
-
-
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
+    """``torch.load`` with ``weights_only``; a pickle that needs more is named by what it would import."""
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = _GLOBAL.search(str(e))
-        if found is None:  # the weights-only unpickler choked on bytes that are not a pickle at all
-            raise TransportError(f"{path}: not a readable checkpoint (truncated, or neither safetensors nor "
-                                 f"a PyTorch file)") from None
-        if not trust_pickle:
-            raise TransportError(
-                f"{path}: refusing to unpickle {found.group(1)} (a pickled object can run code on load); "
-                f"re-save it as a state dict, or pass --trust-pickle if you trust its source"
-            ) from None
-        try:
-            return torch.load(str(path), map_location="cpu", weights_only=False)
-        except Exception as e2:  # noqa: BLE001 - any failure of a foreign pickle is the file's problem
-            raise TransportError(f"{path}: could not load even with --trust-pickle: {type(e2).__name__}: "
-                                 f"{_first_sentence(e2)}") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the error below says it in one line
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        pass  # the weights-only unpickler refused something: find out what below
     except (RuntimeError, OSError, EOFError) as e:  # torch's zip reader: cut or damaged archives
         raise TransportError(f"{path}: not a readable checkpoint (truncated or damaged): {_first_sentence(e)}") from None
     except Exception:  # noqa: BLE001 - garbage bytes make the unpickler fail in arbitrary ways (KeyError, ...)
         raise TransportError(f"{path}: not a readable checkpoint (truncated, or neither safetensors nor "
                              f"a PyTorch file)") from None
+    from transport.pickles import is_legacy_torch_file, pickle_globals, weights_only_allowed
+
+    names = pickle_globals(path)
+    if names is None:  # not a pickle at all
+        raise TransportError(f"{path}: not a readable checkpoint (truncated, or neither safetensors nor "
+                             f"a PyTorch file)")
+    allowed = weights_only_allowed()
+    blocked = [n for n in dict.fromkeys(names) if n not in allowed]
+    if not trust_pickle:
+        if blocked:
+            more = f", and {len(blocked) - 1} more" if len(blocked) > 1 else ""
+            raise TransportError(f"{path}: this file runs code when loaded (GLOBAL {blocked[0]}{more}); "
+                                 f"pass --trust-pickle only if you trust it")
+        raise TransportError(f"{path}: a pickle that only full unpickling reads (not written by torch.save); "
+                             f"pass --trust-pickle only if you trust it")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if zipfile.is_zipfile(path) or is_legacy_torch_file(path):
+                return torch.load(str(path), map_location="cpu", weights_only=False)
+            with open(path, "rb") as f:  # a raw pickle stream (pickle.dump), which torch.load does not read
+                return pickle.load(f)
+    except Exception as e:  # noqa: BLE001 - any failure of a foreign pickle is the file's problem
+        raise TransportError(f"{path}: could not load even with --trust-pickle: {type(e).__name__}: "
+                             f"{_first_sentence(e)}") from None
 
 
 def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:
@@ -167,9 +180,12 @@ def strip_prefixes(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def tower_state_dict(sd: Mapping[str, Tensor], arch: ViTArch) -> dict[str, Tensor]:
-    """Keep the transported tower: a full CLIP dict (``visual.`` keys) gives its visual tower."""
-    if arch.family == "open_clip" and any(k.startswith("visual.") for k in sd):
-        return {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
+    """Keep the transported tower: a full CLIP dict (``visual.`` keys) gives its visual tower, an
+    ImageClassifier / ImageEncoder dict (``image_encoder.model.visual.``, ``model.visual.``) its image tower."""
+    if arch.family == "open_clip":
+        p = open_clip_tower_prefix(sd, arch)
+        if p:
+            return {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
     if arch.family == "hf_clip" and not any(k.startswith("vision_model.") for k in sd) \
             and any(k.startswith(("embeddings.", "encoder.layers.")) for k in sd):
         # transformers >= 5 saves a CLIPVisionModel without its ``vision_model.`` wrapper
@@ -181,7 +197,90 @@ def tower_state_dict(sd: Mapping[str, Tensor], arch: ViTArch) -> dict[str, Tenso
     if arch.family == "hf_vit":
         sd = strip_prefix_if_all(sd, "vit.", keep=("classifier.",))
         return {k: v for k, v in sd.items() if not k.startswith("classifier.")}
-    return {k: v for k, v in sd.items() if not k.startswith("classifier.")}
+    return {k: v for k, v in sd.items() if not k.startswith(HEAD_PREFIXES)}
+
+
+#: a head the checkpoint carries: ours (``classifier.``) or WiSE-FT / task_vectors' ``classification_head.``
+HEAD_PREFIXES = ("classifier.", "classification_head.")
+#: keys only an open_clip image tower has (its text tower has transformer blocks too, but none of these)
+_ANCHORS = ("conv1.weight", "class_embedding", "ln_pre.weight", "ln_post.weight")
+
+
+def open_clip_tower_prefix(sd: Mapping[str, Tensor], arch: ViTArch) -> str:
+    """The prefix under which ``sd`` holds an open_clip image tower ('' at the top level, ``visual.`` in a
+    CLIP dict, ``image_encoder.model.visual.`` in an ImageClassifier, ...): the one holding most of its keys."""
+    from transport.arch import family
+
+    keys = family(arch).keys(arch)
+    found = {k[: -len(a)] for k in sd for a in _ANCHORS if k.endswith(a)}
+    found = {p for p in found if p == "" or p.endswith(".")}
+    if not found:  # e.g. a task vector of the transformer blocks only: the tower sits under some '...visual.'
+        found = {k[: k.index("visual.") + len("visual.")] for k in sd if "visual." in k}
+    if not found:
+        return ""
+    return max(sorted(found), key=lambda p: (sum(1 for k in keys if p + k in sd), -len(p)))
+
+
+def open_clip_text_state(sd: Mapping[str, Tensor], arch: ViTArch) -> dict[str, Tensor]:
+    """The text tower next to an open_clip image tower (``token_embedding.weight``, ``transformer.*``,
+    ``ln_final.*``, ``text_projection``, ``logit_scale``), in open_clip's CLIP names; {} when absent."""
+    p = open_clip_tower_prefix(sd, arch)
+    if not p.endswith("visual."):
+        return {}
+    base = p[: -len("visual.")]
+    text = {k[len(base):]: v for k, v in sd.items() if k.startswith(base) and not k.startswith(p)
+            and not k[len(base):].startswith(HEAD_PREFIXES)}
+    return text if "token_embedding.weight" in text else {}
+
+
+def _head_from_state(sd: Mapping[str, Tensor], what: str) -> Classifier | None:
+    """Our saved head (``classifier.*``) or WiSE-FT / task_vectors' ``classification_head.*`` (logits of
+    unit-normalised features, the scale folded into the weights)."""
+    if "classifier.weight" in sd:
+        prefix, normalize = "classifier.", False
+    else:
+        heads = sorted((k for k in sd if k.endswith("classification_head.weight")), key=len)
+        if not heads:
+            return None
+        prefix, normalize = heads[0][: -len("weight")], True
+    w, b = sd[prefix + "weight"], sd.get(prefix + "bias")
+    for name, t in ((prefix + "weight", w), (prefix + "bias", b)):
+        if t is not None and not t.is_floating_point():
+            raise TransportError(f"{what}: tensor {name} holds {str(t.dtype).replace('torch.', '')} values; "
+                                 "a head must be floating point")
+    if w.dim() != 2 or (b is not None and tuple(b.shape) != (w.shape[0],)):
+        raise TransportError(f"{what}: {prefix}weight / bias have shapes {tuple(w.shape)} / "
+                             f"{None if b is None else tuple(b.shape)}, not a linear head")
+    return Classifier(w.float(), None if b is None else b.float(), normalize=normalize, classnames=[])
+
+
+def resolve_arch(path: str | os.PathLike, md: Mapping[str, str], arch: ViTArch | None) -> ViTArch:
+    """The architecture to read a file with: the one given, which must not contradict the one the
+    file records (``arch`` metadata); else the recorded one."""
+    recorded = ViTArch.from_json(md["arch"]) if "arch" in md else None
+    if arch is None:
+        if recorded is None:
+            raise TransportError(f"{path}: the file does not say its architecture; pass --arch "
+                                 "(e.g. open_clip:ViT-B-16)")
+        return recorded
+    if recorded is not None:
+        diffs = arch_differences(recorded, arch)
+        if diffs:
+            raise TransportError(f"{path}: --arch {arch.name} contradicts the architecture the file records "
+                                 f"({recorded.name}): " + "; ".join(diffs))
+    return arch
+
+
+def arch_differences(recorded: ViTArch, given: ViTArch) -> list[str]:
+    """``field: RECORDED in the file, GIVEN by --arch`` for every field but the name that differs."""
+    import dataclasses
+
+    out = []
+    for f in dataclasses.fields(ViTArch):
+        a, b = getattr(recorded, f.name), getattr(given, f.name)
+        if f.name != "name" and a != b:
+            out.append(f"{f.name} {a} in the file, {b} by --arch")
+    return out
 
 
 def strip_prefix_if_all(sd: Mapping[str, Tensor], prefix: str, keep: tuple[str, ...] = ()) -> dict[str, Tensor]:
@@ -210,20 +309,16 @@ def check_family_tensors(tower: Mapping[str, Tensor], arch: ViTArch, what: str) 
         k = alias(key)
         if k not in want:
             continue
+        if not t.is_floating_point():  # casting integer "weights" to float would run silently wrong
+            raise TransportError(f"{what}: tensor {key} holds {str(t.dtype).replace('torch.', '')} values; "
+                                 "weights must be floating point")
         shape = want[k]
         got = tuple(t.shape)
         squeezable = fam.name == "hf_vit" and tuple(s for s in got if s != 1) == tuple(s for s in shape if s != 1)
         if got != shape and not squeezable:
             raise TransportError(f"{what}: shape mismatch for {key}: got {got}, {arch.name} needs {shape}")
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        if not torch.isfinite(t).all():
             raise TransportError(f"{what}: tensor {key} contains NaN or Inf values")
-
-
-def _head_from_state(sd: Mapping[str, Tensor]) -> Classifier | None:
-    if "classifier.weight" in sd:
-        md_names: list[str] = []
-        return Classifier(sd["classifier.weight"].float(), sd.get("classifier.bias"), classnames=md_names)
-    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -272,38 +367,93 @@ def load_model(ref: str, arch: ViTArch | str | None = None, trust_pickle: bool =
 
 
 def load_file_model(path: str, arch: ViTArch | None, trust_pickle: bool = False) -> Model:
+    """A checkpoint file -> Model: its tower (wherever the file keeps it), the head it carries, and for
+    an open_clip CLIP dict with its text tower the zero-shot heads of that text tower."""
     sd, md = read_checkpoint(path, trust_pickle)
-    if arch is None:
-        if "arch" in md:
-            arch = ViTArch.from_json(md["arch"])
-        else:
-            raise TransportError(f"{path}: the file does not say its architecture; pass --arch "
-                                 "(e.g. open_clip:ViT-B-16)")
-    head = _head_from_state(sd)
+    arch = resolve_arch(path, md, arch)
+    head = _head_from_state(sd, str(path))
     if head is not None and "classnames" in md:
         head.classnames = json.loads(md["classnames"])
     tower = tower_state_dict(sd, arch)
     check_family_tensors(tower, arch, str(path))
     params = {k: v.float() for k, v in to_canonical(tower, arch, what=str(path)).items()}
-    return Model(arch, params, ref=str(path), head=head, meta=md)
+    zero_shot = None
+    if arch.family == "open_clip" and arch.name.startswith("open_clip:"):
+        text = open_clip_text_state(sd, arch)
+        if text:
+            from transport.openclip import text_tower_zero_shot
+
+            zero_shot = text_tower_zero_shot(arch.name[len("open_clip:"):], arch.act == "quick_gelu", text, str(path))
+    return Model(arch, params, ref=str(path), head=head, zero_shot=zero_shot, meta=md)
 
 
 def save_model(model: Model, path: str | os.PathLike, **meta: str) -> Path:
     """Write a model (family names + classifier + arch metadata) atomically as safetensors."""
-    from safetensors.torch import save_file
-
     from transport.arch import from_canonical
 
-    path = Path(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in from_canonical(model.params, model.arch).items()}
     md = {**model.meta, **{k: str(v) for k, v in meta.items()}, "arch": model.arch.to_json(), "ref": model.ref}
     if model.head is not None:
         tensors.update({k: v.detach().contiguous().cpu() for k, v in model.head.state().items()})
         md["classnames"] = json.dumps(model.head.classnames)
+    return write_safetensors(path, tensors, md)
+
+
+# ----------------------------------------------------------------------------------------------
+# writing safetensors deterministically
+# ----------------------------------------------------------------------------------------------
+_ST_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.complex64: "C64",
+}
+for _name, _code in (("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64"), ("float8_e4m3fn", "F8_E4M3"),
+                     ("float8_e5m2", "F8_E5M2")):
+    if hasattr(torch, _name):
+        _ST_DTYPES[getattr(torch, _name)] = _code
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Tensor],
+                      metadata: Mapping[str, str] | None = None) -> Path:
+    """Write ``tensors`` and string ``metadata`` as a safetensors file whose bytes depend only on the content.
+
+    ``safetensors.save_file`` writes the metadata in an order that changes from process to process, so
+    the header is written here: 8-byte little-endian length, JSON with sorted keys (``__metadata__``
+    included, its entries sorted too), padded with spaces to 8 bytes; then the tensors' bytes, largest
+    element size first and by name (every tensor aligned to its element size), exactly as safetensors
+    lays them out. Atomic: a temp file next to ``path``, then a rename.
+    """
+    import sys
+
+    path = Path(path)
+    items = []
+    for name in tensors:
+        t = tensors[name].detach().cpu().contiguous()
+        if t.dtype not in _ST_DTYPES:
+            raise TransportError(f"{path}: tensor {name} has dtype {t.dtype}, which safetensors cannot store")
+        items.append((name, t))
+    items.sort(key=lambda it: (-it[1].element_size(), it[0]))
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, t in items:
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    if sys.byteorder != "little":  # safetensors is little-endian; this writer copies native bytes
+        raise TransportError(f"{path}: writing safetensors needs a little-endian machine")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        save_file(tensors, str(tmp), metadata=md)
+        with open(tmp, "wb") as f:
+            f.write(len(text).to_bytes(8, "little"))
+            f.write(text)
+            for _, t in items:
+                if t.numel():
+                    f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -199,6 +199,56 @@ def model_from_open_clip(clip: torch.nn.Module, arch: ViTArch, ref: str, meta: O
     return Model(arch, params, ref=ref, zero_shot=zero_shot, meta=dict(meta or {}))
 
 
+def text_tower_zero_shot(model_name: str, quick_gelu: bool, text_state: dict[str, Tensor],
+                         what: str) -> Callable[[list[str]], Classifier]:
+    """Zero-shot heads from a checkpoint file's own text tower: open_clip's model ``model_name`` built
+    without weights, the file's text-tower tensors loaded into it, and open_clip's tokenizer for that
+    model (shipped inside open_clip). Built on first use; for the same weights, class names and templates
+    the heads equal those of ``open_clip:NAME:TAG``. A text tower that does not fit is one error line."""
+    import open_clip
+
+    held: dict[str, object] = {"state": text_state}
+    heads: dict[tuple[str, ...], Classifier] = {}
+
+    def build() -> torch.nn.Module:
+        previous = logging.root.manager.disable
+        logging.disable(logging.WARNING)  # open_clip warns that a model built without weights has none
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                clip = open_clip.create_model(model_name, pretrained=None, force_quick_gelu=quick_gelu)
+        finally:
+            logging.disable(previous)
+        clip.visual = torch.nn.Identity()  # the image tower comes from the file's canonical tensors
+        state = held.pop("state")
+        try:
+            missing, unexpected = clip.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shapes that do not fit
+            lines = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
+            raise TransportError(f"{what}: the text tower does not fit open_clip:{model_name}: "
+                                 f"{lines[0] if lines else type(e).__name__}") from None
+        if missing or unexpected:
+            raise TransportError(f"{what}: the text tower does not fit open_clip:{model_name}: "
+                                 + "; ".join(f"{label} {', '.join(sorted(keys)[:3])}"
+                                             + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+                                             for label, keys in (("missing", missing), ("unexpected", unexpected))
+                                             if keys))
+        for name, t in clip.state_dict().items():
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise TransportError(f"{what}: text-tower tensor {name} contains NaN or Inf values")
+        return clip.float().eval()
+
+    def zero_shot(classnames: list[str]) -> Classifier:
+        key = tuple(classnames)
+        if key not in heads:
+            if "clip" not in held:
+                held["clip"] = build()
+            heads[key] = zero_shot_head(held["clip"], open_clip.get_tokenizer(model_name), classnames)
+        return heads[key]
+
+    return zero_shot
+
+
 def load_open_clip(ref: str, seed: int = 0) -> Model:
     """``open_clip:ARCH:TAG`` -> Model. TAG 'none'/'' = random init seeded by ``seed``; else pretrained."""
     import open_clip
@@ -212,4 +262,4 @@ def load_open_clip(ref: str, seed: int = 0) -> Model:
 
 
 __all__ = ["PROMPT_TEMPLATES", "parse_ref", "available_tags", "resolve_pretrained", "create_open_clip",
-           "zero_shot_head", "model_from_open_clip", "load_open_clip"]
+           "zero_shot_head", "model_from_open_clip", "text_tower_zero_shot", "load_open_clip"]

@@ -36,6 +36,7 @@ class TaskVector:
         self.arch = arch
         self.tensors: dict[str, Tensor] = {k: tensors[k] for k in known if k in tensors}
         self.meta: dict[str, str] = dict(meta or {})
+        self.absent: list[str] = []  # family tensors a loaded file lacked (read as zero), see load
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -158,43 +159,49 @@ class TaskVector:
         return {k: v for k, v in from_canonical(full, self.arch).items() if k in present}
 
     def save(self, path: str | os.PathLike, **meta: str) -> Path:
-        """Write atomically (temp file + rename); metadata: arch, version and any string fields given."""
-        from safetensors.torch import save_file
+        """Write atomically (temp file + rename), byte-identical for identical content; metadata: arch,
+        version and any string fields given."""
+        from transport.io import write_safetensors
 
-        path = Path(path)
         md = {**self.meta, **{k: str(v) for k, v in meta.items()}, "arch": self.arch.to_json(),
               "format": "transport.task_vector", "transport_version": __version__}
         tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.family_state_dict().items()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            save_file(tensors, str(tmp), metadata=md)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        return path
+        return write_safetensors(path, tensors, md)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, arch: ViTArch | None = None) -> "TaskVector":
-        """Read a task vector saved by :meth:`save` (or family-named tensors plus an explicit ``arch``)."""
-        from transport.io import read_safetensors
+    def load(cls, path: str | os.PathLike, arch: ViTArch | None = None, trust_pickle: bool = False) -> "TaskVector":
+        """Read a task vector: one :meth:`save` wrote, or family-named tensors in any form a checkpoint
+        may take (safetensors or a ``weights_only`` .pt, wrapped, prefixed, a full CLIP dict's visual
+        tower, an ImageClassifier's image encoder) plus an explicit ``arch``.
 
-        tensors, md = read_safetensors(path)
-        if arch is None:
-            if "arch" not in md:
-                raise TransportError(f"{path}: no architecture in the file's metadata; pass --arch")
-            arch = ViTArch.from_json(md["arch"])
-        present = {k: v.float() for k, v in tensors.items()}
-        full_keys = set(from_canonical({k: torch.zeros(v.shape) for k, v in param_axes(arch).items()}, arch))
-        unknown = [k for k in present if k not in full_keys]
+        Tensors the file lacks (e.g. only the transformer blocks were fine-tuned) are zero; their
+        family names are in ``absent``.
+        """
+        from transport.arch import family
+        from transport.io import check_family_tensors, family_shapes, read_checkpoint, resolve_arch, tower_state_dict
+
+        sd, md = read_checkpoint(path, trust_pickle)
+        if arch is None and "arch" not in md:
+            raise TransportError(f"{path}: no architecture in the file's metadata; pass --arch")
+        arch = resolve_arch(path, md, arch)
+        fam = family(arch)
+        alias = fam.alias or (lambda k: k)
+        tower = {alias(k): v for k, v in tower_state_dict(sd, arch).items()}
+        shapes = family_shapes(arch)
+        unknown = [k for k in tower if k not in shapes and not k.startswith(fam.ignorable)]
         if unknown:
-            raise TransportError(f"{path}: unexpected keys for {arch.name}: {', '.join(unknown[:4])}")
-        missing = [k for k in full_keys if k not in present]
-        if missing:
-            raise TransportError(f"{path}: missing keys for {arch.name}: {', '.join(sorted(missing)[:4])}")
-        canon = to_canonical(present, arch, what=str(path))
-        return cls(arch, canon, {k: v for k, v in md.items() if k not in ("arch",)})
+            raise TransportError(f"{path}: unexpected keys for {arch.name}: {', '.join(unknown[:4])}"
+                                 + (f" (+{len(unknown) - 4} more)" if len(unknown) > 4 else ""))
+        tower = {k: v for k, v in tower.items() if k in shapes}
+        if not tower:
+            raise TransportError(f"{path}: holds none of the tensors of {arch.name}")
+        check_family_tensors(tower, arch, str(path))
+        absent = [k for k in shapes if k not in tower]
+        full = {k: tower[k].float() if k in tower else torch.zeros(shape) for k, shape in shapes.items()}
+        canon = to_canonical(full, arch, what=str(path))
+        tv = cls(arch, canon, {k: v for k, v in md.items() if k not in ("arch",)})
+        tv.absent = absent
+        return tv
 
 
 def _family_keys_for(arch: ViTArch, canon: set[str]) -> set[str]:

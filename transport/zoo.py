@@ -504,9 +504,7 @@ class _Writer:
 
     def save(self, name: str, model: Model, kind: str, task: Optional[str] = None, base: Optional[str] = None,
              run: Optional[TrainResult] = None, perm: Optional[UnitPermutation] = None) -> None:
-        from safetensors.torch import save_file
-
-        from transport.io import save_model
+        from transport.io import save_model, write_safetensors
 
         pre = name.split("+")[0]
         desc = _DESCRIPTIONS[pre] if task is None else f"{pre} fine-tuned on {task} (head frozen)"
@@ -519,9 +517,7 @@ class _Writer:
                "cpu_seconds": round(run.cpu_seconds, 3) if run else 0.0}
         if perm is not None:
             pf = _perm_file(self.root, name, self.seed)
-            tmp = pf.with_name(f".{pf.name}.tmp-{os.getpid()}")
-            save_file({k: v.contiguous() for k, v in perm.tensors().items()}, str(tmp))
-            os.replace(tmp, pf)
+            write_safetensors(pf, {k: v.contiguous() for k, v in perm.tensors().items()})
             rec["perm_file"] = str(pf.relative_to(self.root))
         self.records.append(rec)
 

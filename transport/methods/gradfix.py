@@ -319,13 +319,13 @@ class GradFixAlignment:
                 "agreement_total": stats["agreement_total"], "no_grad": no_grad}
 
     def save(self, directory) -> None:
-        from safetensors.torch import save_file
+        from transport.io import write_safetensors
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         tensors = {f"counts/{k}": v.contiguous() for k, v in self.counts.items()}
         tensors.update({f"grad/{k}": v.contiguous() for k, v in self.grad.items()})
-        save_file(tensors, str(d / VOTES_FILE))
+        write_safetensors(d / VOTES_FILE, tensors)
         meta = {"method": "gradfix", "arch": self.arch.to_json(), "n_samples": self.n_samples, "vote": self.vote,
                 "shots": self.shots, "no_grad": self.no_grad, "mean_loss": self.mean_loss,
                 "micro_batch": self.micro_batch, "last": self.last, "order": list(self.counts)}

@@ -169,7 +169,7 @@ class TheseusAlignment:
 
     # -- files --------------------------------------------------------------------------------
     def save(self, directory) -> None:
-        from safetensors.torch import save_file
+        from transport.io import write_safetensors
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
@@ -181,7 +181,7 @@ class TheseusAlignment:
             if s.get("labels") is not None:
                 tensors[f"pca/{space}/labels"] = s["labels"].contiguous().cpu()
             pca_labels[space] = s.get("labels") is not None
-        save_file(tensors, str(d / "theseus.safetensors"))
+        write_safetensors(d / "theseus.safetensors", tensors)
         meta = {"format": "transport.theseus", "source_arch": self.source_arch.to_json(),
                 "target_arch": self.target_arch.to_json(), "options": self.options, "info": self.info,
                 "map_order": list(self.maps), "pca_order": list(self.pca_sample)}
@@ -268,7 +268,7 @@ def _token_rows(xa: Tensor, xb: Tensor) -> tuple[Tensor, Tensor]:
 def _calibration(task, n: int, seed: int) -> tuple[Tensor, Optional[Tensor]]:
     """Calibration images of the train split and, when the task has them, their labels (display only)."""
     x, y = task.calibration(n, seed, with_labels=True)
-    return x, (y if y is not None and len(y) == len(x) else None)
+    return x, (y if task.labelled and y is not None and len(y) == len(x) else None)
 
 
 # ----------------------------------------------------------------------------------------------

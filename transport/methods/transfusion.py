@@ -576,12 +576,12 @@ class TransFusionAlignment:
         return json.loads(json.dumps(self.info))
 
     def save(self, directory) -> None:
-        from safetensors.torch import save_file
+        from transport.io import write_safetensors
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().long().contiguous() for k, v in self.perms.items()},
-                  str(d / "permutations.safetensors"), metadata={"arch": self.arch.to_json()})
+        write_safetensors(d / "permutations.safetensors", {k: v.detach().cpu().long() for k, v in self.perms.items()},
+                          {"arch": self.arch.to_json()})
         (d / "alignment.json").write_text(json.dumps({"arch": json.loads(self.arch.to_json()),
                                                       "diagnostics": self.info}))
 
