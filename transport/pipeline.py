@@ -11,7 +11,7 @@ import torch
 from transport import __version__, cache
 from transport.data import Task
 from transport.errors import TransportError
-from transport.evaluate import AlphaSweep, accuracy, default_alpha_grid, sweep_alpha
+from transport.evaluate import AlphaSweep, accuracy, check_alphas, default_alpha_grid, sweep_alpha
 from transport.methods import (MethodInfo, Progress, TransportInputs, check_compatible, get_method, no_progress,
                                resolve_device)
 from transport.model import Model
@@ -90,6 +90,7 @@ class TransferResult:
     diagnostics: dict = field(default_factory=dict)
     cache_hit: bool = False
     inputs: dict[str, str] = field(default_factory=dict)
+    shots_per_class: Optional[dict[str, int]] = None  # labelled samples really drawn per class (K or fewer)
 
     def report(self) -> dict:
         return {
@@ -98,7 +99,7 @@ class TransferResult:
             "alpha_sweep": None if self.sweep is None else self.sweep.to_dict(),
             "naive_alpha_sweep": None if self.naive_sweep is None else self.naive_sweep.to_dict(),
             "accuracies": self.accuracies, "timings_s": self.timings, "cache_hit": self.cache_hit,
-            "diagnostics": self.diagnostics,
+            "diagnostics": self.diagnostics, "shots_per_class": self.shots_per_class,
         }
 
 
@@ -128,6 +129,9 @@ def transfer(source_pre: Model, source_ft: Model, target: Model, method: str, ta
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     tau = TaskVector.from_models(source_pre.params, source_ft.params, source_pre.arch)
+    scored = task is not None and evaluate and task.labelled  # images without classes: no accuracies
+    check_alphas([alpha] if alpha is not None else (alpha_grid or default_alpha_grid()) if scored else [1.0],
+                 tau, target.params)
     inputs = TransportInputs(source_pre, target, task, shots, seed, device)
     base = None
     name = method if isinstance(method, str) else method.name
@@ -151,7 +155,9 @@ def transfer(source_pre: Model, source_ft: Model, target: Model, method: str, ta
                             diagnostics=prep.alignment.diagnostics(),
                             inputs={"source_pre": source_pre.ref, "source_ft": source_ft.ref, "target": target.ref,
                                     "task": task.name if task else "", "shots": str(shots), "seed": str(seed)})
-    if task is not None and evaluate:
+    if task is not None and task.labelled and "labelled" in (prep.method.data, base.method.data if base else ""):
+        result.shots_per_class = task.shot_counts(shots)
+    if scored:
         progress(0.75, "evaluating")
         t2 = time.perf_counter()
         grid = alpha_grid or default_alpha_grid()
