@@ -135,6 +135,9 @@ def test_out_equal_to_or_containing_an_input_or_the_cwd_is_refused(files, tmp_pa
                                                        "--source-pre": files["A3"], "--source-ft": files["A_ft3"],
                                                        "--target": files["B3"]}), capsys)
     assert rc == 2 and err.startswith(f"error: --out {files['shapes']}: is the input --data {files['shapes']}")
+    cache = Path(os.environ["TRANSPORT_CACHE_DIR"])
+    rc, _, err = _run(_base(files, cache, **{"--force": True}), capsys)
+    assert rc == 2 and err == f"error: --out {cache}: is the cache directory {cache}; choose another output directory\n"
     work = tmp_path / "work"
     work.mkdir()
     (work / "mine.txt").write_text("keep")

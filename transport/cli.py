@@ -164,7 +164,8 @@ def check_out_dir(out: Path, force: bool, inputs: Optional[dict[str, Path]] = No
     for label, path in {**(inputs or {}), "the working directory": Path.cwd()}.items():
         p = path.resolve()
         if target == p or target in p.parents:
-            what = label if label.startswith("the ") else f"the input {label} {path}"
+            what = label if label == "the working directory" else (
+                f"{label} {path}" if label.startswith("the ") else f"the input {label} {path}")
             raise TransportError(f"--out {out}: {'is' if target == p else 'contains'} {what}; "
                                  "choose another output directory")
     if not out.is_dir() or not any(out.iterdir()):
