@@ -118,12 +118,12 @@ def route_noise(mode: str, d: int) -> float:
     """What a route promises about S: every singular value it returns lies within this fraction of
     S_max of the exact one, for a C whose smaller side is ``d``.
 
-    The SVD is backward stable: S comes out within a few ``d^(1/4) * eps * S_max`` (measured on exactly
-    rank-deficient C, d = 12..3072, 1 and 2 threads: at most 0.8 of that). The eigh routes take
-    ``S = sqrt(eigenvalue of C C^T)``; the eigenvalues carry the same relative rounding of
-    ``S_max^2``, so a zero singular value comes out as large as ``sqrt(d^(1/4) * eps) * S_max``
-    (float64 ~1.5e-8, float32 ~3.5e-4; measured at most 0.8 of that). eps is the working precision's
-    (float32 for 'svd32' and 'eigh32'); the promise is NULL_SAFETY times these floors.
+    The SVD is backward stable: S comes out within about ``d^(1/4) * eps * S_max``. The eigh routes take
+    ``S = sqrt(eigenvalue of C C^T)``; the eigenvalues carry the same relative rounding of ``S_max^2``,
+    so a zero singular value comes out as large as ``sqrt(d^(1/4) * eps) * S_max`` (float64 ~1.5e-8,
+    float32 ~3.5e-4). eps is the working precision's (float32 for 'svd32' and 'eigh32'). On exactly
+    rank-deficient C (d = 12..3072, 1 and 2 threads, ``python -m bench.polar_floors``) the zero singular
+    values came out at most 0.85 of these floors; the promise is NULL_SAFETY times them.
     """
     floor = max(d, 1) ** 0.25 * _eps(mode)
     return NULL_SAFETY * (floor if mode.startswith("svd") else math.sqrt(floor))
@@ -136,7 +136,7 @@ def null_tol(mode: str, d: int) -> float:
     What C adds along a direction is measured from its products, not from S: the SVD routes read it as
     S itself, the eigh routes as ``|R_ii|`` of the QR of ``(U^T C)^T`` (what row i of ``U^T C`` holds
     beyond the stronger rows), whose rounding is that of a matrix product, ``d^(1/4) * eps * S_max``
-    (measured at most 0.8 (SVD) and 0.24 (eigh) of that on exactly null directions), not the
+    (measured at most 0.85 (SVD) and 0.24 (eigh) of that on exactly null directions), not the
     ``sqrt(eps)`` of S = sqrt(eigenvalue). So directions too weak for the eigenvalues to resolve still
     get their map from C, and directions C does not see at all follow the reference on every machine.
     """
