@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from transport.procrustes import (CrossCovariance, naive_map, null_tol, polar, polar_batch, procrustes_map,
+from transport.procrustes import (CrossCovariance, naive_map, polar, polar_batch, procrustes_map,
                                   resize_tokens, route_noise)
 
 MODES = ("svd", "svd32", "eigh", "eigh32")
