@@ -106,7 +106,7 @@ DEFAULT_CACHE = MemoryCache()
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ModelRef:
-    """A model the user picked: a reference ``transport.io.load_model`` reads, plus an architecture for
+    """A model the user picked: a reference ``transport.sources.load_model`` reads, plus an architecture for
     files that do not record theirs. ``task_vector``: the file is a task vector (source fine-tuned side)."""
 
     ref: str

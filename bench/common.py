@@ -11,7 +11,7 @@ import torch
 
 
 def random_model(arch_name: str, seed: int = 0, layers: int = 0):
-    """A random-init open_clip visual tower as a canonical :class:`transport.model.Model` (float32)."""
+    """A random-init open_clip visual tower as a canonical :class:`transport.core.model.Model` (float32)."""
     import dataclasses
 
     from transport.families.open_clip import build_open_clip_tower, open_clip_arch

@@ -189,9 +189,22 @@ def test_refuses_a_non_empty_out_dir_unless_forced(files, tmp_path, capsys):
     assert rc == 2
     assert err == f"error: {out}: output directory exists and is not empty (use --force to replace it)\n"
     assert (out / "keep.txt").read_text() == "old results"
+    # --force replaces only what this tool wrote: a user's directory is refused, byte for byte kept
     rc, _, err = _run(_base(files, out, **{"--force": True}), capsys)
+    assert rc == 2 and err == (f"error: {out}: --force replaces only an output directory this tool wrote (with its "
+                               "report.json); this one is not (it holds keep.txt)\n")
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and (out / "keep.txt").read_text() == "old results"
+    run = tmp_path / "run"
+    assert _run(_base(files, run), capsys)[0] == 0
+    assert json.loads((run / "report.json").read_text())["format"] == "transport.run"
+    rc, _, err = _run(_base(files, run, **{"--force": True, "--alpha": "0.5"}), capsys)
     assert rc == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["report.json", "task_vector.safetensors"]
+    assert sorted(p.name for p in run.iterdir()) == ["report.json", "task_vector.safetensors"]
+    assert json.loads((run / "report.json").read_text())["alpha"] == 0.5
+    (run / "notes.md").write_text("my notes")  # a user file inside an earlier run's directory
+    rc, _, err = _run(_base(files, run, **{"--force": True}), capsys)
+    assert rc == 2 and err == f"error: {run}: --force would delete files this tool did not write: notes.md; move them first\n"
+    assert (run / "notes.md").read_text() == "my notes"
     empty = tmp_path / "empty"
     empty.mkdir()
     assert _run(_base(files, empty), capsys)[0] == 0  # an existing empty directory is fine
@@ -203,6 +216,10 @@ def test_refuses_a_non_empty_out_dir_unless_forced(files, tmp_path, capsys):
 def test_output_is_atomic_when_writing_fails(files, tmp_path, capsys, monkeypatch):
     from transport.errors import TransportError
 
+    out = tmp_path / "out"
+    assert _run(_base(files, out), capsys)[0] == 0  # an earlier run's results
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
     def broken_save(tau, path, **meta):
         Path(path).write_bytes(b"partial")
         raise TransportError(f"{path}: disk full")
@@ -210,15 +227,13 @@ def test_output_is_atomic_when_writing_fails(files, tmp_path, capsys, monkeypatc
     import transport.sources
 
     monkeypatch.setattr(transport.sources, "save_task_vector", broken_save)
-    out = tmp_path / "out"
-    rc, _, err = _run(_base(files, out), capsys)
+    new = tmp_path / "new"
+    rc, _, err = _run(_base(files, new), capsys)
     assert rc == 2 and "disk full" in err and err.count("\n") == 1
-    assert not out.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no temp dir left behind
-    out.mkdir()
-    (out / "keep.txt").write_text("old")
+    assert not new.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp dir left behind
     rc, _, _ = _run(_base(files, out, **{"--force": True}), capsys)
-    assert rc == 2 and sorted(p.name for p in out.iterdir()) == ["keep.txt"]  # old results untouched
+    assert rc == 2 and {p.name: p.read_bytes() for p in out.iterdir()} == before  # old results untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
@@ -227,7 +242,7 @@ BAD = {
     "truncated file": ({"--target": "A_cut"}, "A_cut.safetensors: not a readable safetensors file (truncated"),
     "nan weights": ({"--target": "B_nan"}, "tensor transformer.resblocks.1.mlp.c_proj.weight contains NaN or Inf"),
     "arch mismatch": ({"--target": "W"}, "naive needs source and target of the same architecture"),
-    "pickle": ({"--source-pre": "A_module"}, "refusing to unpickle open_clip.transformer.VisionTransformer"),
+    "pickle": ({"--source-pre": "A_module"}, "this file runs code when loaded (GLOBAL open_clip.transformer.VisionTransformer"),
     "unknown method": ({"--method": "magic"}, "unknown method 'magic' (known: naive, transfusion, gradfix, theseus)"),
     "undeclared flag": ({"--vote": "mean"}, "--vote is not an option of method naive (its options: none)"),
     "undeclared option": ({"--option": "foo=1"}, "--option foo: not an option of method naive"),

@@ -2,7 +2,9 @@
 
 ``run`` transports tau = source_ft - source_pre onto the target with a method and writes ``DIR/task_vector.safetensors``
 (the transported tau at alpha = 1 in the TARGET's own parameter names and shapes, loadable with plain safetensors)
-and ``DIR/report.json``. Every bad input exits with code 2 and one line ``error: ...`` on stderr.
+and ``DIR/report.json``. Every bad input exits with code 2 and one line ``error: ...`` on stderr; anything
+unexpected (a bug) exits with code 1 and one line ``error: unexpected TYPE: MESSAGE (traceback saved to
+FILE)``. Warnings are one line each, ``warning: ...``.
 """
 from __future__ import annotations
 
@@ -13,13 +15,19 @@ import os
 import shutil
 import sys
 import tempfile
+import time
+import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from transport import __version__
-from transport.errors import NotImplementedYet, TransportError
+from transport.errors import NotImplementedYet, TransportError, warn
 
-EXIT_OK, EXIT_ERROR = 0, 2
+EXIT_OK, EXIT_UNEXPECTED, EXIT_ERROR = 0, 1, 2
+#: ``report.json``'s ``format``: how ``--force`` recognises an output directory this tool wrote
+RUN_FORMAT = "transport.run"
+RUN_FILES = ("report.json", "task_vector.safetensors")
 
 
 
@@ -43,7 +51,7 @@ def _add_method_flags(group: argparse._ArgumentGroup) -> None:
         if o.choices is not None:
             kwargs["choices"] = list(o.choices)
         elif isinstance(o.default, bool):
-            kwargs["type"] = lambda t: _parse_value(name, t, False)
+            kwargs["type"] = lambda t, n=name: _parse_value(n, t, False)
         elif isinstance(o.default, (int, float)):
             kwargs.update(type=type(o.default), metavar="N")
         group.add_argument(f"--{name.replace('_', '-')}", dest=name, **kwargs)
@@ -79,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(e.g. --method gradfix --on transfusion)")
     data = r.add_mutually_exclusive_group()
     data.add_argument("--task", metavar="NAME", help="a built-in task (digits, rot90, invert, hflip, ...)")
-    data.add_argument("--data", metavar="DIR", help="an ImageFolder (one sub-folder per class)")
+    data.add_argument("--data", metavar="DIR", help="an ImageFolder (one sub-folder per class), or a folder of "
+                      "images without classes (unlabelled: naive, transfusion, theseus)")
     r.add_argument("--shots", type=int, default=2, metavar="K", help="labelled samples per class (gradfix)")
     alpha = r.add_mutually_exclusive_group()
     alpha.add_argument("--alpha", type=float, metavar="A", help="fixed scaling (default: chosen on validation)")
@@ -87,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto", help="cpu | cuda | auto (default)")
     r.add_argument("--seed", type=int, default=0, metavar="S", help="seed for shots, random inits and methods")
     r.add_argument("--out", required=True, metavar="DIR", help="output directory (must be new or empty)")
-    r.add_argument("--force", action="store_true", help="replace an existing non-empty output directory")
+    r.add_argument("--force", action="store_true", help="replace an output directory an earlier run wrote")
     r.add_argument("--trust-pickle", action="store_true", help="allow loading pickled whole modules (runs code)")
     r.add_argument("--no-cache", action="store_true", help="recompute the alignment even if it is cached")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -156,18 +165,68 @@ def collect_options(args: argparse.Namespace, declared: dict[str, Any], method: 
     return out
 
 
-def check_out_dir(out: Path, force: bool) -> None:
+def check_out_dir(out: Path, force: bool, inputs: Optional[dict[str, Path]] = None) -> None:
+    """Refuse an ``--out`` that would lose data: one equal to or containing an input or the working
+    directory, a non-empty one without ``--force``, and with ``--force`` one this tool did not write
+    (its ``report.json`` says ``format: transport.run`` and it holds nothing else the tool writes)."""
     if out.exists() and not out.is_dir():
         raise TransportError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
+    target = out.resolve()
+    for label, path in {**(inputs or {}), "the working directory": Path.cwd()}.items():
+        p = path.resolve()
+        if target == p or target in p.parents:
+            what = label if label == "the working directory" else (
+                f"{label} {path}" if label.startswith("the ") else f"the input {label} {path}")
+            raise TransportError(f"--out {out}: {'is' if target == p else 'contains'} {what}; "
+                                 "choose another output directory")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not force:
         raise TransportError(f"{out}: output directory exists and is not empty (use --force to replace it)")
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir())
+    if not _written_by_us(out):
+        shown = ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
+        raise TransportError(f"{out}: --force replaces only an output directory this tool wrote (with its "
+                             f"report.json); this one is not (it holds {shown})")
+    foreign = [n for n in names if n not in RUN_FILES]
+    if foreign:
+        raise TransportError(f"{out}: --force would delete files this tool did not write: {', '.join(foreign[:4])}"
+                             + (f" (+{len(foreign) - 4} more)" if len(foreign) > 4 else "") + "; move them first")
 
 
-def write_atomically(out: Path, force: bool, writer: Callable[[Path], None]) -> None:
+def _written_by_us(out: Path) -> bool:
+    try:
+        report = json.loads((out / "report.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(report, dict):
+        return False
+    legacy = report.get("command", [])[:3] == ["python", "-m", "transport"] and "transport_version" in report
+    return report.get("format") == RUN_FORMAT or legacy
+
+
+def check_writable(out: Path) -> None:
+    """Fail now, not after the computation, when ``--out`` cannot be created (read-only, not a directory)."""
+    a = out.absolute().parent
+    while not a.exists() and a != a.parent:
+        a = a.parent
+    if not a.is_dir():
+        raise TransportError(f"--out {out}: {a} is not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".transport-probe-", dir=a))
+    except OSError as e:
+        raise TransportError(f"--out {out}: cannot write in {a} ({e.strerror or type(e).__name__})") from None
+
+
+def write_atomically(out: Path, force: bool, writer: Callable[[Path], None],
+                     inputs: Optional[dict[str, Path]] = None) -> None:
     """Fill a temp dir next to ``out`` with ``writer``, then rename it into place (no partial ``out`` ever)."""
     out = out.absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise TransportError(f"--out {out}: cannot write in {out.parent} ({e.strerror or type(e).__name__})") from None
     old: Optional[Path] = None
     try:
         writer(tmp)
@@ -176,7 +235,7 @@ def write_atomically(out: Path, force: bool, writer: Callable[[Path], None]) -> 
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes the directory private; results are ordinary files
         for f in tmp.rglob("*"):
             os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
-        check_out_dir(out, force)  # it may have appeared while we were computing
+        check_out_dir(out, force, inputs)  # it may have appeared while we were computing
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, old)
@@ -233,38 +292,64 @@ def _json_safe(obj: Any) -> Any:
 # ----------------------------------------------------------------------------------------------
 # commands
 # ----------------------------------------------------------------------------------------------
-def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    import torch
+def _check_run_args(args: argparse.Namespace) -> Optional[list[float]]:
+    """Checks that need nothing loaded; returns the alpha grid."""
+    from transport.data import MAX_SEED
+    from transport.core.evaluate import FLOAT32_MAX, parse_alpha_grid
 
-    from transport.core.evaluate import parse_alpha_grid
-    from transport.core.layout import same_shapes
-    from transport.core.task_vector import TaskVector
-    from transport.data import load_image_folder, load_task
-    from transport.methods import TransportInputs, check_compatible, get_method, resolve_device
-    from transport.pipeline import transfer
-    from transport.sources import load_model, load_task_vector, parse_arch, save_task_vector
-
-    out = Path(args.out)
-    check_out_dir(out, args.force)
-    info = get_method(args.method)
-    base_info = get_method(args.on) if args.on else None
-    options = collect_options(args, info.options, info.name)
     if args.shots < 1:
         raise TransportError(f"--shots must be >= 1, got {args.shots}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise TransportError(f"--seed must be in 0..{MAX_SEED} (2**63 - 1), got {args.seed}")
     grid = parse_alpha_grid(args.alpha_grid) if args.alpha_grid else None
     if args.alpha is not None and not math.isfinite(args.alpha):
         raise TransportError(f"--alpha must be a finite number, got {args.alpha}")
-    device = resolve_device(args.device)
-    torch.manual_seed(args.seed)
+    for flag, values in (("--alpha", [args.alpha] if args.alpha is not None else []), ("--alpha-grid", grid or [])):
+        big = [a for a in values if abs(a) > FLOAT32_MAX]
+        if big:
+            raise TransportError(f"{flag}: {big[0]:g} is outside float32's range (largest {FLOAT32_MAX:.4g})")
+    if grid is not None and not args.task and not args.data:
+        raise TransportError("--alpha-grid chooses alpha on a validation split: give --task or --data with classes")
+    return grid
+
+
+def _input_paths(args: argparse.Namespace) -> dict[str, Path]:
+    """Every file or folder the run reads (and the cache it writes), by the flag that names it."""
+    from transport.cache import cache_root
+
+    out: dict[str, Path] = {}
+    for flag in ("source_pre", "source_ft", "task_vector", "target", "oracle", "arch", "target_arch", "data"):
+        ref = getattr(args, flag, None)
+        if not ref:
+            continue
+        if ref.startswith("zoo:"):
+            from transport.zoo import zoo_root
+
+            out["the demo zoo"] = zoo_root()
+        elif not ref.startswith(("open_clip:", "hf:")) and Path(ref).exists():
+            out["--" + flag.replace("_", "-")] = Path(ref)
+    out["the cache directory"] = cache_root()
+    return out
+
+
+def _load_models(args: argparse.Namespace):
+    """source_pre, source_ft, target, oracle (checked against each other)."""
+    from transport.core.layout import same_shapes
+    from transport.core.task_vector import TaskVector
+    from transport.sources import family_shapes, load_model, load_task_vector, parse_arch
 
     src_arch = parse_arch(args.arch) if args.arch else None
     tgt_arch = parse_arch(args.target_arch) if args.target_arch else src_arch
     source_pre = load_model(args.source_pre, src_arch, args.trust_pickle, args.seed)
     if args.task_vector:
-        tau = load_task_vector(args.task_vector, src_arch)
+        tau = load_task_vector(args.task_vector, src_arch or source_pre.arch, args.trust_pickle)
         if not same_shapes(tau.arch, source_pre.arch):
             raise TransportError(f"{args.task_vector}: the task vector is for {tau.arch.name}, "
                                  f"{args.source_pre} is {source_pre.arch.name} (shapes differ)")
+        if tau.absent:
+            print(f"note: {args.task_vector}: {len(tau.absent)} of the {len(family_shapes(tau.arch))} tensors of "
+                  f"{tau.arch.name} are absent from the task vector and read as zero (e.g. {tau.absent[0]})",
+                  file=sys.stderr)
         tau = TaskVector(source_pre.arch, tau.tensors, tau.meta)
         source_ft = source_pre.with_params(tau.apply_to(source_pre.params, 1.0), ref=args.task_vector)
     else:
@@ -279,36 +364,98 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     for a, b in ((source_pre, source_ft), (target, oracle)):
         if b is not None and (a.arch.act, a.arch.mean, a.arch.std) != (b.arch.act, b.arch.mean, b.arch.std):
             # same shapes but another activation or normalisation: usually a wrong --arch (e.g. a QuickGELU tag)
-            print(f"warning: {b.ref} runs as {b.arch.name} (act {b.arch.act}) but {a.ref} as {a.arch.name} "
-                  f"(act {a.arch.act}); pass the matching --arch if they are the same model", file=sys.stderr)
-    if options.get("variant") == "oracle":
-        if oracle is None:
-            raise TransportError("--variant oracle needs --oracle REF (the target fine-tuned on the task)")
-        if "oracle_tau" not in info.options:
-            raise TransportError(f"--variant oracle: {info.name} takes no oracle task vector (no 'oracle_tau' option)")
-        options["oracle_tau"] = TaskVector.from_models(target.params, oracle.params, target.arch)
+            warn(f"{b.ref} runs as {b.arch.name} (act {b.arch.act}) but {a.ref} as {a.arch.name} "
+                 f"(act {a.arch.act}); pass the matching --arch if they are the same model")
+    return source_pre, source_ft, target, oracle
+
+
+def _load_task(args: argparse.Namespace, target, models: list, infos: list, grid: Optional[list[float]]):
+    """The task (labelled or not) with every head the evaluation needs checked now."""
+    from transport.data import load_image_folder, load_task
 
     task = None
     if args.task:
         task = load_task(args.task, image_size=target.arch.image_size, seed=args.seed)
     elif args.data:
         task = load_image_folder(args.data, image_size=target.arch.image_size, seed=args.seed)
+    if task is None:
+        return None
+    if not task.labelled:
+        if grid is not None:
+            raise TransportError(f"--alpha-grid: {args.data} holds images without classes, so there is no "
+                                 "validation accuracy to choose alpha on (give --alpha)")
+        return task
+    for model in models:
+        model.classifier(task.classnames)
+    if any(m is not None and m.data == "labelled" for m in infos):
+        counts = task.shot_counts(args.shots)
+        short = {c: n for c, n in counts.items() if n < args.shots}
+        if short:
+            warn(f"--shots {args.shots}: the train split holds fewer images for {len(short)} of {len(counts)} "
+                 f"classes; using {min(counts.values())}..{max(counts.values())} per class "
+                 "(report.json: shots_per_class)")
+    return task
+
+
+def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from transport import cache
+    from transport.methods import TransportInputs, check_compatible, get_method, resolve_device
+    from transport.core.task_vector import TaskVector
+    from transport.pipeline import transfer
+
+    import torch
+
+    out = Path(args.out)
+    inputs = _input_paths(args)
+    check_out_dir(out, args.force, inputs)
+    check_writable(out)
+    info = get_method(args.method)
+    base_info = get_method(args.on) if args.on else None
+    options = collect_options(args, info.options, info.name)
+    grid = _check_run_args(args)
+    device = resolve_device(args.device)
+    use_cache = not args.no_cache
+    if use_cache:
+        problem = cache.writable()
+        if problem is not None:
+            warn(f"cache directory {cache.cache_root()} is not writable ({problem}); running without the cache")
+            use_cache = False
+    torch.manual_seed(args.seed)
+
+    source_pre, source_ft, target, oracle = _load_models(args)
+    if options.get("variant") == "oracle":
+        if oracle is None:
+            raise TransportError("--variant oracle needs --oracle REF (the target fine-tuned on the task)")
+        if "oracle_tau" not in info.options:
+            raise TransportError(f"--variant oracle: {info.name} takes no oracle task vector (no 'oracle_tau' option)")
+        options["oracle_tau"] = TaskVector.from_models(target.params, oracle.params, target.arch)
+    models = [m for m in (target, source_pre, source_ft, oracle) if m is not None]
+    task = _load_task(args, target, models, [info, base_info], grid)
     # Fail before any long computation: architecture, data needs, heads to evaluate with.
     for m in (info, base_info):
         if m is not None:
             check_compatible(m, TransportInputs(source_pre, target, task, args.shots, args.seed, device))
-    if task is not None:
-        for model in (target, source_pre, source_ft) + ((oracle,) if oracle is not None else ()):
-            model.classifier(task.classnames)
+    if task is not None and not task.labelled:
+        print(f"note: {args.data} holds images without classes: no accuracy table "
+              f"(alpha = {args.alpha if args.alpha is not None else 1:g})", file=sys.stderr)
 
     bar = _Bar(enabled=not args.no_progress)
     try:
         result = transfer(source_pre, source_ft, target, info.name, task=task, options=options, alpha=args.alpha,
                           alpha_grid=grid, shots=args.shots, seed=args.seed, device=device, oracle=oracle,
-                          progress=bar, use_cache=not args.no_cache, evaluate=task is not None,
+                          progress=bar, use_cache=use_cache, evaluate=task is not None,
                           on=base_info.name if base_info else None)
     finally:
         bar.close()
+    _write_run(args, argv, out, inputs, result, source_pre, target, info, base_info, task, device)
+    return EXIT_OK
+
+
+def _write_run(args, argv, out: Path, inputs: dict[str, Path], result, source_pre, target, info, base_info,
+               task, device: str) -> None:
+    from transport.core.layout import same_shapes
+    from transport.core.task_vector import TaskVector
+    from transport.sources import save_task_vector
 
     transported = result.transported
     if not same_shapes(transported.arch, target.arch):
@@ -316,11 +463,12 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
                              f"not for the target {target.arch.name}")
     # Canonical tensors are family-free: save them under the TARGET's own names and shapes.
     transported = TaskVector(target.arch, transported.tensors, transported.meta)
-    report = result.report()
+    report = {"format": RUN_FORMAT, **result.report()}
     report["options"] = {k: v for k, v in report["options"].items() if k != "oracle_tau"}
     report["inputs"].update({"source_pre_arch": source_pre.arch.name, "target_arch": target.arch.name,
                              "oracle": args.oracle or "", "data": args.data or "", "device": device})
-    report["alpha_source"] = "fixed" if args.alpha is not None else ("validation" if task is not None else "default")
+    scored = task is not None and task.labelled
+    report["alpha_source"] = "fixed" if args.alpha is not None else ("validation" if scored else "default")
     report["command"] = ["python", "-m", "transport", *argv]
     meta = {"format": "transport.task_vector", "source_pre": args.source_pre,
             "source_ft": args.source_ft or f"task_vector:{args.task_vector}", "target": args.target,
@@ -333,14 +481,17 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         save_task_vector(transported, tmp / "task_vector.safetensors", **meta)
         (tmp / "report.json").write_text(json.dumps(_json_safe(report), indent=2, sort_keys=True) + "\n")
 
-    write_atomically(out, args.force, writer)
+    write_atomically(out, args.force, writer, inputs)
     _print_summary(result, out)
-    return EXIT_OK
 
 
 def _print_summary(result: Any, out: Path) -> None:
     print(f"method {result.method}: alpha = {result.alpha:g}"
           + (" (chosen on validation)" if result.sweep is not None else ""))
+    if result.shots_per_class:
+        counts = sorted(set(result.shots_per_class.values()))
+        print(f"  labelled shots per class: {counts[0]}" + (f"..{counts[-1]}" if len(counts) > 1 else "")
+              + f" (asked for {result.inputs.get('shots')})")
     for name, acc in result.accuracies.items():
         print(f"  {name:<20} {100 * acc:6.2f}%" if isinstance(acc, float) and math.isfinite(acc) else f"  {name:<20} n/a")
     print(f"wrote {out / 'task_vector.safetensors'} and {out / 'report.json'}")
@@ -385,21 +536,52 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the CLI; returns the exit code (0 ok, 2 bad input or unavailable method, one line on stderr)."""
+    """Run the CLI; returns the exit code: 0 ok, 2 bad input or unavailable method (one line on stderr),
+    1 an unexpected failure (one line naming the saved traceback), 130 interrupted."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = build_parser().parse_args(argv)
-        if args.command == "run":
-            return cmd_run(args, argv)
-        if args.command == "zoo":
-            return cmd_zoo(args)
-        return cmd_methods(args)
-    except TransportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = _show_warning
+        try:
+            args = build_parser().parse_args(argv)
+            if args.command == "run":
+                return cmd_run(args, argv)
+            if args.command == "zoo":
+                return cmd_zoo(args)
+            return cmd_methods(args)
+        except TransportError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_ERROR
+        except KeyboardInterrupt:
+            print("error: interrupted", file=sys.stderr)
+            return 130
+        except Exception as e:  # noqa: BLE001 - the one place a bug becomes a line a user can report
+            saved = save_traceback(e, argv)
+            text = " ".join(str(e).split())[:300]
+            print(f"error: unexpected {type(e).__name__}: {text} (traceback saved to {saved})", file=sys.stderr)
+            return EXIT_UNEXPECTED
 
 
-__all__ = ["main", "build_parser", "collect_options", "write_atomically", "method_flags"]
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+def save_traceback(e: BaseException, argv: Sequence[str]) -> str:
+    """Write the traceback of ``e`` under the cache root's ``crashes/`` (else the temp dir); its path."""
+    from transport.cache import cache_root
+
+    text = (f"transport {__version__}\ncommand: python -m transport {' '.join(argv)}\n\n"
+            + "".join(traceback.format_exception(type(e), e, e.__traceback__)))
+    name = f"traceback-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    for d in (cache_root() / "crashes", Path(tempfile.gettempdir()) / "task-transport-crashes"):
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            (d / name).write_text(text)
+            return str(d / name)
+        except OSError:
+            continue
+    return "nowhere: no writable directory"
+
+
+__all__ = ["main", "build_parser", "collect_options", "check_out_dir", "check_writable", "write_atomically",
+           "save_traceback", "method_flags", "RUN_FORMAT"]

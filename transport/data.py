@@ -28,6 +28,16 @@ class Task:
     splits: dict[str, tuple[Tensor, Tensor]]
     description: str = ""
 
+    @property
+    def labelled(self) -> bool:
+        """False for images without classes (an ImageFolder with no class sub-folders; labels are -1)."""
+        return bool(self.classnames)
+
+    def shot_counts(self, k: int, split: str = "train") -> dict[str, int]:
+        """How many samples :meth:`shots` really draws per class: K, or fewer where the split has fewer."""
+        _, y = self.split(split)
+        return {c: min(k, int((y == i).sum())) for i, c in enumerate(self.classnames)}
+
     def split(self, name: str) -> tuple[Tensor, Tensor]:
         if name not in self.splits:
             raise TransportError(f"task {self.name}: no '{name}' split")
@@ -39,6 +49,8 @@ class Task:
             raise TransportError(f"shots must be >= 1, got {k}")
         if split == "test":
             raise TransportError("shots are never drawn from the test split")
+        if not self.labelled:
+            raise TransportError(f"task {self.name}: the images have no classes, so there are no labelled shots")
         x, y = self.split(split)
         g = torch.Generator().manual_seed(seed)
         idx = []
@@ -127,28 +139,43 @@ def builtin_tasks() -> list[str]:
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
-def load_image_folder(root: str | Path, image_size: int = 224, seed: int = 0) -> Task:
-    """An ImageFolder (one sub-folder per class) as a Task with a seeded 60/15/25 split per class."""
-    from PIL import Image, UnidentifiedImageError
+#: the largest seed every generator used here accepts (numpy's takes no negative seed, torch's 64 bits)
+MAX_SEED = 2**63 - 1
 
+
+def check_seed(seed: int) -> None:
+    if not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise TransportError(f"seed must be an integer in 0..{MAX_SEED} (2**63 - 1), got {seed}")
+
+
+def load_image_folder(root: str | Path, image_size: int = 224, seed: int = 0) -> Task:
+    """An ImageFolder as a Task: one sub-folder per class with a seeded 60/15/25 split per class, or
+    images directly in ``root`` (no sub-folders) as an unlabelled task (every image in the train split)."""
+    check_seed(seed)
     root = Path(root)
     if not root.is_dir():
         raise TransportError(f"{root}: not a directory (expected one sub-folder per class)")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    entries = _listdir(root)
+    classes = sorted(p.name for p in entries if p.is_dir() and not p.name.startswith("."))
+    loose = sorted(p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_EXT)
+    if classes and loose:
+        raise TransportError(f"{root}: holds class sub-folders and also {len(loose)} image(s) outside them "
+                             f"(e.g. {loose[0].name}); put every image in a class folder, or none for unlabelled data")
     if not classes:
-        raise TransportError(f"{root}: no class sub-folders found (expected one sub-folder per class)")
+        if not loose:
+            raise TransportError(f"{root}: no class sub-folders found (expected one sub-folder per class, "
+                                 "or images directly in it for unlabelled data)")
+        x = torch.stack([load_image(f, image_size) for f in loose])
+        y = torch.full((len(x),), -1, dtype=torch.long)
+        empty = (x[:0], y[:0])
+        return Task(root.name, [], {"train": (x, y), "val": empty, "test": empty}, f"unlabelled images {root}")
     images, labels = [], []
     for c, name in enumerate(classes):
-        files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_EXT)
+        files = sorted(p for p in _listdir(root / name) if p.suffix.lower() in IMAGE_EXT)
         if not files:
             raise TransportError(f"{root / name}: class folder holds no images")
         for f in files:
-            try:
-                with Image.open(f) as im:
-                    im = im.convert("RGB").resize((image_size, image_size), Image.BICUBIC)
-                    images.append(torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1))
-            except (UnidentifiedImageError, OSError) as e:
-                raise TransportError(f"{f}: not a readable image ({type(e).__name__})") from None
+            images.append(load_image(f, image_size))
             labels.append(c)
     x, y = torch.stack(images), torch.tensor(labels)
     rng = np.random.default_rng(seed)
@@ -163,6 +190,57 @@ def load_image_folder(root: str | Path, image_size: int = 224, seed: int = 0) ->
         parts["test"] += idx[b:].tolist()
     splits = {s: (x[torch.tensor(i, dtype=torch.long)], y[torch.tensor(i, dtype=torch.long)]) for s, i in parts.items()}
     return Task(root.name, classes, splits, f"ImageFolder {root}")
+
+
+def _listdir(d: Path) -> list[Path]:
+    try:
+        return list(d.iterdir())
+    except OSError as e:
+        raise TransportError(f"{d}: cannot read the folder ({e.strerror or type(e).__name__})") from None
+
+
+def load_image(f: Path, image_size: int) -> Tensor:
+    """One image file -> [3, S, S] float32 in [0, 1], each mode scaled by its own range (8-bit, 16-bit,
+    32-bit integers holding 16-bit data, floats in [0, 1]); decompression bombs are refused."""
+    from PIL import Image
+
+    try:
+        with Image.open(f) as im:
+            im.load()
+            if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+                return _high_bit(f, im, image_size)
+            im = im.convert("RGB").resize((image_size, image_size), Image.BICUBIC)
+            return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    except Image.DecompressionBombError as e:
+        raise TransportError(f"{f}: refusing to decode, a possible decompression bomb "
+                             f"({str(e).split(',')[0]})") from None
+    except TransportError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged image makes PIL fail in many ways (OSError, SyntaxError, ...)
+        raise TransportError(f"{f}: not a readable image ({type(e).__name__})") from None
+
+
+def _high_bit(f: Path, im, image_size: int) -> Tensor:
+    """A single-channel 16-bit, 32-bit integer or float image, scaled to [0, 1] by its mode's range."""
+    from PIL import Image
+
+    a = np.asarray(im)
+    if im.mode.startswith("I;16"):
+        g = a.astype(np.float32) / 65535.0
+    elif im.mode == "I":  # 32-bit integers: the mode 16-bit images decode to in some formats
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise TransportError(f"{f}: 32-bit integer image with values in [{a.min()}, {a.max()}]; "
+                                 "only 0..65535 (16-bit data) can be scaled, convert it to 8 or 16 bits")
+        g = a.astype(np.float32) / 65535.0
+    else:  # 'F': floats, which must already be intensities in [0, 1]
+        if not np.isfinite(a).all() or (a.size and (a.min() < 0 or a.max() > 1)):
+            raise TransportError(f"{f}: floating-point image with values in [{np.nanmin(a):g}, {np.nanmax(a):g}]; "
+                                 "expected intensities in [0, 1]")
+        g = a.astype(np.float32)
+    if g.shape != (image_size, image_size):
+        g = np.asarray(Image.fromarray(g).resize((image_size, image_size), Image.BICUBIC), dtype=np.float32)
+        g = np.clip(g, 0.0, 1.0)
+    return torch.from_numpy(np.ascontiguousarray(g)).unsqueeze(0).expand(3, -1, -1).contiguous()
 
 
 def load_task(name_or_dir: str, image_size: int = 224, seed: int = 0) -> Task:

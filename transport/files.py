@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import re
 import struct
+import sys
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -96,32 +98,44 @@ def _first_sentence(e: BaseException) -> str:
     return text[:cut + 1] if 0 < cut < 200 else text[:200]
 
 
-_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
-
-
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
+    """``torch.load`` with ``weights_only``; a pickle that needs more is named by what it would import."""
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = _GLOBAL.search(str(e))
-        if found is None:  # the weights-only unpickler choked on bytes that are not a pickle at all
-            raise TransportError(f"{path}: not a readable checkpoint (truncated, or neither safetensors nor "
-                                 f"a PyTorch file)") from None
-        if not trust_pickle:
-            raise TransportError(
-                f"{path}: refusing to unpickle {found.group(1)} (a pickled object can run code on load); "
-                f"re-save it as a state dict, or pass --trust-pickle if you trust its source"
-            ) from None
-        try:
-            return torch.load(str(path), map_location="cpu", weights_only=False)
-        except Exception as e2:  # noqa: BLE001 - any failure of a foreign pickle is the file's problem
-            raise TransportError(f"{path}: could not load even with --trust-pickle: {type(e2).__name__}: "
-                                 f"{_first_sentence(e2)}") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the error below says it in one line
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        pass  # the weights-only unpickler refused something: find out what below
     except (RuntimeError, OSError, EOFError) as e:  # torch's zip reader: cut or damaged archives
         raise TransportError(f"{path}: not a readable checkpoint (truncated or damaged): {_first_sentence(e)}") from None
     except Exception:  # noqa: BLE001 - garbage bytes make the unpickler fail in arbitrary ways (KeyError, ...)
         raise TransportError(f"{path}: not a readable checkpoint (truncated, or neither safetensors nor "
                              f"a PyTorch file)") from None
+    from transport.pickles import is_legacy_torch_file, pickle_globals, weights_only_allowed
+
+    names = pickle_globals(path)
+    if names is None:  # not a pickle at all
+        raise TransportError(f"{path}: not a readable checkpoint (truncated, or neither safetensors nor "
+                             f"a PyTorch file)")
+    allowed = weights_only_allowed()
+    blocked = [n for n in dict.fromkeys(names) if n not in allowed]
+    if not trust_pickle:
+        if blocked:
+            more = f", and {len(blocked) - 1} more" if len(blocked) > 1 else ""
+            raise TransportError(f"{path}: this file runs code when loaded (GLOBAL {blocked[0]}{more}); "
+                                 f"pass --trust-pickle only if you trust it")
+        raise TransportError(f"{path}: a pickle that only full unpickling reads (not written by torch.save); "
+                             f"pass --trust-pickle only if you trust it")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if zipfile.is_zipfile(path) or is_legacy_torch_file(path):
+                return torch.load(str(path), map_location="cpu", weights_only=False)
+            with open(path, "rb") as f:  # a raw pickle stream (pickle.dump), which torch.load does not read
+                return pickle.load(f)
+    except Exception as e:  # noqa: BLE001 - any failure of a foreign pickle is the file's problem
+        raise TransportError(f"{path}: could not load even with --trust-pickle: {type(e).__name__}: "
+                             f"{_first_sentence(e)}") from None
 
 
 def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:
@@ -165,7 +179,11 @@ def strip_prefix_if_all(sd: Mapping[str, Tensor], prefix: str, keep: tuple[str, 
 
 _DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-           torch.bool: "BOOL"}
+           torch.bool: "BOOL", torch.complex64: "C64"}
+for _name, _code in (("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64"), ("float8_e4m3fn", "F8_E4M3"),
+                     ("float8_e5m2", "F8_E5M2")):
+    if hasattr(torch, _name):
+        _DTYPES[getattr(torch, _name)] = _code
 
 
 def safetensors_bytes(tensors: Mapping[str, Tensor], metadata: Optional[Mapping[str, str]] = None) -> bytes:
@@ -182,13 +200,15 @@ def safetensors_bytes(tensors: Mapping[str, Tensor], metadata: Optional[Mapping[
         t = tensors[name].detach().cpu().contiguous()
         if t.dtype not in _DTYPES:
             raise TransportError(f"cannot write tensor {name} of dtype {t.dtype} as safetensors")
-        data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
         header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
         chunks.append(data)
         offset += len(data)
     if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
+    if sys.byteorder != "little":  # safetensors is little-endian; this writer copies native bytes
+        raise TransportError("writing safetensors needs a little-endian machine")
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     text += b" " * (-len(text) % 8)  # the data section starts 8-byte aligned
     return struct.pack("<Q", len(text)) + text + b"".join(chunks)
 

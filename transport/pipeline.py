@@ -9,21 +9,14 @@ from typing import Any, Optional
 import torch
 
 from transport import __version__, cache
-from transport.core.evaluate import AlphaSweep, default_alpha_grid, predictions, sweep_alpha
+from transport.core.evaluate import AlphaSweep, check_alphas, default_alpha_grid, predictions, sweep_alpha
 from transport.core.layout import same_shapes
 from transport.core.model import Model
 from transport.core.task_vector import TaskVector
 from transport.data import Task
 from transport.errors import TransportError
-from transport.methods import (
-    MethodInfo,
-    Progress,
-    TransportInputs,
-    check_compatible,
-    get_method,
-    no_progress,
-    resolve_device,
-)
+from transport.methods import (MethodInfo, Progress, TransportInputs, check_compatible, get_method, no_progress,
+                               resolve_device)
 
 
 @dataclass
@@ -99,6 +92,7 @@ class TransferResult:
     cache_hit: bool = False
     inputs: dict[str, str] = field(default_factory=dict)
     test_predictions: dict[str, torch.Tensor] = field(default_factory=dict)  # accuracy row -> predicted class [N]
+    shots_per_class: Optional[dict[str, int]] = None  # labelled samples really drawn per class (K or fewer)
 
     def report(self) -> dict:
         return {
@@ -107,7 +101,7 @@ class TransferResult:
             "alpha_sweep": None if self.sweep is None else self.sweep.to_dict(),
             "naive_alpha_sweep": None if self.naive_sweep is None else self.naive_sweep.to_dict(),
             "accuracies": self.accuracies, "timings_s": self.timings, "cache_hit": self.cache_hit,
-            "diagnostics": self.diagnostics,
+            "diagnostics": self.diagnostics, "shots_per_class": self.shots_per_class,
         }
 
 
@@ -179,6 +173,9 @@ def transfer(source_pre: Model, source_ft: Model, target: Model, method: str, ta
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     tau = TaskVector.from_models(source_pre.params, source_ft.params, source_pre.arch)
+    scored = task is not None and evaluate and task.labelled  # images without classes: no accuracies
+    check_alphas([alpha] if alpha is not None else (alpha_grid or default_alpha_grid()) if scored else [1.0],
+                 tau, target.params)
     inputs = TransportInputs(source_pre, target, task, shots, seed, device)
     base = None
     name = method if isinstance(method, str) else method.name
@@ -202,7 +199,9 @@ def transfer(source_pre: Model, source_ft: Model, target: Model, method: str, ta
                             diagnostics=prep.alignment.diagnostics(),
                             inputs={"source_pre": source_pre.ref, "source_ft": source_ft.ref, "target": target.ref,
                                     "task": task.name if task else "", "shots": str(shots), "seed": str(seed)})
-    if task is not None and evaluate:
+    if task is not None and task.labelled and "labelled" in (prep.method.data, base.method.data if base else ""):
+        result.shots_per_class = task.shot_counts(shots)
+    if scored:
         _evaluate(result, timings, source_pre, source_ft, target, oracle, tau, task, alpha,
                   alpha_grid or default_alpha_grid(), device, progress)
     timings["total"] = time.perf_counter() - t0

@@ -30,7 +30,6 @@ from transport.families import hf_common
 from transport.families.open_clip import load_open_clip, open_clip_arch, tiny_arch
 from transport.files import (
     read_checkpoint,
-    read_safetensors,
     read_safetensors_metadata,
     read_weights,
     safetensors_bytes,
@@ -148,24 +147,54 @@ def load_hf(ref: str) -> Model:
     return fam.load_directory(directory, cfg, ref, sd, arch)
 
 
-def _head_from_state(sd: Mapping[str, Tensor], md: Mapping[str, str]) -> Optional[Classifier]:
-    if "classifier.weight" not in sd:
-        return None
-    bias = sd.get("classifier.bias")
+def _head_from_state(sd: Mapping[str, Tensor], md: Mapping[str, str], what: str) -> Optional[Classifier]:
+    """Our saved head (``classifier.*``) or WiSE-FT / task_vectors' ``classification_head.*`` (logits of
+    unit-normalised features, the scale folded into the weights)."""
+    if "classifier.weight" in sd:
+        prefix, normalize = "classifier.", False
+    else:
+        heads = sorted((k for k in sd if k.endswith("classification_head.weight")), key=len)
+        if not heads:
+            return None
+        prefix, normalize = heads[0][: -len("weight")], True
+    w, b = sd[prefix + "weight"], sd.get(prefix + "bias")
+    for name, t in ((prefix + "weight", w), (prefix + "bias", b)):
+        if t is not None and not t.is_floating_point():
+            raise TransportError(f"{what}: tensor {name} holds {str(t.dtype).replace('torch.', '')} values; "
+                                 "a head must be floating point")
+    if w.dim() != 2 or (b is not None and tuple(b.shape) != (w.shape[0],)):
+        raise TransportError(f"{what}: {prefix}weight / bias have shapes {tuple(w.shape)} / "
+                             f"{None if b is None else tuple(b.shape)}, not a linear head")
     names = json.loads(md["classnames"]) if "classnames" in md else []
-    return Classifier(sd["classifier.weight"].float(), None if bias is None else bias.float(), classnames=names)
+    return Classifier(w.float(), None if b is None else b.float(), normalize=normalize, classnames=names)
+
+
+def resolve_arch(path: str | os.PathLike, md: Mapping[str, str], arch: Optional[Arch]) -> Arch:
+    """The architecture to read a file with: the one given, which must not contradict the one the file
+    records (``arch`` metadata); else the recorded one."""
+    recorded = Arch.from_json(md["arch"]) if "arch" in md else None
+    if arch is None:
+        if recorded is None:
+            raise TransportError(f"{path}: the file does not say its architecture; pass --arch "
+                                 "(e.g. open_clip:ViT-B-16)")
+        return recorded
+    if recorded is not None:
+        diffs = [d.replace(" vs ", " in the file, ", 1) + " by --arch" for d in recorded.differences(arch)]
+        if diffs:
+            raise TransportError(f"{path}: --arch {arch.name} contradicts the architecture the file records "
+                                 f"({recorded.name}): " + "; ".join(diffs))
+    return arch
 
 
 def load_file_model(path: str, arch: Optional[Arch], trust_pickle: bool = False) -> Model:
+    """A checkpoint file -> Model: its tower (wherever the file keeps it), the head it carries, and the
+    zero-shot heads of a text tower it holds too (an open_clip CLIP dict)."""
     sd, md = read_checkpoint(path, trust_pickle)
-    if arch is None:
-        if "arch" not in md:
-            raise TransportError(f"{path}: the file does not say its architecture; pass --arch "
-                                 "(e.g. open_clip:ViT-B-16)")
-        arch = Arch.from_json(md["arch"])
-    head = _head_from_state(sd, md)
+    arch = resolve_arch(path, md, arch)
+    head = _head_from_state(sd, md, str(path))
     params = {k: v.float() for k, v in to_canonical(sd, arch, what=str(path)).items()}
-    return Model(arch, params, ref=str(path), head=head, meta=md)
+    zero_shot = family_of(arch).file_zero_shot(sd, arch, str(path))
+    return Model(arch, params, ref=str(path), head=head, zero_shot=zero_shot, meta=md)
 
 
 def save_model(model: Model, path: str | os.PathLike, **meta: str) -> Path:
@@ -209,25 +238,39 @@ def save_task_vector(tau: TaskVector, path: str | os.PathLike, **meta: str) -> P
     return write_atomic(path, task_vector_bytes(tau, **meta))
 
 
-def load_task_vector(path: str | os.PathLike, arch: Optional[Arch] = None) -> TaskVector:
-    """Read a task vector saved by :func:`save_task_vector` (or family-named tensors plus an explicit ``arch``)."""
-    tensors, md = read_safetensors(path)
-    if arch is None:
-        if "arch" not in md:
-            raise TransportError(f"{path}: no architecture in the file's metadata; pass --arch")
-        arch = Arch.from_json(md["arch"])
-    present = {k: v.float() for k, v in tensors.items()}
-    full_keys = set(from_canonical({k: torch.zeros(v.shape) for k, v in param_axes(arch).items()}, arch))
-    unknown = [k for k in present if k not in full_keys]
+def load_task_vector(path: str | os.PathLike, arch: Optional[Arch] = None, trust_pickle: bool = False) -> TaskVector:
+    """Read a task vector: one :func:`save_task_vector` wrote, or family-named tensors in any form a checkpoint
+    may take (safetensors or a ``weights_only`` .pt, wrapped, prefixed, a full CLIP dict's visual tower, an
+    ImageClassifier's image encoder) plus an explicit ``arch``.
+
+    Tensors the file lacks (e.g. only the transformer blocks were fine-tuned) are zero; their family names
+    are in the result's ``absent``.
+    """
+    sd, md = read_checkpoint(path, trust_pickle)
+    if arch is None and "arch" not in md:
+        raise TransportError(f"{path}: no architecture in the file's metadata; pass --arch")
+    arch = resolve_arch(path, md, arch)
+    fam = family_of(arch)
+    table = fam.table
+    tower = {table.alias(k): v for k, v in fam.tower(sd, arch).items()}
+    shapes = fam.family_shapes(arch)
+    tied = {e.key for e in table.expand(arch) if e.kind == "tied"}
+    unknown = [k for k in tower if k not in shapes and not table.ignored(k)]
     if unknown:
-        raise TransportError(f"{path}: unexpected keys for {arch.name}: {', '.join(unknown[:4])}")
-    missing = [k for k in full_keys if k not in present]
-    if missing:
-        raise TransportError(f"{path}: missing keys for {arch.name}: {', '.join(sorted(missing)[:4])}")
-    canon = family_of(arch).table.to_canonical(present, arch, what=str(path))
-    return TaskVector(arch, canon, {k: v for k, v in md.items() if k not in ("arch",)})
+        raise TransportError(f"{path}: unexpected keys for {arch.name}: {', '.join(unknown[:4])}"
+                             + (f" (+{len(unknown) - 4} more)" if len(unknown) > 4 else ""))
+    tower = {k: v for k, v in tower.items() if k in shapes}
+    if not tower:
+        raise TransportError(f"{path}: holds none of the tensors of {arch.name}")
+    table.check_tensors(tower, arch, str(path), fam.squeezable)
+    absent = [k for k in shapes if k not in tower and k not in tied]
+    full = {k: tower[k].float() if k in tower else torch.zeros(shape) for k, shape in shapes.items() if k not in tied}
+    canon = table.to_canonical(full, arch, what=str(path))
+    tv = TaskVector(arch, canon, {k: v for k, v in md.items() if k not in ("arch",)})
+    tv.absent = absent
+    return tv
 
 
 __all__ = ["load_model", "load_zoo_model", "load_file_model", "load_hf", "save_model", "parse_arch", "hf_arch", "to_canonical",
            "from_canonical", "family_shapes", "hf_arch_from_config", "tower_state_dict", "family_of", "task_vector_state_dict",
-           "save_task_vector", "load_task_vector", "task_vector_bytes", "tiny_arch", "open_clip_arch", "init_params"]
+           "save_task_vector", "load_task_vector", "task_vector_bytes", "resolve_arch", "tiny_arch", "open_clip_arch", "init_params"]

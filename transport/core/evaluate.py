@@ -1,8 +1,9 @@
 """Accuracy on a task split and the alpha sweep (alpha is chosen on the validation split only)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
@@ -58,7 +59,33 @@ def parse_alpha_grid(text: str) -> list[float]:
         raise TransportError(f"--alpha-grid must be LO:HI:N, got '{text}'") from None
     if n_i < 1 or n_i > 1000:
         raise TransportError(f"--alpha-grid: N must be in 1..1000, got {n_i}")
+    if not (math.isfinite(lo_f) and math.isfinite(hi_f)):
+        raise TransportError(f"--alpha-grid: LO and HI must be finite numbers, got '{text}'")
     return [lo_f] if n_i == 1 else [lo_f + (hi_f - lo_f) * i / (n_i - 1) for i in range(n_i)]
+
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def check_alphas(alphas: Sequence[float], tau: TaskVector, theta: Mapping[str, Tensor]) -> None:
+    """Refuse an alpha for which theta + alpha * (transported tau) could leave float32's range.
+
+    Every method's output is bounded entrywise by the largest Frobenius norm of a tensor of tau
+    (permutations and masks keep or drop entries, Theseus' maps have orthonormal rows or columns), so
+    ``|alpha| * max_k ||tau_k||_F + max |theta|`` below float32's largest value keeps the model finite.
+    """
+    bad = [a for a in alphas if not math.isfinite(float(a))]
+    if bad:
+        raise TransportError(f"alpha must be a finite number, got {bad[0]}")
+    if not alphas:
+        return
+    norm = max((float(torch.linalg.vector_norm(v.double())) for v in tau.tensors.values()), default=0.0)
+    top = max((float(v.abs().max()) for v in theta.values() if v.numel()), default=0.0)
+    a = max(abs(float(x)) for x in alphas)
+    if not a * norm + top < FLOAT32_MAX:
+        raise TransportError(f"alpha {a:g} is too large: theta + alpha * tau could overflow float32 "
+                             f"(|alpha| x {norm:.3g} (largest ||tau|| of a tensor) + {top:.3g} (largest |theta|) "
+                             f"> {FLOAT32_MAX:.3g}); use a smaller alpha")
 
 
 @dataclass

@@ -203,7 +203,7 @@ def check_params(params: dict[str, Tensor], arch: Arch, what: str) -> None:
     for k in want:
         t = params[k]
         if not t.is_floating_point():
-            raise TransportError(f"{what}: tensor {k} holds {str(t.dtype).replace('torch.', '')} values, "
+            raise TransportError(f"{what}: tensor {k} holds {str(t.dtype).replace('torch.', '')} values; "
                                  "weights must be floating point")
         if not torch.isfinite(t).all():
             raise TransportError(f"{what}: tensor {k} contains NaN or Inf values")

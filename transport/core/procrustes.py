@@ -45,12 +45,13 @@ def polar(C: Tensor, mode: str = "auto", reference: Optional[Tensor] = None) -> 
     ``'auto'`` (``'svd'`` when both sides are at most :data:`SVD_MAX`, ``'eigh'`` when the smaller side is
     at most :data:`EIGH_FLOAT64_MAX`, else ``'eigh32'``). The eigendecomposition squares the condition
     number: directions with small singular values are less accurate than with the SVD (they carry little
-    of the data), which is the price of its speed; in float32 that loses the directions whose singular
-    value is below about 3e-4 of the largest, which ``'svd32'`` still resolves.
+    of the data), which is the price of its speed; in float32 the singular values below about 3e-4 of
+    the largest are rounding (see :func:`route_noise`) and their directions' maps less accurate than
+    ``'svd32'``'s, though they still come from C (see :func:`null_tol`).
 
-    Where C is (numerically) rank deficient the polar factor is not unique: directions whose singular
-    value is below :data:`NULL_TOL` (relative) follow ``reference`` (default: :func:`naive_map`), made
-    orthogonal to the determined ones (so ``T == I`` when A == B, whatever the rank). T is float64
+    Where C is (numerically) rank deficient the polar factor is not unique: directions along which C
+    adds at most :func:`null_tol` of its largest singular value follow ``reference`` (default: :func:`naive_map`),
+    made orthogonal to the determined ones (so ``T == I`` when A == B, whatever the rank). T is float64
     except for ``'svd32'`` and ``'eigh32'`` (float32); it has orthonormal rows or columns to working precision.
     """
     if C.dim() != 2:
@@ -77,25 +78,69 @@ def polar_batch(C: Tensor, mode: str = "auto", reference: Optional[Tensor] = Non
     ref = naive_map(d_a, d_b, torch.float64, C.device) if reference is None else reference.to(torch.float64)
     if not bool(torch.isfinite(C).all()):
         raise ValueError("polar: C contains NaN or Inf values")
-    if mode in ("svd", "svd32"):
-        U, S, Vh = torch.linalg.svd(C.to(wd), full_matrices=False)
-        S = S.to(torch.float64)
-        null = S <= NULL_TOL[mode] * S[:, :1]
-        for b in _rows_with(null):  # free directions: follow the reference
-            Vt = Vh[b].clone()
-            Vt[null[b]] = U[b][:, null[b]].t() @ ref.to(wd)
-            Q, R = torch.linalg.qr(Vt.t())
-            Vh[b] = (Q * _signs(R)).t()
-        return U @ Vh, S
-    if d_a > d_b:  # work on the transpose so that the Gram matrix is the smaller one
-        T, S = _polar_eigh(C.mT.to(wd), ref.t().to(wd))
+    tol = null_tol(mode, min(d_a, d_b))
+    factor = _polar_svd if mode in ("svd", "svd32") else _polar_eigh
+    if d_a > d_b:  # work on the transpose: the free directions live on the smaller side
+        T, S = factor(C.mT.to(wd), ref.t().to(wd), tol)
         return T.mT.contiguous(), S
-    return _polar_eigh(C.to(wd), ref.to(wd))
+    return factor(C.to(wd), ref.to(wd), tol)
 
 
-#: singular values below this fraction of the largest are treated as zero (the map follows the reference there)
-NULL_TOL = {"svd": 1e-10, "svd32": 1e-6, torch.float64: 1e-6, torch.float32: 1e-5}
+def _polar_svd(C: Tensor, ref: Tensor, tol: float) -> tuple[Tensor, Tensor]:
+    """Polar factors of C [B, d_a, d_b] (d_a <= d_b) from the thin SVD; directions with
+    ``S <= tol * S_max`` follow the reference, made orthogonal to the determined ones."""
+    U, S, Vh = torch.linalg.svd(C, full_matrices=False)
+    S = S.to(torch.float64)
+    null = S <= tol * S[:, :1]
+    for b in _rows_with(null):  # free directions: follow the reference
+        Vt = Vh[b].clone()
+        Vt[null[b]] = U[b][:, null[b]].t() @ ref
+        Q, R = torch.linalg.qr(Vt.t())
+        Vh[b] = (Q * _signs(R)).t()
+    return U @ Vh, S
+
+
 POLAR_MODES = ("auto", "svd", "svd32", "eigh", "eigh32")
+#: directions weaker than this fraction of the strongest count as unmeasured whatever the route (the
+#: float64 SVD's own floor, far above its rounding): C sums products of float32 activations
+DATA_TOL = 1e-10
+#: how far above a route's measured rounding floor a value must be to count as measured
+NULL_SAFETY = 4.0
+
+
+def _eps(mode: str) -> float:
+    if mode not in ("svd", "svd32", "eigh", "eigh32"):
+        raise ValueError(f"unknown polar route '{mode}'")
+    return torch.finfo(torch.float32 if mode.endswith("32") else torch.float64).eps
+
+
+def route_noise(mode: str, d: int) -> float:
+    """What a route promises about S: every singular value it returns lies within this fraction of
+    S_max of the exact one, for a C whose smaller side is ``d``.
+
+    The SVD is backward stable: S comes out within about ``d^(1/4) * eps * S_max``. The eigh routes take
+    ``S = sqrt(eigenvalue of C C^T)``; the eigenvalues carry the same relative rounding of ``S_max^2``,
+    so a zero singular value comes out as large as ``sqrt(d^(1/4) * eps) * S_max`` (float64 ~1.5e-8,
+    float32 ~3.5e-4). eps is the working precision's (float32 for 'svd32' and 'eigh32'). On exactly
+    rank-deficient C (d = 12..3072, 1 and 2 threads, ``python -m bench.polar_floors``) the zero singular
+    values came out at most 0.85 of these floors; the promise is NULL_SAFETY times them.
+    """
+    floor = max(d, 1) ** 0.25 * _eps(mode)
+    return NULL_SAFETY * (floor if mode.startswith("svd") else math.sqrt(floor))
+
+
+def null_tol(mode: str, d: int) -> float:
+    """A direction along which C adds at most this fraction of S_max is undetermined: the map follows
+    the reference there. Never below :data:`DATA_TOL`.
+
+    What C adds along a direction is measured from its products, not from S: the SVD routes read it as
+    S itself, the eigh routes as ``|R_ii|`` of the QR of ``(U^T C)^T`` (what row i of ``U^T C`` holds
+    beyond the stronger rows), whose rounding is that of a matrix product, ``d^(1/4) * eps * S_max``
+    (measured at most 0.85 (SVD) and 0.24 (eigh) of that on exactly null directions), not the
+    ``sqrt(eps)`` of S = sqrt(eigenvalue). So directions too weak for the eigenvalues to resolve still
+    get their map from C, and directions C does not see at all follow the reference on every machine.
+    """
+    return max(DATA_TOL, NULL_SAFETY * max(d, 1) ** 0.25 * _eps(mode))
 
 
 def _rows_with(null: Tensor) -> list[int]:
@@ -108,13 +153,15 @@ def _signs(R: Tensor) -> Tensor:
     return s
 
 
-def _polar_eigh(C: Tensor, ref: Tensor) -> tuple[Tensor, Tensor]:
+def _polar_eigh(C: Tensor, ref: Tensor, tol: float) -> tuple[Tensor, Tensor]:
     """Polar factors of C [B, d_a, d_b] (d_a <= d_b) from ``C C^T = U S^2 U^T``.
 
     ``W = U^T C = S V^T`` up to rounding; the rows of W that belong to small singular values are
     polluted by the large ones (eigenvector error ~ eps ||C||^2 / gap). A QR factorisation of W^T,
     taken in descending order of S, removes exactly that pollution (Gram-Schmidt against the accurate
     leading rows) and returns orthonormal V; ``T = U V^T`` is then orthogonal to working precision.
+    A row with ``|R_ii| <= tol * S_max`` (C adds nothing along u_i beyond the stronger rows) is
+    undetermined: it is replaced by ``u_i^T ref`` and the QR is taken again, the determined rows first.
     """
     G = C @ C.mT
     G = 0.5 * (G + G.mT)
@@ -122,11 +169,16 @@ def _polar_eigh(C: Tensor, ref: Tensor) -> tuple[Tensor, Tensor]:
     lam, U = lam.flip(-1), U.flip(-1)  # descending
     S = torch.sqrt(lam.clamp_min(0)).to(torch.float64)
     W = U.mT @ C  # [B, d_a, d_b], row i ~ s_i v_i^T
-    null = S <= NULL_TOL[C.dtype] * S[:, :1]
-    for b in _rows_with(null):  # unresolved directions follow the reference (after the resolved ones)
-        W[b, null[b]] = U[b][:, null[b]].t() @ ref
     Q, R = torch.linalg.qr(W.mT)  # W^T = Q R, Q [B, d_b, d_a] orthonormal, Gram-Schmidt in order of S
+    null = torch.diagonal(R, dim1=-2, dim2=-1).abs().to(torch.float64) <= tol * S[:, :1]
     T = U @ (Q * _signs(R).unsqueeze(-2)).mT
+    for b in _rows_with(null):  # undetermined directions follow the reference, after the determined ones
+        order = torch.cat([torch.nonzero(~null[b]).flatten(), torch.nonzero(null[b]).flatten()])
+        Ub, Wb = U[b][:, order], W[b][order]
+        k = int((~null[b]).sum())
+        Wb[k:] = Ub[:, k:].t() @ ref
+        Qb, Rb = torch.linalg.qr(Wb.t())
+        T[b] = Ub @ (Qb * _signs(Rb)).t()
     return T, S
 
 
@@ -302,4 +354,4 @@ class CrossCovariance:
 
 
 __all__ = ["CrossCovariance", "polar", "polar_batch", "POLAR_MODES", "procrustes_map", "naive_map", "matrix_power_sym", "resize_tokens",
-           "SVD_MAX", "EIGH_FLOAT64_MAX", "PRODUCT_FLOAT64_MAX"]
+           "SVD_MAX", "EIGH_FLOAT64_MAX", "PRODUCT_FLOAT64_MAX", "null_tol", "route_noise", "DATA_TOL", "NULL_SAFETY"]

@@ -33,6 +33,7 @@ class TaskVector:
         self.arch = arch
         self.tensors: dict[str, Tensor] = {k: tensors[k] for k in known if k in tensors}
         self.meta: dict[str, str] = dict(meta or {})
+        self.absent: list[str] = []  # family tensors a loaded file lacked (read as zero): sources.load_task_vector
 
     # -- construction -------------------------------------------------------------------------
     @classmethod

@@ -12,6 +12,9 @@ from transport.families.table import NameTable, load_table
 
 Tensor = torch.Tensor
 
+#: a head a checkpoint carries next to its tower: ours (``classifier.``) or WiSE-FT / task_vectors'
+HEAD_PREFIXES = ("classifier.", "classification_head.")
+
 
 class Family:
     """One family's adapter. Subclasses set ``name`` and ``table_name`` and override what differs.
@@ -32,7 +35,11 @@ class Family:
     # -- names ----------------------------------------------------------------------------------
     def tower(self, sd: Mapping[str, Tensor], arch: Arch) -> dict[str, Tensor]:
         """The transported tower's tensors from a (prefix-stripped) state dict of this family."""
-        return {k: v for k, v in sd.items() if not k.startswith("classifier.")}
+        return {k: v for k, v in sd.items() if not k.startswith(HEAD_PREFIXES)}
+
+    def file_zero_shot(self, sd: Mapping[str, Tensor], arch: Arch, what: str):
+        """Zero-shot heads a checkpoint FILE carries (e.g. a CLIP text tower next to the image tower), or None."""
+        return None
 
     def to_canonical(self, sd: Mapping[str, Tensor], arch: Arch, what: str = "checkpoint") -> dict[str, Tensor]:
         tower = self.tower(sd, arch)
@@ -87,4 +94,4 @@ class Family:
         return torch.randint(0, arch.vocab_size, (n, min(arch.context or 16, 16)), generator=g)
 
 
-__all__ = ["Family"]
+__all__ = ["Family", "HEAD_PREFIXES"]

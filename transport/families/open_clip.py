@@ -20,21 +20,56 @@ from transport.core.arch import Arch
 from transport.core.heads import PROMPT_TEMPLATES, Classifier, ZeroShotHeads, zero_shot_classifier
 from transport.core.model import Model
 from transport.errors import TransportError
-from transport.families.base import Family
+from transport.families.base import HEAD_PREFIXES, Family
 
 Tensor = torch.Tensor
 
 
+#: keys only an open_clip image tower has (its text tower has transformer blocks too, but none of these)
+_ANCHORS = ("conv1.weight", "class_embedding", "ln_pre.weight", "ln_post.weight")
+
+
 class OpenClipFamily(Family):
-    """open_clip ``VisionTransformer`` towers (``model.visual``); a full CLIP state dict gives its visual tower."""
+    """open_clip ``VisionTransformer`` towers (``model.visual``), found under any prefix: a full CLIP state dict
+    (``visual.``) or a WiSE-FT / task_vectors ImageClassifier (``image_encoder.model.visual.``) gives its tower."""
 
     name = "open_clip"
     table_name = "open_clip_vit"
 
+    def tower_prefix(self, sd: Mapping[str, Tensor], arch: Arch) -> str:
+        """The prefix under which ``sd`` holds the image tower ('' at the top level): the one holding most keys."""
+        keys = self.table.keys(arch)
+        found = {k[: -len(a)] for k in sd for a in _ANCHORS if k.endswith(a)}
+        found = {p for p in found if p == "" or p.endswith(".")}
+        if not found:  # e.g. a task vector of the transformer blocks only: the tower sits under some '...visual.'
+            found = {k[: k.index("visual.") + len("visual.")] for k in sd if "visual." in k}
+        if not found:
+            return ""
+        return max(sorted(found), key=lambda p: (sum(1 for k in keys if p + k in sd), -len(p)))
+
     def tower(self, sd: Mapping[str, Tensor], arch: Arch) -> dict[str, Tensor]:
-        if any(k.startswith("visual.") for k in sd):
-            return {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
-        return {k: v for k, v in sd.items() if not k.startswith("classifier.")}
+        p = self.tower_prefix(sd, arch)
+        if p:
+            return {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
+        return super().tower(sd, arch)
+
+    def text_state(self, sd: Mapping[str, Tensor], arch: Arch) -> dict[str, Tensor]:
+        """The text tower next to the image tower (``token_embedding.weight``, ``transformer.*``, ``ln_final.*``,
+        ``text_projection``, ``logit_scale``) in open_clip's CLIP names; {} when absent."""
+        p = self.tower_prefix(sd, arch)
+        if not p.endswith("visual."):
+            return {}
+        base = p[: -len("visual.")]
+        text = {k[len(base):]: v for k, v in sd.items() if k.startswith(base) and not k.startswith(p)
+                and not k[len(base):].startswith(HEAD_PREFIXES)}
+        return text if "token_embedding.weight" in text else {}
+
+    def file_zero_shot(self, sd: Mapping[str, Tensor], arch: Arch, what: str):
+        """Zero-shot heads from a checkpoint file's own text tower (None without one or a known open_clip config)."""
+        text = self.text_state(sd, arch)
+        if not text or not arch.name.startswith("open_clip:"):
+            return None
+        return text_tower_zero_shot(arch.name[len("open_clip:"):], arch.act == "quick_gelu", text, what)
 
     def tiny_arch(self) -> Arch:
         return tiny_arch(width=32, layers=2, heads=4, image_size=8, patch_size=2, output_dim=16)
@@ -190,7 +225,7 @@ def resolve_pretrained(arch_name: str, tag: str) -> str:
 # building the model
 # ----------------------------------------------------------------------------------------------
 def create_open_clip(arch_name: str, tag: str = "", seed: int = 0) -> tuple[torch.nn.Module, Arch]:
-    """The real open_clip CLIP module (eval mode, float32) and the :class:`ViTArch` of its visual tower.
+    """The real open_clip CLIP module (eval mode, float32) and the :class:`~transport.core.arch.Arch` of its visual tower.
 
     Random init (``tag`` '') is seeded and leaves the global RNG untouched.
     """
@@ -245,6 +280,56 @@ def model_from_open_clip(clip: torch.nn.Module, arch: Arch, ref: str, meta: Opti
     return Model(arch, params, ref=ref, zero_shot=zero_shot, meta=dict(meta or {}))
 
 
+def text_tower_zero_shot(model_name: str, quick_gelu: bool, text_state: dict[str, Tensor],
+                         what: str) -> Callable[[list[str]], Classifier]:
+    """Zero-shot heads from a checkpoint file's own text tower: open_clip's model ``model_name`` built
+    without weights, the file's text-tower tensors loaded into it, and open_clip's tokenizer for that
+    model (shipped inside open_clip). Built on first use; for the same weights, class names and templates
+    the heads equal those of ``open_clip:NAME:TAG``. A text tower that does not fit is one error line."""
+    import open_clip
+
+    held: dict[str, object] = {"state": text_state}
+    heads: dict[tuple[str, ...], Classifier] = {}
+
+    def build() -> torch.nn.Module:
+        previous = logging.root.manager.disable
+        logging.disable(logging.WARNING)  # open_clip warns that a model built without weights has none
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                clip = open_clip.create_model(model_name, pretrained=None, force_quick_gelu=quick_gelu)
+        finally:
+            logging.disable(previous)
+        clip.visual = torch.nn.Identity()  # the image tower comes from the file's canonical tensors
+        state = held.pop("state")
+        try:
+            missing, unexpected = clip.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shapes that do not fit
+            lines = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
+            raise TransportError(f"{what}: the text tower does not fit open_clip:{model_name}: "
+                                 f"{lines[0] if lines else type(e).__name__}") from None
+        if missing or unexpected:
+            raise TransportError(f"{what}: the text tower does not fit open_clip:{model_name}: "
+                                 + "; ".join(f"{label} {', '.join(sorted(keys)[:3])}"
+                                             + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+                                             for label, keys in (("missing", missing), ("unexpected", unexpected))
+                                             if keys))
+        for name, t in clip.state_dict().items():
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise TransportError(f"{what}: text-tower tensor {name} contains NaN or Inf values")
+        return clip.float().eval()
+
+    def zero_shot(classnames: list[str]) -> Classifier:
+        key = tuple(classnames)
+        if key not in heads:
+            if "clip" not in held:
+                held["clip"] = build()
+            heads[key] = zero_shot_head(held["clip"], open_clip.get_tokenizer(model_name), classnames)
+        return heads[key]
+
+    return zero_shot
+
+
 def load_open_clip(ref: str, seed: int = 0) -> Model:
     """``open_clip:ARCH:TAG`` -> Model. TAG 'none'/'' = random init seeded by ``seed``; else pretrained."""
     import open_clip
@@ -259,4 +344,4 @@ def load_open_clip(ref: str, seed: int = 0) -> Model:
 
 __all__ = ["FAMILY", "OpenClipFamily", "open_clip_arch", "tiny_arch", "build_open_clip_tower", "parse_ref",
            "available_tags", "resolve_pretrained", "create_open_clip", "zero_shot_head", "model_from_open_clip",
-           "load_open_clip", "PROMPT_TEMPLATES"]
+           "text_tower_zero_shot", "load_open_clip", "PROMPT_TEMPLATES"]

@@ -204,7 +204,7 @@ class NameTable:
             if got != shape and not (squeezable and tuple(s for s in got if s != 1) == tuple(s for s in shape if s != 1)):
                 raise TransportError(f"{what}: shape mismatch for {key}: got {got}, {arch.name} needs {shape}")
             if not t.is_floating_point():
-                raise TransportError(f"{what}: tensor {key} holds {str(t.dtype).replace('torch.', '')} values, "
+                raise TransportError(f"{what}: tensor {key} holds {str(t.dtype).replace('torch.', '')} values; "
                                      "weights must be floating point")
             if not torch.isfinite(t).all():
                 raise TransportError(f"{what}: tensor {key} contains NaN or Inf values")

@@ -182,6 +182,9 @@ def check_compatible(info: MethodInfo, inputs: TransportInputs) -> None:
         raise TransportError(f"{info.name}: source and target depths differ ({a.layers} vs {b.layers} layers)")
     if info.data != "none" and inputs.task is None:
         raise TransportError(f"{info.name} needs {info.data} data: give --task or --data")
+    if info.data == "labelled" and not inputs.task.labelled:
+        raise TransportError(f"{info.name} needs labelled data: {inputs.task.name} holds images without classes "
+                             "(give an ImageFolder with one sub-folder per class)")
 
 
 def resolve_device(device: str | None) -> str:

@@ -63,7 +63,7 @@ Choices (the paper's text was not available; these are ours, consistent with its
 - ``ln_post`` and ``proj`` use every token of the last residual stream (final LayerNorm and projection
   applied to each token), not only the pooled class token: with n images the class token alone
   leaves a d-dimensional map determined by n rows.
-- The polar factor (option ``polar``, :func:`transport.procrustes.polar`): ``'auto'`` takes the float64
+- The polar factor (option ``polar``, :func:`transport.core.procrustes.polar`): ``'auto'`` takes the float64
   eigendecomposition of the smaller Gram matrix up to 1024 wide and the float32 one above (the MLP
   maps). That is the fast choice, but in float32 the squared spectrum loses the directions whose
   singular value is below about 3e-4 of the largest; ``'svd32'`` keeps them at about 1.7x the cost of

@@ -1,6 +1,6 @@
 """Training loops for the demo zoo: pretraining (tower + head) and fine-tuning (tower only, head frozen).
 
-Everything runs on canonical parameter dicts through :func:`transport.functional.encode`, so what is
+Everything runs on canonical parameter dicts through :func:`transport.core.forward.encode`, so what is
 trained is exactly what the methods later read. Runs are deterministic for a fixed configuration:
 every random draw (initialisation, data order, augmentation) comes from explicit seeded generators.
 """
