@@ -14,7 +14,9 @@ architecture; tau plays no part and, with the default weight matching, no data i
 Weight matching is accelerated without changing its result: a variable whose neighbours did not change
 since it was last solved is not revisited (its similarity, hence its optimum, is unchanged); similarity
 matrices are updated by low-rank corrections when few neighbour units moved; an assignment that takes every
-row's maximum is optimal, so the solver is skipped for it.
+row's maximum is optimal, so the solver is skipped for it; large assignments are solved exactly by
+``transport.assignment.solve_assignment``, warm-started from the variable's previous permutation and
+potentials and certified on all edges.
 """
 from __future__ import annotations
 
@@ -26,9 +28,12 @@ from typing import Callable, Mapping, Optional
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from transport.arch import ViTArch, check_params, param_axes, res_in
+from transport.assignment import SPARSE_MIN as _SPARSE_MIN
+from transport.assignment import lap_max as _lap_max
+from transport.assignment import lap_min_cost as _lap_min_cost
+from transport.assignment import solve_assignment  # noqa: F401  (re-exported)
 from transport.errors import TransportError
 from transport.methods import MethodInfo, Progress, TransportInputs, no_progress
 from transport.permutation import (Perms, apply_permutation, check_permutations, fixed_points,
@@ -39,140 +44,6 @@ Tensor = torch.Tensor
 
 OPTIONS = {"matching": "weight", "max_iter": 100, "seed": 0, "calibration": 128}
 MATCHINGS = ("weight", "activation")
-_SPARSE_MIN = 1024  # assignment problems at least this large use the sparse solver with a dense certificate
-
-
-# ----------------------------------------------------------------------------------------------
-# linear assignment
-# ----------------------------------------------------------------------------------------------
-def _lap_max(S: Tensor) -> Tensor:
-    """Column index per row of the assignment maximising sum_i S[i, p[i]] (scipy's exact solver)."""
-    _, col = linear_sum_assignment(S.detach().double().cpu().numpy(), maximize=True)
-    return torch.from_numpy(col.astype(np.int64))
-
-
-def _lap_min_cost(C: np.ndarray) -> tuple[np.ndarray, float]:
-    r, c = linear_sum_assignment(C)
-    return c, float(C[r, c].sum())
-
-
-def _candidates(S: Tensor, k: int, hint: Tensor) -> Tensor:
-    """Sorted unique flat indices i*n + j of edges that include every row's k largest entries and ``hint``.
-
-    Rows are cut into blocks of 16; the k-th largest block maximum is a threshold that at least k entries
-    reach, so every entry above the row's k-th largest is kept (more may be, which is harmless).
-    """
-    n = S.shape[0]
-    b = 16 if n % 16 == 0 and n // 16 > k else 1
-    if b == 1:
-        thr = torch.topk(S, k, dim=1).values[:, -1]
-    else:
-        thr = torch.topk(S.view(n, n // b, b).amax(2), k, dim=1).values[:, -1]
-    flat = torch.nonzero((S >= thr[:, None]).view(-1)).flatten()
-    rows = torch.arange(n, device=S.device)
-    return torch.unique(torch.cat([flat, rows * n + hint]))
-
-
-def _potentials(S: Tensor, p: Tensor, edges: Tensor, y0: Optional[Tensor], tol: float,
-                max_rounds: int = 256) -> Optional[Tensor]:
-    """Column potentials y with y[j] >= y[p[i]] + S[i, j] - S[i, p[i]] for every candidate edge i*n + j.
-
-    Longest paths from zero (or from ``y0``) in the graph of column swaps, by Bellman-Ford rounds that only
-    rescan edges of rows whose own column moved. They exist iff p is optimal on the candidate edges.
-    None when they do not settle within ``max_rounds`` (at most n + 1 are ever needed): either p is not
-    optimal, or the certificate is too slow to find and the caller falls back to an exact dense solve.
-    """
-    n = S.shape[0]
-    max_rounds = min(int(max_rounds), n + 1)
-    rr, cl = edges // n, edges % n
-    g = S.view(-1)[edges].double() - S[rr, p[rr]].double()
-    src = p[rr]
-    pinv = torch.empty_like(p)
-    pinv[p] = torch.arange(n, device=S.device)
-    y = torch.zeros(n, dtype=torch.float64, device=S.device) if y0 is None else y0.clone()
-    sel = None
-    for _ in range(max_rounds):
-        new = y.clone()
-        if sel is None:
-            new.scatter_reduce_(0, cl, y[src] + g, "amax")
-        else:
-            new.scatter_reduce_(0, cl[sel], y[src[sel]] + g[sel], "amax")
-        up = new > y + tol
-        if not bool(up.any()):
-            return new
-        y = new
-        active = torch.zeros(n, dtype=torch.bool, device=S.device)
-        active[pinv[up]] = True
-        sel = torch.nonzero(active[rr]).flatten()
-    return None
-
-
-def _sparse_lap(S: Tensor, edges: Tensor) -> Optional[Tensor]:
-    """Max-sum assignment of S restricted to the candidate edges (sorted unique flat indices)."""
-    from scipy.sparse import csr_matrix
-    from scipy.sparse.csgraph import min_weight_full_bipartite_matching
-
-    n = S.shape[0]
-    rr, cl = edges // n, edges % n
-    vals = S.view(-1)[edges].double()
-    data = float(vals.max()) - vals + 1.0  # positive costs: no explicit zeros
-    indptr = np.concatenate([[0], np.cumsum(torch.bincount(rr, minlength=n).cpu().numpy())])
-    try:
-        M = csr_matrix((data.cpu().numpy(), cl.cpu().numpy(), indptr), shape=(n, n))
-        _, col = min_weight_full_bipartite_matching(M)
-    except ValueError:  # no perfect matching on the candidates
-        return None
-    return torch.from_numpy(col.astype(np.int64)).to(S.device)
-
-
-def _row_best(S: Tensor, y: Tensor, p: Tensor, chunk: int = 256) -> tuple[Tensor, Tensor]:
-    """Per row: the column maximising S[i, j] - y[j] and how much it beats column p[i] (float64, in chunks)."""
-    n = S.shape[0]
-    best = torch.empty(n, dtype=torch.long, device=S.device)
-    slack = torch.empty(n, dtype=torch.float64, device=S.device)
-    for a in range(0, n, chunk):
-        r = S[a:a + chunk].double() - y[None, :]
-        m, j = r.max(1)
-        best[a:a + chunk] = j
-        slack[a:a + chunk] = m - r.gather(1, p[a:a + chunk, None]).squeeze(1)
-    return best, slack
-
-
-def solve_assignment(S: Tensor, hint: Optional[Tensor] = None, k: int = 48,
-                     attempts: int = 4) -> tuple[Tensor, Optional[Tensor], bool]:
-    """Exact max-sum assignment of a square S: (perm, column potentials certifying it, used the dense solver).
-
-    Large problems are solved on each row's k best columns (plus ``hint``, so a perfect matching exists)
-    with scipy's sparse solver. Potentials computed on the candidate edges are checked on ALL edges;
-    each violated row gets its best column by reduced value added and the check repeats. The answer is
-    therefore exact; if it does not settle in a few attempts the dense solver decides.
-    """
-    n = S.shape[0]
-    if n < _SPARSE_MIN or k + 1 >= n:
-        return _lap_max(S).to(S.device), None, True
-    hint = torch.arange(n, device=S.device) if hint is None else hint
-    lo, hi = S.aminmax()
-    scale = max(float(hi), -float(lo), 1e-30)
-    edges = _candidates(S, k, hint)
-    rows = torch.arange(n, device=S.device)
-    p: Optional[Tensor] = None
-    y: Optional[Tensor] = None
-    for _ in range(attempts):
-        if p is None:
-            p = _sparse_lap(S, edges)
-            if p is None:
-                break
-            y = None
-        y = _potentials(S, p, edges, y, 1e-13 * scale)
-        if y is None:  # p not optimal on the enlarged candidates: solve them again
-            p = None
-            continue
-        best, slack = _row_best(S, y, p)
-        bad = slack > 1e-9 * scale
-        if not bool(bad.any()):
-            return p, y, False
-        edges = torch.unique(torch.cat([edges, rows[bad] * n + best[bad]]))
-    return _lap_max(S).to(S.device), None, True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,6 +122,7 @@ class _Var:
     S: Optional[Tensor] = None
     seen: dict[str, int] = field(default_factory=dict)  # neighbour versions S was built from
     used: dict[str, Tensor] = field(default_factory=dict)  # neighbour perms S was built from
+    duals: Optional[Tensor] = None  # column potentials certifying the last solve (warm start of the next)
 
 
 @dataclass
@@ -352,6 +224,9 @@ class WeightMatcher:
         Incremental: S = sum_c B[:, c] A[:, q(c)]^T, so when q moves on a set of units only those columns
         are exchanged: S += B[:, moved] (A[:, q_new(moved)] - A[:, q_old(moved)])^T.
         """
+        if v.S is not None and incremental:  # most units moved: a rebuild costs less than the correction
+            moved = sum(int((self.perms[r] != v.used[r]).sum()) for r in v.parts)
+            incremental = 2 * moved < sum(self.perms[r].numel() for r in v.parts)
         if v.S is None or not incremental:
             S = v.static.clone()
             for r, parts in v.parts.items():
@@ -417,7 +292,9 @@ class WeightMatcher:
             return 0.0, None
         self.stats.solves += 1
         if accelerate and n >= _SPARSE_MIN:
-            new, _, dense = solve_assignment(S, cur)
+            new, duals, dense = solve_assignment(S, cur, v.duals if v is not None else None)
+            if v is not None:
+                v.duals = duals
             self.stats.dense_solves += int(dense)
         else:
             new = _lap_max(S).to(cur.device)
