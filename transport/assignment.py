@@ -34,6 +34,8 @@ Tensor = torch.Tensor
 
 SPARSE_MIN = 1024  # assignment problems at least this large use the certified sparse / warm solver
 TOL = 1e-12  # certificate tolerance relative to max|S|
+REPAIR_ROWS = 1 / 16  # warm starts with at most this fraction of violated rows are repaired by augmenting paths
+REPAIR_STEPS = 16  # ... scanning at most this many columns per unit in all (else the sparse solve decides)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,7 +258,9 @@ def sparse_lap(S: Tensor, edges: Tensor) -> Optional[Tensor]:
     n = S.shape[0]
     rr, cl = edges // n, edges % n
     vals = S.view(-1)[edges].double()
-    data = float(vals.max()) - vals + 1.0  # positive costs: no explicit zeros
+    lo, hi = vals.aminmax()
+    span = max(float(hi) - float(lo), 1e-300)
+    data = (float(hi) - vals) / span + 1.0  # positive costs of order 1 at any scale: no explicit zeros
     indptr = np.concatenate([[0], np.cumsum(torch.bincount(rr, minlength=n).cpu().numpy())])
     try:
         M = csr_matrix((data.cpu().numpy(), cl.cpu().numpy(), indptr), shape=(n, n))
@@ -300,7 +304,7 @@ def solve_assignment(S: Tensor, hint: Optional[Tensor] = None, potentials: Optio
     y0 = None
     if potentials is not None and potentials.shape == (n,) and bool(torch.isfinite(potentials).all()):
         y0 = potentials.to(S.device, torch.float64)
-    max_free, max_steps = max(8, n // 64), 64 * n
+    max_free, max_steps = max(8, int(REPAIR_ROWS * n)), int(REPAIR_STEPS * n)
     scale = _absmax(S)
     if y0 is not None:
         res, bad = _warm(S, hint, y0, scale, max_free, max_steps)
@@ -308,6 +312,8 @@ def solve_assignment(S: Tensor, hint: Optional[Tensor] = None, potentials: Optio
         if res is not None:
             st["path"] = "warm" if bad.numel() == 0 else "repair"
             return res[0], res[1], False
+        if 2 * bad.numel() > n:  # these potentials say little about S: start the sparse solve cold
+            y0 = None
     edges = candidates(S, k, hint, y0)
     for _ in range(attempts):
         p = sparse_lap(S, edges)
