@@ -326,8 +326,7 @@ def solve_assignment(S: Tensor, hint: Optional[Tensor] = None, potentials: Optio
         if res is not None:
             st["path"] = "sparse"
             return res[0], res[1], False
-        _, arg, _ = row_slack(S, y, p, bad)
-        edges = torch.unique(torch.cat([edges, bad * n + arg]))
+        edges = torch.unique(torch.cat([edges, candidates(S, k, p, y)]))  # the best columns by the new potentials
     st["path"] = "dense"
     return lap_max(S).to(S.device), None, True
 
