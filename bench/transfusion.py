@@ -26,6 +26,17 @@ import torch
 from bench.common import cpu_seconds, load_line, peak_bytes, random_model, reset_peak, run_child, sync
 
 
+def _digest(perms: dict) -> str:
+    """Short hash of all permutations (equal digests: identical permutations)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(perms):
+        h.update(k.encode())
+        h.update(perms[k].cpu().long().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
 def worker(case: str, arch_name: str, device: str) -> dict:
     from transport.methods.transfusion import align
     from transport.permutation import apply_permutation, random_permutation
@@ -48,7 +59,7 @@ def worker(case: str, arch_name: str, device: str) -> dict:
            "visits_skipped": s.visits_skipped, "dense_solves": s.dense_solves,
            "solver_cpu": sum(k["solve_cpu"] for k in s.by_kind.values()),
            "similarity_cpu": sum(k["similarity_cpu"] for k in s.by_kind.values()),
-           "objective": d["objective_per_sweep"][-1]}
+           "objective": d["objective_per_sweep"][-1], "perms": _digest(al.perms)}
     if case == "planted":
         out["recovered"] = all(torch.equal(al.perms[k], planted[k]) for k in planted)
     return out
@@ -74,8 +85,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{a.threads or torch.get_num_threads()}, torch {torch.__version__}")
     print(f"# load average at start: {load_line()}")
     print("| arch | case | prepare s | cpu s | sweeps | solver s (cpu) | similarity s (cpu) | spectra + heads s "
-          "| solves (dense) | skipped solves / visits | objective | peak GiB | recovered |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| solves (dense) | skipped solves / visits | objective | perms digest | peak GiB | recovered |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for arch in a.arch:
         for case in cases:
             r = run_child("bench.transfusion", ["--worker", f"{case}@{arch}", "--device", a.device,
@@ -84,13 +95,15 @@ def main(argv: list[str] | None = None) -> None:
             print(f"| {arch} | {case} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['n_sweeps']} | {r['hungarian']:.1f} "
                   f"({r['solver_cpu']:.1f}) | {r['similarity']:.1f} ({r['similarity_cpu']:.1f}) | "
                   f"{r['spectra'] + r['head_assignment']:.2f} | {r['solves']} ({r['dense_solves']}) | "
-                  f"{r['solves_skipped']} / {r['visits_skipped']} | {r['objective']:.9e} | {r['peak_gib']:.2f} | {rec} |",
+                  f"{r['solves_skipped']} / {r['visits_skipped']} | {r['objective']:.9e} | {r['perms']} | "
+                  f"{r['peak_gib']:.2f} | {rec} |",
                   flush=True)
     print(f"# load average at end: {load_line()}")
     print("# prepare: wall seconds of align; cpu: process user+system seconds (all threads); solver / similarity: "
           "wall seconds in the sweeps' assignment solves / similarity builds, with their process CPU seconds; peak: "
           "peak RSS of the process (cpu) or peak allocated CUDA memory; objective: sum_t <W_B, pi(W_A)> at the end "
-          "(higher is better; the plain case is the loop the accelerated one must reproduce)")
+          "(higher is better; the plain case is the loop the accelerated one must reproduce); perms digest: sha256 "
+          "of all permutations (equal digests: identical permutations)")
 
 
 if __name__ == "__main__":
