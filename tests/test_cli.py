@@ -463,3 +463,19 @@ def test_tiny_splits_are_warned_and_tied_alphas_shown(files, tmp_path, capsys):
     assert sweep["tied"] == [a for a, v in zip(sweep["alphas"], sweep["val"]) if v == sweep["best_val"]]
     if len(sweep["tied"]) > 1:  # tiny alphas barely move the model: the candidates tie, and the run says so
         assert any("tied at" in w for w in lines) and "alpha candidates tied on validation" in stdout
+
+
+def test_full_model_names_write_visual_prefixed_tensors_and_say_so(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc, stdout, err = _run(_base(files, out, **{"--task": "rot90", "--alpha": "1"}) + ["--full-model-names"], capsys)
+    assert rc == 0, err
+    tensors, md = _family_tensors(out / "task_vector.safetensors")
+    assert tensors and all(k.startswith("visual.") for k in tensors) and "visual.conv1.weight" in tensors
+    report = json.loads((out / "report.json").read_text())
+    assert report["task_vector_names"] == md["names"] and "model.load_state_dict" in md["names"]
+    assert f"tensor names: {md['names']}" in stdout
+    plain = tmp_path / "plain"
+    rc, stdout, err = _run(_base(files, plain, **{"--task": "rot90", "--alpha": "1"}), capsys)
+    assert rc == 0, err
+    tower, md2 = _family_tensors(plain / "task_vector.safetensors")
+    assert set(tensors) == {f"visual.{k}" for k in tower} and "model.visual.load_state_dict" in md2["names"]

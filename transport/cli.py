@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, metavar="DIR", help="output directory (must be new or empty)")
     r.add_argument("--force", action="store_true", help="replace an output directory an earlier run wrote")
     r.add_argument("--trust-pickle", action="store_true", help="allow loading pickled whole modules (runs code)")
+    r.add_argument("--full-model-names", action="store_true",
+                   help="open_clip targets: write task_vector.safetensors under the whole CLIP model's names "
+                        "(visual.*, for model.load_state_dict) instead of the image tower's (model.visual)")
     r.add_argument("--no-cache", action="store_true", help="recompute the alignment even if it is cached")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="any option the method declares")
@@ -423,6 +426,9 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     torch.manual_seed(args.seed)
 
     source_pre, source_ft, target, oracle = _load_models(args)
+    from transport.sources import checkpoint_naming
+
+    checkpoint_naming(target.arch, target.meta, args.full_model_names)  # a naming it cannot honour: before the work
     if options.get("variant") == "oracle":
         if oracle is None:
             raise TransportError("--variant oracle needs --oracle REF (the target fine-tuned on the task)")
@@ -455,19 +461,22 @@ def _write_run(args, argv, out: Path, inputs: dict[str, Path], result, source_pr
                task, device: str) -> None:
     from transport.core.layout import same_shapes
     from transport.core.task_vector import TaskVector
-    from transport.sources import save_task_vector, scaling_metadata
+    from transport.sources import checkpoint_naming, save_task_vector, scaling_metadata
 
     transported = result.transported
     if not same_shapes(transported.arch, target.arch):
         raise TransportError(f"{info.name} returned a task vector for {transported.arch.name}, "
                              f"not for the target {target.arch.name}")
-    # Canonical tensors are family-free: save them under the TARGET's own names and shapes.
+    # Canonical tensors are family-free: save them under the names the TARGET checkpoint's own class loads.
     transported = TaskVector(target.arch, transported.tensors, transported.meta)
+    full_model = args.full_model_names
+    naming = checkpoint_naming(target.arch, target.meta, full_model)
     report = {"format": RUN_FORMAT, **result.report()}
     report["options"] = {k: v for k, v in report["options"].items() if k != "oracle_tau"}
     report["inputs"].update({"source_pre_arch": source_pre.arch.name, "target_arch": target.arch.name,
                              "oracle": args.oracle or "", "data": args.data or "", "device": device})
     scored = task is not None and task.labelled
+    report["task_vector_names"] = naming
     report["alpha_source"] = "fixed" if args.alpha is not None else ("validation" if scored else "default")
     report["command"] = ["python", "-m", "transport", *argv]
     meta = {"format": "transport.task_vector", "source_pre": args.source_pre,
@@ -478,11 +487,12 @@ def _write_run(args, argv, out: Path, inputs: dict[str, Path], result, source_pr
             "source_arch": source_pre.arch.to_json()}
 
     def writer(tmp: Path) -> None:
-        save_task_vector(transported, tmp / "task_vector.safetensors", **meta)
+        save_task_vector(transported, tmp / "task_vector.safetensors", target.meta, full_model, **meta)
         (tmp / "report.json").write_text(json.dumps(_json_safe(report), indent=2, sort_keys=True) + "\n")
 
     write_atomically(out, args.force, writer, inputs)
     _print_summary(result, out)
+    print(f"  tensor names: {naming}")
 
 
 def _print_summary(result: Any, out: Path) -> None:
