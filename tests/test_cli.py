@@ -479,3 +479,40 @@ def test_full_model_names_write_visual_prefixed_tensors_and_say_so(files, tmp_pa
     assert rc == 0, err
     tower, md2 = _family_tensors(plain / "task_vector.safetensors")
     assert set(tensors) == {f"visual.{k}" for k in tower} and "model.visual.load_state_dict" in md2["names"]
+
+
+def test_target_without_architecture_is_told_the_target_flag(files, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    bare = tmp_path / "bare_target.safetensors"
+    tensors, _ = _family_tensors(files["B"])
+    save_file(tensors, str(bare))  # the target's tensors, no metadata
+    rc, _, err = _run(_base(files, tmp_path / "o", **{"--target": bare, "--alpha": "1"}), capsys)
+    assert rc == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: {bare}: the file does not say its architecture; pass --target-arch (or --arch")
+    rc, _, err = _run(_base(files, tmp_path / "o2", **{"--target": bare, "--alpha": "1", "--target-arch": files["B"]}),
+                      capsys)
+    assert rc == 0, err
+
+
+def test_pickle_of_an_unimportable_module_gets_a_pythonpath_hint(files, tmp_path, capsys, monkeypatch):
+    import importlib
+    import sys as _sys
+
+    pkg = tmp_path / "repo"
+    pkg.mkdir()
+    (pkg / "saved_by_them.py").write_text("import torch\nclass Wrapper(torch.nn.Module):\n"
+                                          "    def __init__(self, sd):\n        super().__init__()\n"
+                                          "        self.sd = sd\n")
+    monkeypatch.syspath_prepend(str(pkg))
+    mod = importlib.import_module("saved_by_them")
+    tensors, _ = _family_tensors(files["A"])
+    pt = tmp_path / "theirs.pt"
+    torch.save(mod.Wrapper(tensors), str(pt))
+    monkeypatch.delitem(_sys.modules, "saved_by_them")
+    monkeypatch.setattr(_sys, "path", [p for p in _sys.path if p != str(pkg)])
+    rc, _, err = _run(_base(files, tmp_path / "o", **{"--source-pre": pt, "--arch": files["A"], "--alpha": "1",
+                                                      "--trust-pickle": True}), capsys)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: {pt}: could not load even with --trust-pickle: the file pickles objects of "
+                          "module 'saved_by_them', which is not importable here") and "PYTHONPATH" in err

@@ -110,3 +110,27 @@ def test_full_model_names_are_refused_where_no_such_naming_exists(tmp_path):
     with pytest.raises(TransportError, match=r"^hf_vit: there is no full-model naming"):
         sources.checkpoint_naming(target.arch, target.meta, True)
     assert json.loads(target.arch.to_json())["family"] == "hf_vit"
+
+
+def test_architecture_mismatch_names_the_fields_that_differ():
+    from transport.core.layout import canonical_shapes
+    from transport.core.model import Model
+    from transport.methods import TransportInputs, check_compatible, get_method
+
+    def params(arch):
+        return {k: torch.zeros(s) for k, s in canonical_shapes(arch).items()}
+
+    a = tiny_arch()
+    b = a.replace(output_dim=0)
+    src = Model(a, params(a), ref="A.safetensors")
+    tgt = Model(b, params(b), ref="B.safetensors")
+    with pytest.raises(TransportError) as e:
+        check_compatible(get_method("transfusion"), TransportInputs(src, tgt, None, 2, 0, "cpu"))
+    msg = str(e.value)
+    assert f"differ in output_dim {a.output_dim} vs 0 only: the towers match" in msg and "theseus" in msg
+    assert "\n" not in msg
+    wide = a.replace(width=2 * a.width, output_dim=0)
+    with pytest.raises(TransportError, match=rf"differ in width {a.width} vs {2 * a.width}, head_dim 16 vs 32, output_dim "
+                                             rf"{a.output_dim} vs 0$"):
+        check_compatible(get_method("transfusion"),
+                         TransportInputs(src, Model(wide, params(wide), ref="W"), None, 2, 0, "cpu"))

@@ -335,6 +335,19 @@ def _input_paths(args: argparse.Namespace) -> dict[str, Path]:
     return out
 
 
+def _load_target_side(ref: str, arch, args: argparse.Namespace):
+    """The target (or oracle): a file without a recorded architecture is told the flag that applies to it."""
+    from transport.sources import load_model
+
+    try:
+        return load_model(ref, arch, args.trust_pickle, args.seed)
+    except TransportError as e:
+        if "pass --arch" not in str(e):
+            raise
+        raise TransportError(str(e).replace("pass --arch", "pass --target-arch (or --arch, which sets the source's "
+                                            "and the target's)", 1)) from None
+
+
 def _load_models(args: argparse.Namespace):
     """source_pre, source_ft, target, oracle (checked against each other)."""
     from transport.core.layout import same_shapes
@@ -357,8 +370,8 @@ def _load_models(args: argparse.Namespace):
         source_ft = source_pre.with_params(tau.apply_to(source_pre.params, 1.0), ref=args.task_vector)
     else:
         source_ft = load_model(args.source_ft, src_arch, args.trust_pickle, args.seed)
-    target = load_model(args.target, tgt_arch, args.trust_pickle, args.seed)
-    oracle = load_model(args.oracle, tgt_arch, args.trust_pickle, args.seed) if args.oracle else None
+    target = _load_target_side(args.target, tgt_arch, args)
+    oracle = _load_target_side(args.oracle, tgt_arch, args) if args.oracle else None
     if not same_shapes(source_pre.arch, source_ft.arch):
         raise TransportError(f"{source_ft.ref} does not have the architecture of {source_pre.ref} "
                              f"({source_ft.arch.name} vs {source_pre.arch.name})")
