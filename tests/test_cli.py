@@ -359,7 +359,7 @@ def test_subprocess_errors_are_one_line_without_traceback(files, tmp_path):
     p = run("--target", str(files["W"]))
     assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.splitlines()) == 1
     assert p.stderr.startswith("error: naive needs source and target of the same architecture: ")
-    assert "(width 32, 2 layers)" in p.stderr and "(width 64, 2 layers)" in p.stderr
+    assert "differ in width 32 vs 64, mlp_width 128 vs 256, head_dim 8 vs 16" in p.stderr
     assert not (tmp_path / "o").exists()
 
 
