@@ -10,7 +10,7 @@ perplexity its exponential.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Sequence
 
 import torch
@@ -173,10 +173,35 @@ class AlphaSweep:
     best_alpha: float
     best_val: float
     metric: str = "accuracy"
+    tied: list[float] = field(default_factory=list)  # every alpha that reached best_val (best_alpha: smallest |alpha|)
 
     def to_dict(self) -> dict:
         return {"alphas": self.alphas, "val": self.val, "best_alpha": self.best_alpha, "best_val": self.best_val,
-                "metric": self.metric}
+                "metric": self.metric, "tied": self.tied}
+
+
+#: fewer examples per class than this in a split make its accuracies too coarse to compare methods by
+MIN_PER_CLASS = 5
+
+
+def split_warnings(task: Task, sweep: Optional[AlphaSweep] = None) -> list[str]:
+    """What a user must know before trusting the numbers: splits too small to tell candidates apart, and an
+    alpha chosen among tied candidates."""
+    out = []
+    for split, use in (("val", "choose alpha"), ("test", "compare methods")):
+        x, y = task.split(split)
+        if y is None or not len(task.classnames):
+            continue
+        counts = torch.bincount(y.long(), minlength=len(task.classnames))
+        if int(counts.min()) < MIN_PER_CLASS:
+            out.append(f"the {split} split has only {int(counts.min())} example(s) of some class ({len(y)} in all): "
+                       f"too few to {use} reliably (one example is {100 / max(1, len(y)):.1f} points)")
+    if sweep is not None and len(sweep.tied) > 1:
+        what = "every candidate" if len(sweep.tied) == len(sweep.alphas) else f"{len(sweep.tied)} candidates"
+        at = f"loss {sweep.best_val:.4g}" if sweep.metric == "loss" else f"{100 * sweep.best_val:.1f}%"
+        out.append(f"{what} tied at {at} on the validation split; alpha "
+                   f"{sweep.best_alpha:g} is the smallest of them, not a measured best")
+    return out
 
 
 def _sweep_text(target: Model, delta: TaskVector, task, grid: list[float], device: str, split: str,
@@ -197,7 +222,8 @@ def _sweep_text(target: Model, delta: TaskVector, task, grid: list[float], devic
         best = max(range(len(grid)), key=lambda i: (vals[i], -abs(grid[i])))
     else:
         best = min(range(len(grid)), key=lambda i: (vals[i] if math.isfinite(vals[i]) else math.inf, abs(grid[i])))
-    return AlphaSweep(list(grid), vals, grid[best], vals[best], "accuracy" if labelled else "loss")
+    tied = [grid[i] for i in range(len(grid)) if vals[i] == vals[best]]
+    return AlphaSweep(list(grid), vals, grid[best], vals[best], "accuracy" if labelled else "loss", tied=tied)
 
 
 def sweep_alpha(target: Model, delta: TaskVector, task: Task, grid: list[float], device: str = "cpu",
@@ -216,4 +242,5 @@ def sweep_alpha(target: Model, delta: TaskVector, task: Task, grid: list[float],
         if on_alpha is not None:
             on_alpha(i + 1, len(grid))
     best = max(range(len(grid)), key=lambda i: (accs[i], -abs(grid[i])))
-    return AlphaSweep(list(grid), accs, grid[best], accs[best])
+    tied = [grid[i] for i in range(len(grid)) if accs[i] == accs[best]]
+    return AlphaSweep(list(grid), accs, grid[best], accs[best], tied=tied)
