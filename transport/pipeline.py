@@ -191,14 +191,13 @@ def _evaluate(result: TransferResult, timings: dict[str, float], source_pre: Mod
     y = task.split("test")[1]
     if is_text(task):
         _score_texts(result, rows, task, device, progress)
-        timings["evaluate"] = time.perf_counter() - t3
-        return
-    for i, (key, model, params) in enumerate(rows):
-        progress(0.95 + 0.05 * i / len(rows), f"test accuracy: {key} ({i + 1}/{len(rows)})")
-        # the predictions behind the accuracy are kept: which examples flip, paired noise of a gain
-        pred = predictions(model, task, "test", params, device=device)
-        result.test_predictions[key] = pred
-        result.accuracies[key] = int((pred == y).sum()) / len(y) if len(y) else float("nan")
+    else:
+        for i, (key, model, params) in enumerate(rows):
+            progress(0.95 + 0.05 * i / len(rows), f"test accuracy: {key} ({i + 1}/{len(rows)})")
+            # the predictions behind the accuracy are kept: which examples flip, paired noise of a gain
+            pred = predictions(model, task, "test", params, device=device)
+            result.test_predictions[key] = pred
+            result.accuracies[key] = int((pred == y).sum()) / len(y) if len(y) else float("nan")
     timings["evaluate"] = time.perf_counter() - t3
     for w in split_warnings(task, result.sweep):
         result.warnings.append(w)
