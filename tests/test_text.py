@@ -231,3 +231,219 @@ def test_read_text_file_keeps_rows_and_labels(tmp_path):
     p = write_jsonl(tmp_path / "r.jsonl", [{"text": "a b", "label": 1}, "", {"text": "c", "label": " two "}])
     t = read_text_file(p)
     assert t.texts == ["a b", "c"] and t.labels == ["1", "two"] and t.rows == [1, 3] and t.rowname == "line"
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation: label-word accuracy and perplexity equal a direct computation with the HF module
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def hf_pair(tok, tmp_path_factory):
+    """A random-init tiny Llama saved with its tokenizer, the module itself and the loaded Model."""
+    from transport.sources import load_model
+
+    d = tmp_path_factory.mktemp("tiny_llama")
+    module = llama(len(tok), seed=5)
+    module.save_pretrained(d / "m")
+    tok.save_pretrained(d / "m")
+    return module, load_model(str(d / "m")), d
+
+
+def _hf_direct(module, task: TextTask, split: str):
+    """Per text, unpadded, through the HF module: argmax over the label tokens at the last position, and the
+    summed next-token cross-entropy with its count."""
+    x, _ = task.split(split)
+    preds, nll, count = [], 0.0, 0
+    with torch.no_grad():
+        for i in range(len(x)):
+            ids = x.ids[i, :int(x.lengths[i])][None]
+            logits = module(input_ids=ids).logits[0].double()
+            if task.label_ids is not None:
+                preds.append(int(logits[-1, task.label_ids].argmax()))
+            nll += float(torch.nn.functional.cross_entropy(logits[:-1], ids[0, 1:], reduction="sum"))
+            count += ids.shape[1] - 1
+    return preds, nll, count
+
+
+@pytest.mark.parametrize("kind", ["labelled", "corpus"])
+def test_text_scores_equal_the_hf_module(hf_pair, tok, tmp_path, kind, monkeypatch):
+    module, m, _ = hf_pair
+    rows = reviews(60, seed=3)
+    f = (write_jsonl(tmp_path / "r.jsonl", rows) if kind == "labelled" else
+         write_csv(tmp_path / "c.csv", ["text"], [[r["text"]] for r in rows]))
+    task = load_text_task(f, m, [])
+    assert task.tokenizer_id.startswith("vocab:")
+    for split in ("val", "test"):
+        sc = text_scores(m, task, split)
+        preds, nll, count = _hf_direct(module, task, split)
+        assert sc.tokens == count == int((task.split(split)[0].lengths - 1).sum())
+        assert sc.loss == pytest.approx(nll / count, rel=1e-5)
+        assert sc.perplexity == pytest.approx(math.exp(nll / count), rel=1e-5)
+        if kind == "labelled":
+            assert sc.predictions.tolist() == preds
+            y = task.split(split)[1]
+            assert accuracy(m, task, split) == sum(int(p == t) for p, t in zip(preds, y.tolist())) / len(y)
+            assert len(set(preds)) == 2  # both labels occur: the comparison could fail
+        else:
+            assert sc.predictions is None
+            with pytest.raises(TransportError, match="texts without labels have no accuracy$"):
+                accuracy(m, task, split)
+    # scoring a few rows at a time (a small logit budget) gives the same numbers
+    whole = text_scores(m, task, "test")
+    monkeypatch.setattr("transport.core.evaluate.LOGIT_BUDGET", 1)
+    part = text_scores(m, task, "test")
+    assert part.tokens == whole.tokens and part.nll == pytest.approx(whole.nll, rel=1e-6)
+    assert (part.predictions is None) == (whole.predictions is None)
+    if whole.predictions is not None:
+        assert torch.equal(part.predictions, whole.predictions)
+
+
+def test_sweep_picks_by_accuracy_or_by_loss(hf_pair, tmp_path):
+    _, m, _ = hf_pair
+    rows = reviews(40, seed=4)
+    lab = load_text_task(write_jsonl(tmp_path / "r.jsonl", rows), m, [])
+    cor = load_text_task(write_csv(tmp_path / "c.csv", ["text"], [[r["text"]] for r in rows]), m, [])
+    tau = random_tau(m.arch, 7, scale=0.05)
+    tau = type(tau)(m.arch, {k: v.float() for k, v in tau.items()})
+    grid = [0.0, 0.5, 1.0]
+    s = sweep_alpha(m, tau, cor, grid)
+    losses = [text_scores(m, cor, "val", tau.apply_to(m.params, a)).loss for a in grid]
+    assert s.metric == "loss" and s.val == losses and s.best_alpha == grid[losses.index(min(losses))]
+    s = sweep_alpha(m, tau, lab, grid)
+    accs = [accuracy(m, lab, "val", tau.apply_to(m.params, a)) for a in grid]
+    assert s.metric == "accuracy" and s.val == accs and s.best_val == max(accs)
+    assert s.best_alpha == min((a for a, v in zip(grid, accs) if v == max(accs)), key=abs)
+
+
+# ----------------------------------------------------------------------------------------------
+# GradFix on the next-token loss
+# ----------------------------------------------------------------------------------------------
+ARCH = decoder(vocab_size=40)
+
+
+def random_texts(n: int, seed: int, labels: bool) -> TextTask:
+    """Random token texts of lengths 4..11 (right-padded), labelled by their last token (below 23: 'yes')."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(6, 40, (int(torch.randint(4, 12, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+    y = torch.tensor([int(s[-1] < 23) for s in seqs])
+    b = TextBatch.from_lists(seqs)
+    part = {"train": slice(0, n // 2), "val": slice(n // 2, 3 * n // 4), "test": slice(3 * n // 4, n)}
+    splits = {k: (b[v].trimmed(), y[v] if labels else None) for k, v in part.items()}
+    if labels:
+        return TextTask("planted", splits, ["no", "yes"], label_ids=torch.tensor([1, 2]))
+    return TextTask("corpus", splits)
+
+
+def _descent(target, task, shots: int = 4):
+    al = prepare(TransportInputs(target, target, task, shots, 0), {"vote": "mean"})
+    x, y = task.shots(shots, 0)
+    loss_fn, _ = task_loss(target, task)
+    tau = random_tau(ARCH, 3, scale=0.05)
+    delta = apply(al, tau, 1.0, {"variant": "normal"})
+    return al, loss_fn, x, y, tau, delta
+
+
+@pytest.mark.parametrize("labels", [True, False], ids=["label-word", "every-token"])
+def test_gradfix_descends_on_the_lm_loss(labels):
+    target = random_decoder(ARCH, 1)
+    task = random_texts(48, 0, labels)
+    al, loss_fn, x, y, tau, delta = _descent(target, task)
+    assert al.n_samples == len(y) == (8 if labels else 4)
+    base = mean_loss(loss_fn, target.params, x, y)
+    fo = al.diagnostics()["first_order_total"]
+    g = al.grad
+    masked = -sum(float(((delta[k] != 0).double() * g[k].double().abs() * tau[k].abs()).sum()) for k in g)
+    inner = sum(float((g[k].double() * delta[k]).sum()) for k in g)
+    assert inner == pytest.approx(masked, rel=1e-10) and fo == pytest.approx(inner, rel=1e-9) and fo < 0
+    for a in (1e-2, 1e-3, 1e-4):
+        assert mean_loss(loss_fn, delta.apply_to(target.params, a), x, y) < base
+    a = 1e-6
+    slope = (mean_loss(loss_fn, delta.apply_to(target.params, a), x, y) - base) / a
+    assert slope == pytest.approx(fo, rel=1e-3)
+    # tau or -tau raises the loss: the descent comes from the mask, not from tau
+    assert (mean_loss(loss_fn, tau.apply_to(target.params, 1e-4), x, y) > base
+            or mean_loss(loss_fn, (-tau).apply_to(target.params, 1e-4), x, y) > base)
+
+
+def test_lm_loss_reads_only_real_tokens():
+    """A text's loss and gradient are the same alone and padded next to a longer text (any pad id)."""
+    p = random_decoder(ARCH, 2).params
+    short, long = [7, 8, 9, 10], [11, 12, 13, 14, 15, 16, 17, 18, 19]
+    fn = lm_loss(ARCH)
+    alone = TextBatch.from_lists([short])
+    for pad in (0, 33):
+        both = TextBatch.from_lists([short, long], pad_id=pad)
+        assert torch.allclose(fn(p, both, torch.zeros(2))[0], fn(p, alone, torch.zeros(1))[0], rtol=0, atol=1e-12)
+        g2, l2 = per_sample_grads(fn, p, both, torch.zeros(2, dtype=torch.long))
+        g1, l1 = per_sample_grads(fn, p, alone, torch.zeros(1, dtype=torch.long))
+        for k in g1:
+            assert torch.allclose(g2[k][0], g1[k][0], rtol=0, atol=1e-12), k
+    # the per-text mean over its real next-token predictions
+    logits = __import__("transport.core.forward", fromlist=["encode"]).encode(p, ARCH, alone)
+    total, n = next_token_nll(logits, alone)
+    assert int(n) == 3 and float(fn(p, alone, torch.zeros(1))) == pytest.approx(float(total) / 3, rel=1e-12)
+    # label-word loss: -log softmax at the last real token, whatever follows it
+    lw = label_word_loss(ARCH, torch.tensor([1, 2]))
+    want = -torch.log_softmax(logits[0, 3], -1)[2]
+    assert float(lw(p, both, torch.tensor([1, 0]))[0]) == pytest.approx(float(want), rel=1e-12)
+
+
+def test_one_text_majority_equals_mean():
+    target = random_decoder(ARCH, 1)
+    task = random_texts(24, 1, labels=True)
+    x, y = task.shots(1, 0)
+    loss_fn, _ = task_loss(target, task)
+    v = collect_votes(loss_fn, target.params, x[:1], y[:1])
+    al = GradFixAlignment(ARCH, v.counts, v.grad, v.n)
+    assert v.n == 1
+    for k in v.counts:
+        assert torch.equal(al.sign(k, "majority"), al.sign(k, "mean")), k
+
+
+def zipf_corpus(n: int, seed: int) -> TextTask:
+    """Texts of 6..12 tokens drawn from a Zipf law over ids 6..39 (a plain corpus: half train, a quarter
+    each val / test)."""
+    g = torch.Generator().manual_seed(seed)
+    w = 1.0 / torch.arange(1, 35, dtype=F64)
+    seqs = [(6 + torch.multinomial(w, int(torch.randint(6, 13, (1,), generator=g)), replacement=True,
+                                   generator=g)).tolist() for _ in range(n)]
+    b = TextBatch.from_lists(seqs)
+    part = {"train": slice(0, n // 2), "val": slice(n // 2, 3 * n // 4), "test": slice(3 * n // 4, n)}
+    return TextTask("zipf", {k: (b[v].trimmed(), None) for k, v in part.items()})
+
+
+def test_planted_case_where_gradfix_helps():
+    """tau* = the target fine-tuned on the corpus (40 Adam steps); the source's tau = tau* with 40 % of its
+    signs flipped (a task vector partly at odds with the target). GradFix's vote on 4 texts removes mostly
+    the flipped entries: its test perplexity beats naive B + alpha tau and a random mask of the same
+    keep-rate, each at its own alpha chosen on validation loss."""
+    from transport.core.model import Model
+    from transport.pipeline import transfer
+
+    B = random_decoder(ARCH, 1)
+    task = zipf_corpus(160, 0)
+    loss_fn, _ = task_loss(B, task)
+    x, _ = task.split("train")
+    p = {k: v.clone().requires_grad_(True) for k, v in B.params.items()}
+    opt = torch.optim.Adam(p.values(), lr=3e-3)
+    for _ in range(40):
+        opt.zero_grad()
+        loss_fn(p, x, torch.zeros(len(x))).mean().backward()
+        opt.step()
+    g = torch.Generator().manual_seed(9)
+    tau = {k: (p[k] - B.params[k]).detach() for k in p}
+    flipped = {k: torch.where(torch.rand(v.shape, generator=g, dtype=F64) < 0.4, -v, v) for k, v in tau.items()}
+    ft = Model(ARCH, {k: B.params[k] + flipped[k] for k in p}, "source-ft")
+    oracle = Model(ARCH, {k: B.params[k] + tau[k] for k in p}, "oracle")
+    grid = [0.5 * i for i in range(7)]
+    ppl = {}
+    for method, opts in (("gradfix", {}), ("random", {"variant": "random"})):
+        r = transfer(B, ft, B, "gradfix", task, options=opts, shots=4, alpha_grid=grid, oracle=oracle,
+                     use_cache=False)
+        assert r.sweep.metric == "loss" and r.accuracies == {}
+        ppl[method] = r.perplexities["gradfix"]
+        ppl.update({k: r.perplexities[k] for k in ("zero_shot_target", "naive", "oracle")})
+    print("planted zipf corpus, test perplexity:", {k: round(v, 2) for k, v in ppl.items()})
+    assert ppl["gradfix"] < 0.8 * ppl["naive"] < 0.8 * ppl["zero_shot_target"]
+    assert ppl["gradfix"] < 0.8 * ppl["random"]
+    assert ppl["oracle"] < ppl["naive"]
