@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from transport import __version__
 from transport.errors import NotImplementedYet, TransportError, warn
+from transport.textfile import is_text_data
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_ERROR = 0, 1, 2
 #: ``report.json``'s ``format``: how ``--force`` recognises an output directory this tool wrote
@@ -87,13 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(e.g. --method gradfix --on transfusion)")
     data = r.add_mutually_exclusive_group()
     data.add_argument("--task", metavar="NAME", help="a built-in task (digits, rot90, invert, hflip, ...)")
-    data.add_argument("--data", metavar="DIR|FILE", help="an ImageFolder (one sub-folder per class), or a folder of "
-                      "images without classes (unlabelled: naive, transfusion, theseus); or texts for a language "
-                      "model: FILE.jsonl or FILE.csv with a 'text' and an optional 'label' column, tokenised with "
-                      "the target's tokenizer (labels: label-word accuracy and perplexity; no labels: perplexity)")
-    r.add_argument("--template", metavar="TEXT", help="prompt of a labelled text file: {text} is replaced by the "
-                   "text, {label} ends it and marks where the label word is scored (default: "
-                   "'{text}\\nLabel: {label}'; spaces before {label} belong to the label word)")
+    data.add_argument("--data", metavar="DIR|FILE", help="an ImageFolder (one sub-folder per class), a folder of "
+                      "images without classes (naive, transfusion, theseus), or for a language model texts: "
+                      "FILE.jsonl / FILE.csv, a 'text' and an optional 'label' column (see the README)")
+    r.add_argument("--template", metavar="TEXT", help="prompt of a labelled text file, ending where the label word "
+                   "is scored (default: '{text}\\nLabel: {label}')")
     r.add_argument("--shots", type=int, default=2, metavar="K", help="labelled samples per class (gradfix)")
     alpha = r.add_mutually_exclusive_group()
     alpha.add_argument("--alpha", type=float, metavar="A", help="fixed scaling (default: chosen on validation)")
@@ -103,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, metavar="DIR", help="output directory (must be new or empty)")
     r.add_argument("--force", action="store_true", help="replace an output directory an earlier run wrote")
     r.add_argument("--trust-pickle", action="store_true", help="allow loading pickled whole modules (runs code)")
+    r.add_argument("--full-model-names", action="store_true",
+                   help="open_clip targets: write task_vector.safetensors under the whole CLIP model's names "
+                        "(visual.*, for model.load_state_dict) instead of the image tower's (model.visual)")
     r.add_argument("--no-cache", action="store_true", help="recompute the alignment even if it is cached")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="any option the method declares")
@@ -315,16 +317,9 @@ def _check_run_args(args: argparse.Namespace) -> Optional[list[float]]:
             raise TransportError(f"{flag}: {big[0]:g} is outside float32's range (largest {FLOAT32_MAX:.4g})")
     if grid is not None and not args.task and not args.data:
         raise TransportError("--alpha-grid chooses alpha on a validation split: give --task or --data with classes")
-    if args.template is not None and not (args.data and _is_text_data(args.data)):
+    if args.template is not None and not (args.data and is_text_data(args.data)):
         raise TransportError("--template is the prompt of a labelled text file: give --data FILE.jsonl or FILE.csv")
     return grid
-
-
-def _is_text_data(data: str) -> bool:
-    """``--data`` names a text file (not a folder of images)."""
-    from transport.textfile import is_text_file
-
-    return not Path(data).is_dir() and (is_text_file(data) or Path(data).is_file())
 
 
 def _input_paths(args: argparse.Namespace) -> dict[str, Path]:
@@ -344,6 +339,19 @@ def _input_paths(args: argparse.Namespace) -> dict[str, Path]:
             out["--" + flag.replace("_", "-")] = Path(ref)
     out["the cache directory"] = cache_root()
     return out
+
+
+def _load_target_side(ref: str, arch, args: argparse.Namespace):
+    """The target (or oracle): a file without a recorded architecture is told the flag that applies to it."""
+    from transport.sources import load_model
+
+    try:
+        return load_model(ref, arch, args.trust_pickle, args.seed)
+    except TransportError as e:
+        if "pass --arch" not in str(e):
+            raise
+        raise TransportError(str(e).replace("pass --arch", "pass --target-arch (or --arch, which sets the source's "
+                                            "and the target's)", 1)) from None
 
 
 def _load_models(args: argparse.Namespace):
@@ -368,8 +376,8 @@ def _load_models(args: argparse.Namespace):
         source_ft = source_pre.with_params(tau.apply_to(source_pre.params, 1.0), ref=args.task_vector)
     else:
         source_ft = load_model(args.source_ft, src_arch, args.trust_pickle, args.seed)
-    target = load_model(args.target, tgt_arch, args.trust_pickle, args.seed)
-    oracle = load_model(args.oracle, tgt_arch, args.trust_pickle, args.seed) if args.oracle else None
+    target = _load_target_side(args.target, tgt_arch, args)
+    oracle = _load_target_side(args.oracle, tgt_arch, args) if args.oracle else None
     if not same_shapes(source_pre.arch, source_ft.arch):
         raise TransportError(f"{source_ft.ref} does not have the architecture of {source_pre.ref} "
                              f"({source_ft.arch.name} vs {source_pre.arch.name})")
@@ -388,7 +396,7 @@ def _load_task(args: argparse.Namespace, target, models: list, infos: list, grid
     from transport.data import load_image_folder, load_task
 
     task = None
-    text = bool(args.data) and _is_text_data(args.data)
+    text = bool(args.data) and is_text_data(args.data)
     if (args.task or args.data) and not text and target.arch.stem == "tokens":
         raise TransportError(f"{target.ref} reads token ids: give texts (--data FILE.jsonl or FILE.csv), not images")
     if args.task:
@@ -401,10 +409,8 @@ def _load_task(args: argparse.Namespace, target, models: list, infos: list, grid
         task = load_image_folder(args.data, image_size=target.arch.image_size, seed=args.seed)
     if task is None:
         return None
-    if text and not task.labelled:
-        return task
     if not task.labelled:
-        if grid is not None:
+        if grid is not None and not text:
             raise TransportError(f"--alpha-grid: {args.data} holds images without classes, so there is no "
                                  "validation accuracy to choose alpha on (give --alpha)")
         return task
@@ -415,9 +421,8 @@ def _load_task(args: argparse.Namespace, target, models: list, infos: list, grid
         short = {c: n for c, n in counts.items() if n < args.shots}
         if short:
             warn(f"--shots {args.shots}: the train split holds fewer {'texts' if text else 'images'} for "
-                 f"{len(short)} of {len(counts)} "
-                 f"classes; using {min(counts.values())}..{max(counts.values())} per class "
-                 "(report.json: shots_per_class)")
+                 f"{len(short)} of {len(counts)} classes; using {min(counts.values())}..{max(counts.values())} per "
+                 "class (report.json: shots_per_class)")
     return task
 
 
@@ -447,6 +452,9 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     torch.manual_seed(args.seed)
 
     source_pre, source_ft, target, oracle = _load_models(args)
+    from transport.sources import checkpoint_naming
+
+    checkpoint_naming(target.arch, target.meta, args.full_model_names)  # a naming it cannot honour: before the work
     if options.get("variant") == "oracle":
         if oracle is None:
             raise TransportError("--variant oracle needs --oracle REF (the target fine-tuned on the task)")
@@ -482,19 +490,22 @@ def _write_run(args, argv, out: Path, inputs: dict[str, Path], result, source_pr
                task, device: str) -> None:
     from transport.core.layout import same_shapes
     from transport.core.task_vector import TaskVector
-    from transport.sources import save_task_vector, scaling_metadata
+    from transport.sources import checkpoint_naming, save_task_vector, scaling_metadata
 
     transported = result.transported
     if not same_shapes(transported.arch, target.arch):
         raise TransportError(f"{info.name} returned a task vector for {transported.arch.name}, "
                              f"not for the target {target.arch.name}")
-    # Canonical tensors are family-free: save them under the TARGET's own names and shapes.
+    # Canonical tensors are family-free: save them under the names the TARGET checkpoint's own class loads.
     transported = TaskVector(target.arch, transported.tensors, transported.meta)
+    full_model = args.full_model_names
+    naming = checkpoint_naming(target.arch, target.meta, full_model)
     report = {"format": RUN_FORMAT, **result.report()}
     report["options"] = {k: v for k, v in report["options"].items() if k != "oracle_tau"}
     report["inputs"].update({"source_pre_arch": source_pre.arch.name, "target_arch": target.arch.name,
                              "oracle": args.oracle or "", "data": args.data or "", "device": device})
     scored = task is not None and (task.labelled or getattr(task, "kind", "image") == "text")
+    report["task_vector_names"] = naming
     report["alpha_source"] = "fixed" if args.alpha is not None else ("validation" if scored else "default")
     report["command"] = ["python", "-m", "transport", *argv]
     meta = {"format": "transport.task_vector", "source_pre": args.source_pre,
@@ -505,11 +516,12 @@ def _write_run(args, argv, out: Path, inputs: dict[str, Path], result, source_pr
             "source_arch": source_pre.arch.to_json()}
 
     def writer(tmp: Path) -> None:
-        save_task_vector(transported, tmp / "task_vector.safetensors", **meta)
+        save_task_vector(transported, tmp / "task_vector.safetensors", target.meta, full_model, **meta)
         (tmp / "report.json").write_text(json.dumps(_json_safe(report), indent=2, sort_keys=True) + "\n")
 
     write_atomically(out, args.force, writer, inputs)
     _print_summary(result, out)
+    print(f"  tensor names: {naming}")
 
 
 def _print_summary(result: Any, out: Path) -> None:

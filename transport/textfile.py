@@ -32,6 +32,12 @@ def is_text_file(path: str | Path) -> bool:
     return Path(path).suffix.lower() in SUFFIXES
 
 
+def is_text_data(path: str | Path) -> bool:
+    """Whether a ``--data`` path means texts: a file (``.jsonl`` / ``.csv``, or any file, refused by its suffix
+    when it is neither), not a folder of images."""
+    return not Path(path).is_dir() and (is_text_file(path) or Path(path).is_file())
+
+
 def _read(path: Path) -> str:
     try:
         data = path.read_bytes()
@@ -131,4 +137,4 @@ def read_text_file(path: str | Path) -> TextTable:
     return _jsonl(path, content) if kind == "jsonl" else _csv(path, content)
 
 
-__all__ = ["TextTable", "read_text_file", "is_text_file", "SUFFIXES"]
+__all__ = ["TextTable", "read_text_file", "is_text_file", "is_text_data", "SUFFIXES"]
