@@ -447,3 +447,32 @@ def test_planted_case_where_gradfix_helps():
     assert ppl["gradfix"] < 0.8 * ppl["naive"] < 0.8 * ppl["zero_shot_target"]
     assert ppl["gradfix"] < 0.8 * ppl["random"]
     assert ppl["oracle"] < ppl["naive"]
+
+
+def test_token_id_checks(tok, tmp_path):
+    """Texts tokenised for the target are refused by a model with other ids, unless a vocabulary map is given."""
+    from transport.core.model import Model
+
+    arch = decoder(vocab_size=len(tok))
+    target = random_decoder(arch, 0, "tgt", tokenizer=tok)
+    f = write_csv(tmp_path / "r.csv", ["text"], [[r["text"]] for r in reviews(20)])
+    task = load_text_task(f, target, [])
+    other = train_tokenizer([t[::-1] for t in tokenizer_texts()])
+    src = random_decoder(arch, 1, "src", tokenizer=other)
+    mine, theirs = task.tokenizer_id, load_text_task(f, src, []).tokenizer_id
+    assert mine != theirs
+    with pytest.raises(TransportError) as e:
+        check_token_ids(task, target, [src])
+    assert str(e.value) == (f"src and the target tgt do not share token ids (tokenizers {theirs} and {mine}): the "
+                            "texts are tokenised by the target's tokenizer, so every model must read the same ids "
+                            "(one tokenizer, or a vocabulary map between the two)")
+    check_token_ids(task, target, [src], vocab_map=object())  # a map moves the source's rows: not refused here
+    check_token_ids(task, target, [random_decoder(arch, 2, "same", tokenizer=tok), None])
+    small = Model(decoder(vocab_size=100), random_decoder(decoder(vocab_size=100), 1).params, "small")
+    with pytest.raises(TransportError, match=r"^small and the target tgt do not share token ids \(vocabularies of "
+                                             r"100 and 320 tokens\)"):
+        check_token_ids(task, target, [small])
+    retagged = TextTask(task.name, task.splits, tokenizer_id=theirs)
+    with pytest.raises(TransportError) as e:
+        check_token_ids(retagged, target, [])
+    assert str(e.value) == f"task r was tokenised by {theirs}, not by the target's tokenizer ({mine})"
