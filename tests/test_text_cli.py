@@ -41,24 +41,26 @@ def _run(dirs, out: Path, data: Path, method: str = "gradfix", *extra: str, targ
                  "--out", str(out), "--no-progress", "--no-cache", *extra])
 
 
-def _hf_accuracy(target_dir: Path, tau: dict, alpha: float, task) -> tuple[float, float]:
-    """Label-word accuracy and perplexity on the test split of AutoModelForCausalLM(theta + alpha * tau)."""
+def _hf_accuracy(target_dir: Path, tau: dict, alpha: float, task) -> tuple[float, float, int]:
+    """Label-word accuracy and perplexity on the test split of AutoModelForCausalLM(theta + alpha * tau), and
+    how many texts have their two label logits within 1e-4 (a float32 near-tie may go either way)."""
     from transformers import AutoModelForCausalLM
 
     m = AutoModelForCausalLM.from_pretrained(str(target_dir)).float().eval()
     sd = m.state_dict()
     m.load_state_dict({k: sd[k] + alpha * tau[k] if k in tau else sd[k] for k in sd})
     x, y = task.split("test")
-    right, nll, count = 0, 0.0, 0
+    right, nll, count, ties = 0, 0.0, 0, 0
     with torch.no_grad():
         for i in range(len(x)):
             ids = x.ids[i, :int(x.lengths[i])][None]
             logits = m(input_ids=ids).logits[0].double()
             if y is not None:
                 right += int(int(logits[-1, task.label_ids].argmax()) == int(y[i]))
+                ties += int(float(logits[-1, task.label_ids].sort().values.diff()[-1]) < 1e-4)
             nll += float(torch.nn.functional.cross_entropy(logits[:-1], ids[0, 1:], reduction="sum"))
             count += ids.shape[1] - 1
-    return right / len(x), float(torch.tensor(nll / count).exp())
+    return right / len(x), float(torch.tensor(nll / count).exp()), ties
 
 
 @pytest.mark.parametrize("kind", ["reviews", "corpus"])
@@ -81,11 +83,12 @@ def test_text_run_end_to_end(dirs, tmp_path, kind, capsys):
     # the same texts, the same ids: the report's numbers come back through the HF module and the written file
     target = load_model(str(dirs["target"]))
     task = load_text_file(dirs[kind], target.tokenizer, target.arch.vocab_size, target.arch.context)
-    acc, ppl = _hf_accuracy(dirs["target"], tau, report["alpha"], task)
+    acc, ppl, ties = _hf_accuracy(dirs["target"], tau, report["alpha"], task)
     assert report["perplexities"]["gradfix"] == pytest.approx(ppl, rel=1e-4)
     if kind == "reviews":
         assert set(report["accuracies"]) == set(report["perplexities"])
-        assert report["accuracies"]["gradfix"] == acc
+        n = len(task.split("test")[0])
+        assert abs(report["accuracies"]["gradfix"] - acc) <= ties / n and ties <= 1
     else:
         assert report["accuracies"] == {}
     printed = capsys.readouterr()
