@@ -21,7 +21,6 @@ from transport.core.forward import encode
 from transport.core.heads import Classifier
 from transport.core.model import Model
 from transport.core.stems import TextBatch
-from transport.data import Task
 from transport.errors import TransportError
 
 Tensor = torch.Tensor
