@@ -27,7 +27,7 @@ from transport.errors import NotImplementedYet, TransportError, warn
 EXIT_OK, EXIT_UNEXPECTED, EXIT_ERROR = 0, 1, 2
 #: ``report.json``'s ``format``: how ``--force`` recognises an output directory this tool wrote
 RUN_FORMAT = "transport.run"
-RUN_FILES = ("report.json", "task_vector.safetensors")
+RUN_FILES = ("report.json", "task_vector.safetensors", "adapter_config.json", "adapter_model.safetensors")
 
 
 
@@ -74,8 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "a Hugging Face directory, open_clip:ARCH:TAG, hf:ORG/NAME or zoo:NAME.")
     r.add_argument("--source-pre", required=True, metavar="REF", help="source pretrained model (theta_A)")
     ft = r.add_mutually_exclusive_group(required=True)
-    ft.add_argument("--source-ft", metavar="REF", help="source fine-tuned model (tau = source_ft - source_pre)")
-    ft.add_argument("--task-vector", metavar="FILE", help="a saved task vector instead of --source-ft")
+    ft.add_argument("--source-ft", metavar="REF", help="source fine-tuned model (tau = source_ft - source_pre), or a "
+                    "PEFT LoRA adapter directory of --source-pre (then --out holds an adapter for the target)")
+    ft.add_argument("--task-vector", metavar="FILE", help="a saved task vector (or a LoRA adapter directory) instead "
+                    "of --source-ft")
+    r.add_argument("--adapter-rank", metavar="R", help="LoRA adapter input: rank of updates a method made dense "
+                   "(gradfix), re-factorised by truncated SVD: same (default: the source's), full (exact) or N")
+    r.add_argument("--dense-task-vector", action="store_true", help="LoRA adapter input: also write the dense "
+                   "task_vector.safetensors")
     r.add_argument("--target", required=True, metavar="REF", help="target pretrained model (theta_B)")
     r.add_argument("--arch", metavar="ARCH", help="architecture of references that do not say it "
                    "(open_clip:ViT-B-16, hf:ORG/NAME, zoo:NAME, or a model file that records it); "
@@ -341,7 +347,11 @@ def _load_models(args: argparse.Namespace):
     src_arch = parse_arch(args.arch) if args.arch else None
     tgt_arch = parse_arch(args.target_arch) if args.target_arch else src_arch
     source_pre = load_model(args.source_pre, src_arch, args.trust_pickle, args.seed)
-    if args.task_vector:
+    if getattr(args, "adapter_rank_parsed", None) is not None:  # a LoRA adapter (see transport.lora_run)
+        from transport.lora_run import adapter_source
+
+        args.adapter, source_ft = adapter_source(args.source_ft or args.task_vector, source_pre, args.trust_pickle)
+    elif args.task_vector:
         tau = load_task_vector(args.task_vector, src_arch or source_pre.arch, args.trust_pickle)
         if not same_shapes(tau.arch, source_pre.arch):
             raise TransportError(f"{args.task_vector}: the task vector is for {tau.arch.name}, "
@@ -413,6 +423,10 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     base_info = get_method(args.on) if args.on else None
     options = collect_options(args, info.options, info.name)
     grid = _check_run_args(args)
+    from transport.lora_run import check_adapter_flags
+
+    args.adapter_rank_parsed = check_adapter_flags(args.source_ft or args.task_vector, args.adapter_rank,
+                                                   args.dense_task_vector)
     device = resolve_device(args.device)
     use_cache = not args.no_cache
     if use_cache:
@@ -441,10 +455,16 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     bar = _Bar(enabled=not args.no_progress)
     try:
-        result = transfer(source_pre, source_ft, target, info.name, task=task, options=options, alpha=args.alpha,
-                          alpha_grid=grid, shots=args.shots, seed=args.seed, device=device, oracle=oracle,
-                          progress=bar, use_cache=use_cache, evaluate=task is not None,
-                          on=base_info.name if base_info else None)
+        kwargs = dict(task=task, options=options, alpha=args.alpha, alpha_grid=grid, shots=args.shots, seed=args.seed,
+                      device=device, oracle=oracle, progress=bar, use_cache=use_cache, evaluate=task is not None,
+                      on=base_info.name if base_info else None)
+        if getattr(args, "adapter", None) is not None:
+            from transport.lora_run import transfer_adapter
+
+            args.adapter_run = transfer_adapter(args.adapter, source_pre, source_ft, target, info.name, **kwargs)
+            result = args.adapter_run.result
+        else:
+            result = transfer(source_pre, source_ft, target, info.name, **kwargs)
     finally:
         bar.close()
     _write_run(args, argv, out, inputs, result, source_pre, target, info, base_info, task, device)
@@ -477,15 +497,29 @@ def _write_run(args, argv, out: Path, inputs: dict[str, Path], result, source_pr
             **scaling_metadata(result.alpha), "task": (args.task or args.data or ""),
             "source_arch": source_pre.arch.to_json()}
 
+    files: dict[str, bytes] = {}
+    if getattr(args, "adapter_run", None) is not None:  # a LoRA adapter in: a PEFT adapter for the target out
+        from transport.lora_run import adapter_outputs, summary_lines
+
+        files, report["lora"] = adapter_outputs(args.adapter_run, target, args.adapter_rank_parsed, result.alpha,
+                                                {k: meta[k] for k in ("source_pre", "source_ft", "target", "method")})
+    dense = not files or args.dense_task_vector
+
     def writer(tmp: Path) -> None:
-        save_task_vector(transported, tmp / "task_vector.safetensors", **meta)
+        if dense:
+            save_task_vector(transported, tmp / "task_vector.safetensors", **meta)
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
         (tmp / "report.json").write_text(json.dumps(_json_safe(report), indent=2, sort_keys=True) + "\n")
 
     write_atomically(out, args.force, writer, inputs)
-    _print_summary(result, out)
+    _print_summary(result, out, sorted(files) + (["task_vector.safetensors"] if dense else []), dense)
+    if files:
+        print("\n".join(summary_lines(report["lora"], result.alpha)))
 
 
-def _print_summary(result: Any, out: Path) -> None:
+def _print_summary(result: Any, out: Path, written: Sequence[str] = ("task_vector.safetensors",),
+                   dense: bool = True) -> None:
     print(f"method {result.method}: alpha = {result.alpha:g}"
           + (" (chosen on validation)" if result.sweep is not None else ""))
     if result.sweep is not None and len(result.sweep.tied) > 1:
@@ -496,9 +530,10 @@ def _print_summary(result: Any, out: Path) -> None:
               + f" (asked for {result.inputs.get('shots')})")
     for name, acc in result.accuracies.items():
         print(f"  {name:<20} {100 * acc:6.2f}%" if isinstance(acc, float) and math.isfinite(acc) else f"  {name:<20} n/a")
-    print(f"wrote {out / 'task_vector.safetensors'} and {out / 'report.json'}")
-    print(f"  the file holds the transported tau at alpha = 1: add {result.alpha:g} x this file to the target "
-          f"(theta = theta_target + {result.alpha:g} * tau)")
+    print(f"wrote {', '.join(str(out / n) for n in written)} and {out / 'report.json'}")
+    if dense:
+        print(f"  the file holds the transported tau at alpha = 1: add {result.alpha:g} x this file to the target "
+              f"(theta = theta_target + {result.alpha:g} * tau)")
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:

@@ -33,6 +33,7 @@ from transport.core.arch import Arch
 from transport.core.layout import param_axes
 from transport.core.lowrank import LowRank, LowRankTaskVector, scale_of
 from transport.core.model import Model
+from transport.core.task_vector import TaskVector
 from transport.errors import TransportError
 from transport.files import read_checkpoint, read_safetensors
 from transport.sources import family_of, from_canonical
@@ -394,9 +395,11 @@ def transport_lowrank(tau: LowRankTaskVector, steps: Sequence[tuple[Any, Any, di
         maps_of = getattr(info, "axis_maps", None)
         if maps_of is not None:
             out = out.transport(maps_of(alignment, options, out.arch), target)
-        else:
-            moved = info.apply(copy.copy(alignment), out.to_task_vector(), 1.0, options)
-            out = out.with_dense_update(moved)
+        else:  # the whole task vector (zeros where nothing is adapted), as the dense transport gets it
+            full = out.tensors()
+            dense = TaskVector(out.arch, {k: full[k] if k in full else torch.zeros(i.shape)
+                                          for k, i in param_axes(out.arch).items()}, out.meta)
+            out = out.with_dense_update(info.apply(copy.copy(alignment), dense, 1.0, options))
     return out
 
 

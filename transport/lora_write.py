@@ -219,9 +219,10 @@ def _config(adapter: Adapter, mods: list[Written], saved_modules: list[str], tar
     return cfg
 
 
-def adapter_files(adapter: Adapter, moved: LowRankTaskVector, target: Model, rank: Rank = "same"
-                  ) -> tuple[dict[str, bytes], dict]:
-    """The target adapter's files (name -> bytes) and the report section on what was kept exact."""
+def adapter_files(adapter: Adapter, moved: LowRankTaskVector, target: Model, rank: Rank = "same",
+                  meta: Optional[dict[str, str]] = None) -> tuple[dict[str, bytes], dict]:
+    """The target adapter's files (name -> bytes; ``meta``: extra string metadata of the weights file) and the
+    report section on what was kept exact."""
     if moved.arch != target.arch and param_axes(moved.arch).keys() != param_axes(target.arch).keys():
         raise TransportError(f"the transported adapter is for {moved.arch.name}, not the target {target.arch.name}")
     arch = target.arch
@@ -251,7 +252,7 @@ def adapter_files(adapter: Adapter, moved: LowRankTaskVector, target: Model, ran
               "ranks": sorted({r["rank"] for r in rows}), "saved_whole": sorted(k[len(PEFT_PREFIX):] for k in full),
               "not_transported": sorted(adapter.outside + dropped)}
     files = {CONFIG_FILE: (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode(),
-             WEIGHTS_FILE: safetensors_bytes(tensors, {"format": "pt"})}
+             WEIGHTS_FILE: safetensors_bytes(tensors, {**(meta or {}), "format": "pt"})}
     return files, report
 
 

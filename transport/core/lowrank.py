@@ -132,6 +132,9 @@ class LowRankTaskVector:
         lost = [k for k in self.names() if k not in moved.tensors]
         if lost:
             raise TransportError(f"a transport step dropped tensors it was given: {', '.join(lost[:4])}")
+        extra = [k for k, t in moved.tensors.items() if k not in self.origin and bool(t.abs().max() > 0)]
+        if extra:  # an adapter can only carry updates of the tensors it had
+            raise TransportError(f"a transport step made updates the adapter does not have: {', '.join(extra[:4])}")
         densified = {k: moved.tensors[k] for k in self.names() if k in self.factors or k in self.densified}
         dense = {k: moved.tensors[k] for k in self.dense}
         return LowRankTaskVector(moved.arch, {}, dense, densified, dict(self.origin), dict(self.meta))
