@@ -253,7 +253,11 @@ def _weights(directory: Path, trust_pickle: bool) -> dict[str, Tensor]:
         raise TransportError(f"{st}: file not found (the adapter's weights)")
     if not tensors:
         raise TransportError(f"{st}: holds no tensors")
-    return {(k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k): v for k, v in tensors.items()}
+    named = {(k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k): v for k, v in tensors.items()}
+    # a module of modules_to_save may come as its trained copy next to the original (PEFT under bias='all')
+    out = {k: v for k, v in named.items() if ".modules_to_save." not in k and ".original_module." not in k}
+    out.update({k.replace(".modules_to_save.", "."): v for k, v in named.items() if ".modules_to_save." in k})
+    return out
 
 
 def _split_keys(tensors: dict[str, Tensor], where: str) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor]]:
