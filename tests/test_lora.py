@@ -330,16 +330,20 @@ def test_cli_writes_the_target_adapter_and_reports_it(vits, tmp_path):
     assert rc == 0, err
 
 
-def test_cli_gradfix_rank_is_the_users(vits, tmp_path):
+def image_folder(data: Path, per_class: int = 4) -> Path:
     from PIL import Image
 
-    data = tmp_path / "data"
     g = torch.Generator().manual_seed(0)
     for c in range(10):  # the models' heads have 10 classes
         (data / f"c{c}").mkdir(parents=True)
-        for i in range(4):
+        for i in range(per_class):
             px = (torch.rand(8, 8, 3, generator=g) * 255).to(torch.uint8).numpy()
             Image.fromarray(px).save(data / f"c{c}" / f"{i}.png")
+    return data
+
+
+def test_cli_gradfix_rank_is_the_users(vits, tmp_path):
+    data = image_folder(tmp_path / "data")
     base = ["run", "--source-pre", vits / "A", "--source-ft", vits / "lora", "--target", vits / "B",
             "--method", "gradfix", "--data", data, "--alpha", "1"]
     rc, out, err = cli(*base, "--adapter-rank", "3", "--out", tmp_path / "o")
@@ -407,3 +411,21 @@ def test_refused_variants_are_one_line(vits, tmp_path):
     assert rc == 2 and "do not fit" in one_line(err)
     with pytest.raises(TransportError, match="rank must be >= 1"):
         truncated(torch.ones(3, 3), 0)
+
+
+def test_app_reads_an_adapter_source_and_reports_the_rank_kept(vits, tmp_path):
+    from app import logic
+
+    data = str(image_folder(tmp_path / "data", per_class=6))
+    setup = logic.Setup(logic.ModelRef(str(vits / "A")), logic.ModelRef(str(vits / "lora"), task_vector=True),
+                        logic.ModelRef(str(vits / "B")), data)
+    cache = logic.MemoryCache()
+    tf = logic.run_transfer(setup, "transfusion", shots=2, cache=cache, alpha=1.0)
+    assert tf.loaded.adapter is not None and logic.rank_kept(tf) == "4 (exact)"
+    gf = logic.run_transfer(setup, "gradfix", shots=2, cache=cache, alpha=1.0)
+    kept = logic.rank_kept(gf)
+    assert kept.startswith("4 (SVD, error 0.") and kept.endswith(")")
+    import dataclasses
+
+    plain = dataclasses.replace(tf, loaded=dataclasses.replace(tf.loaded, adapter=None), memo={})
+    assert logic.rank_kept(plain) == ""  # not an adapter source: no rank column entry
