@@ -325,9 +325,11 @@ def test_cli_writes_the_target_adapter_and_reports_it(vits, tmp_path):
     got = to_canonical(merged(vits / "B", tmp_path / "d"), B.arch)
     assert max(float((got[k] - B.params[k] - tv.tensors[k]).abs().max()) for k in B.params) < 2e-6
     assert (tmp_path / "d" / "adapter_config.json").read_bytes() == (tmp_path / "o" / "adapter_config.json").read_bytes()
-    # --force replaces an adapter output this tool wrote
+    # --force replaces an adapter output this tool wrote; the same inputs give the same bytes
+    first = (tmp_path / "o" / "adapter_model.safetensors").read_bytes()
     rc, _, err = cli(*base, "--out", tmp_path / "o", "--force")
     assert rc == 0, err
+    assert (tmp_path / "o" / "adapter_model.safetensors").read_bytes() == first
 
 
 def image_folder(data: Path, per_class: int = 4) -> Path:
@@ -429,3 +431,30 @@ def test_app_reads_an_adapter_source_and_reports_the_rank_kept(vits, tmp_path):
 
     plain = dataclasses.replace(tf, loaded=dataclasses.replace(tf.loaded, adapter=None), memo={})
     assert logic.rank_kept(plain) == ""  # not an adapter source: no rank column entry
+
+
+def test_app_compare_page_shows_the_rank_kept(vits, tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("TRANSPORT_ZOO_DIR", str(tmp_path / "no-zoo"))
+    monkeypatch.setenv("TRANSPORT_APP_DIR", str(tmp_path / "app-out"))
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app" / "main.py"), default_timeout=240).run()
+    for key, ref in (("src", vits / "A"), ("tgt", vits / "B")):
+        at.selectbox(key=f"{key}-kind").set_value("Hugging Face").run()
+        at.text_input(key=f"{key}-hf").set_value(str(ref)).run()
+    at.selectbox(key="ft-kind").set_value("task-vector file").run()
+    at.text_input(key="ft-path").set_value(str(vits / "lora")).run()
+    at.radio(key="task-kind").set_value("ImageFolder directory").run()
+    at.text_input(key="task-dir").set_value(str(image_folder(tmp_path / "data", per_class=6))).run()
+    at.text_input(key="setup-grid").set_value("0:2:3").run()
+    at.switch_page("views/compare.py").run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    at.multiselect(key="cmp-methods").set_value(["transfusion"]).run()
+    at.button(key="cmp-run").click().run()
+    job = at.session_state["job"] if "job" in at.session_state else None
+    assert job is None or job.join(240)
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    table = at.dataframe[0].value
+    rows = dict(zip(table["model"], table["LoRA rank kept"]))
+    assert [v for k, v in rows.items() if "transfusion" in str(k).lower()] == ["4 (exact)"]
