@@ -74,14 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "a Hugging Face directory, open_clip:ARCH:TAG, hf:ORG/NAME or zoo:NAME.")
     r.add_argument("--source-pre", required=True, metavar="REF", help="source pretrained model (theta_A)")
     ft = r.add_mutually_exclusive_group(required=True)
-    ft.add_argument("--source-ft", metavar="REF", help="source fine-tuned model (tau = source_ft - source_pre), or a "
-                    "PEFT LoRA adapter directory of --source-pre (then --out holds an adapter for the target)")
-    ft.add_argument("--task-vector", metavar="FILE", help="a saved task vector (or a LoRA adapter directory) instead "
-                    "of --source-ft")
-    r.add_argument("--adapter-rank", metavar="R", help="LoRA adapter input: rank of updates a method made dense "
-                   "(gradfix), re-factorised by truncated SVD: same (default: the source's), full (exact) or N")
-    r.add_argument("--dense-task-vector", action="store_true", help="LoRA adapter input: also write the dense "
-                   "task_vector.safetensors")
+    ft.add_argument("--source-ft", metavar="REF", help="source fine-tuned model (tau = source_ft - source_pre) or a "
+                    "PEFT LoRA adapter directory of --source-pre (--out then holds the target's adapter)")
+    ft.add_argument("--task-vector", metavar="FILE", help="a saved task vector (or LoRA adapter) instead of --source-ft")
+    r.add_argument("--adapter-rank", metavar="R", help="LoRA input: rank of updates a method made dense (gradfix), "
+                   "re-factorised by truncated SVD: same (the source's; default), full (exact) or N")
+    r.add_argument("--dense-task-vector", action="store_true", help="LoRA input: also write task_vector.safetensors")
     r.add_argument("--target", required=True, metavar="REF", help="target pretrained model (theta_B)")
     r.add_argument("--arch", metavar="ARCH", help="architecture of references that do not say it "
                    "(open_clip:ViT-B-16, hf:ORG/NAME, zoo:NAME, or a model file that records it); "
@@ -104,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, metavar="DIR", help="output directory (must be new or empty)")
     r.add_argument("--force", action="store_true", help="replace an output directory an earlier run wrote")
     r.add_argument("--trust-pickle", action="store_true", help="allow loading pickled whole modules (runs code)")
+    r.add_argument("--full-model-names", action="store_true",
+                   help="open_clip targets: write task_vector.safetensors under the whole CLIP model's names "
+                        "(visual.*, for model.load_state_dict) instead of the image tower's (model.visual)")
     r.add_argument("--no-cache", action="store_true", help="recompute the alignment even if it is cached")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="any option the method declares")
@@ -301,6 +302,7 @@ def _json_safe(obj: Any) -> Any:
 def _check_run_args(args: argparse.Namespace) -> Optional[list[float]]:
     """Checks that need nothing loaded; returns the alpha grid."""
     from transport.data import MAX_SEED
+    from transport.lora_run import cli_check
     from transport.core.evaluate import FLOAT32_MAX, parse_alpha_grid
 
     if args.shots < 1:
@@ -316,6 +318,7 @@ def _check_run_args(args: argparse.Namespace) -> Optional[list[float]]:
             raise TransportError(f"{flag}: {big[0]:g} is outside float32's range (largest {FLOAT32_MAX:.4g})")
     if grid is not None and not args.task and not args.data:
         raise TransportError("--alpha-grid chooses alpha on a validation split: give --task or --data with classes")
+    cli_check(args)  # the LoRA adapter flags (transport.lora_run)
     return grid
 
 
@@ -338,20 +341,31 @@ def _input_paths(args: argparse.Namespace) -> dict[str, Path]:
     return out
 
 
+def _load_target_side(ref: str, arch, args: argparse.Namespace):
+    """The target (or oracle): a file without a recorded architecture is told the flag that applies to it."""
+    from transport.sources import load_model
+
+    try:
+        return load_model(ref, arch, args.trust_pickle, args.seed)
+    except TransportError as e:
+        if "pass --arch" not in str(e):
+            raise
+        raise TransportError(str(e).replace("pass --arch", "pass --target-arch (or --arch, which sets the source's "
+                                            "and the target's)", 1)) from None
+
+
 def _load_models(args: argparse.Namespace):
     """source_pre, source_ft, target, oracle (checked against each other)."""
     from transport.core.layout import same_shapes
     from transport.core.task_vector import TaskVector
+    from transport.lora_run import cli_source
     from transport.sources import family_shapes, load_model, load_task_vector, parse_arch
 
     src_arch = parse_arch(args.arch) if args.arch else None
     tgt_arch = parse_arch(args.target_arch) if args.target_arch else src_arch
     source_pre = load_model(args.source_pre, src_arch, args.trust_pickle, args.seed)
-    if getattr(args, "adapter_rank_parsed", None) is not None:  # a LoRA adapter (see transport.lora_run)
-        from transport.lora_run import adapter_source
-
-        args.adapter, source_ft = adapter_source(args.source_ft or args.task_vector, source_pre, args.trust_pickle)
-    elif args.task_vector:
+    source_ft = cli_source(args, source_pre)  # a LoRA adapter directory, else None
+    if source_ft is None and args.task_vector:
         tau = load_task_vector(args.task_vector, src_arch or source_pre.arch, args.trust_pickle)
         if not same_shapes(tau.arch, source_pre.arch):
             raise TransportError(f"{args.task_vector}: the task vector is for {tau.arch.name}, "
@@ -362,10 +376,10 @@ def _load_models(args: argparse.Namespace):
                   file=sys.stderr)
         tau = TaskVector(source_pre.arch, tau.tensors, tau.meta)
         source_ft = source_pre.with_params(tau.apply_to(source_pre.params, 1.0), ref=args.task_vector)
-    else:
+    elif source_ft is None:
         source_ft = load_model(args.source_ft, src_arch, args.trust_pickle, args.seed)
-    target = load_model(args.target, tgt_arch, args.trust_pickle, args.seed)
-    oracle = load_model(args.oracle, tgt_arch, args.trust_pickle, args.seed) if args.oracle else None
+    target = _load_target_side(args.target, tgt_arch, args)
+    oracle = _load_target_side(args.oracle, tgt_arch, args) if args.oracle else None
     if not same_shapes(source_pre.arch, source_ft.arch):
         raise TransportError(f"{source_ft.ref} does not have the architecture of {source_pre.ref} "
                              f"({source_ft.arch.name} vs {source_pre.arch.name})")
@@ -411,6 +425,7 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from transport import cache
     from transport.methods import TransportInputs, check_compatible, get_method, resolve_device
     from transport.core.task_vector import TaskVector
+    from transport.lora_run import cli_transfer
     from transport.pipeline import transfer
 
     import torch
@@ -423,10 +438,6 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     base_info = get_method(args.on) if args.on else None
     options = collect_options(args, info.options, info.name)
     grid = _check_run_args(args)
-    from transport.lora_run import check_adapter_flags
-
-    args.adapter_rank_parsed = check_adapter_flags(args.source_ft or args.task_vector, args.adapter_rank,
-                                                   args.dense_task_vector)
     device = resolve_device(args.device)
     use_cache = not args.no_cache
     if use_cache:
@@ -437,6 +448,9 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     torch.manual_seed(args.seed)
 
     source_pre, source_ft, target, oracle = _load_models(args)
+    from transport.sources import checkpoint_naming
+
+    checkpoint_naming(target.arch, target.meta, args.full_model_names)  # a naming it cannot honour: before the work
     if options.get("variant") == "oracle":
         if oracle is None:
             raise TransportError("--variant oracle needs --oracle REF (the target fine-tuned on the task)")
@@ -455,16 +469,10 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     bar = _Bar(enabled=not args.no_progress)
     try:
-        kwargs = dict(task=task, options=options, alpha=args.alpha, alpha_grid=grid, shots=args.shots, seed=args.seed,
-                      device=device, oracle=oracle, progress=bar, use_cache=use_cache, evaluate=task is not None,
-                      on=base_info.name if base_info else None)
-        if getattr(args, "adapter", None) is not None:
-            from transport.lora_run import transfer_adapter
-
-            args.adapter_run = transfer_adapter(args.adapter, source_pre, source_ft, target, info.name, **kwargs)
-            result = args.adapter_run.result
-        else:
-            result = transfer(source_pre, source_ft, target, info.name, **kwargs)
+        result = cli_transfer(args, transfer)(source_pre, source_ft, target, info.name, task=task, options=options, alpha=args.alpha,
+                          alpha_grid=grid, shots=args.shots, seed=args.seed, device=device, oracle=oracle,
+                          progress=bar, use_cache=use_cache, evaluate=task is not None,
+                          on=base_info.name if base_info else None)
     finally:
         bar.close()
     _write_run(args, argv, out, inputs, result, source_pre, target, info, base_info, task, device)
@@ -475,19 +483,23 @@ def _write_run(args, argv, out: Path, inputs: dict[str, Path], result, source_pr
                task, device: str) -> None:
     from transport.core.layout import same_shapes
     from transport.core.task_vector import TaskVector
-    from transport.sources import save_task_vector, scaling_metadata
+    from transport.lora_run import cli_outputs, summary_lines
+    from transport.sources import checkpoint_naming, save_task_vector, scaling_metadata
 
     transported = result.transported
     if not same_shapes(transported.arch, target.arch):
         raise TransportError(f"{info.name} returned a task vector for {transported.arch.name}, "
                              f"not for the target {target.arch.name}")
-    # Canonical tensors are family-free: save them under the TARGET's own names and shapes.
+    # Canonical tensors are family-free: save them under the names the TARGET checkpoint's own class loads.
     transported = TaskVector(target.arch, transported.tensors, transported.meta)
+    full_model = args.full_model_names
+    naming = checkpoint_naming(target.arch, target.meta, full_model)
     report = {"format": RUN_FORMAT, **result.report()}
     report["options"] = {k: v for k, v in report["options"].items() if k != "oracle_tau"}
     report["inputs"].update({"source_pre_arch": source_pre.arch.name, "target_arch": target.arch.name,
                              "oracle": args.oracle or "", "data": args.data or "", "device": device})
     scored = task is not None and task.labelled
+    report["task_vector_names"] = naming
     report["alpha_source"] = "fixed" if args.alpha is not None else ("validation" if scored else "default")
     report["command"] = ["python", "-m", "transport", *argv]
     meta = {"format": "transport.task_vector", "source_pre": args.source_pre,
@@ -497,29 +509,21 @@ def _write_run(args, argv, out: Path, inputs: dict[str, Path], result, source_pr
             **scaling_metadata(result.alpha), "task": (args.task or args.data or ""),
             "source_arch": source_pre.arch.to_json()}
 
-    files: dict[str, bytes] = {}
-    if getattr(args, "adapter_run", None) is not None:  # a LoRA adapter in: a PEFT adapter for the target out
-        from transport.lora_run import adapter_outputs, summary_lines
-
-        files, report["lora"] = adapter_outputs(args.adapter_run, target, args.adapter_rank_parsed, result.alpha,
-                                                {k: meta[k] for k in ("source_pre", "source_ft", "target", "method")})
-    dense = not files or args.dense_task_vector
+    files, dense = cli_outputs(args, target, result.alpha, report, meta)  # a LoRA adapter for the target
 
     def writer(tmp: Path) -> None:
         if dense:
-            save_task_vector(transported, tmp / "task_vector.safetensors", **meta)
+            save_task_vector(transported, tmp / "task_vector.safetensors", target.meta, full_model, **meta)
         for name, data in files.items():
             (tmp / name).write_bytes(data)
         (tmp / "report.json").write_text(json.dumps(_json_safe(report), indent=2, sort_keys=True) + "\n")
 
     write_atomically(out, args.force, writer, inputs)
-    _print_summary(result, out, sorted(files) + (["task_vector.safetensors"] if dense else []), dense)
-    if files:
-        print("\n".join(summary_lines(report["lora"], result.alpha)))
+    _print_summary(result, out, [*files, *(["task_vector.safetensors"] * dense)])
+    print("\n".join([f"  tensor names: {naming}"] * dense + summary_lines(report.get("lora"), result.alpha)))
 
 
-def _print_summary(result: Any, out: Path, written: Sequence[str] = ("task_vector.safetensors",),
-                   dense: bool = True) -> None:
+def _print_summary(result: Any, out: Path, written: Sequence[str] = ("task_vector.safetensors",)) -> None:
     print(f"method {result.method}: alpha = {result.alpha:g}"
           + (" (chosen on validation)" if result.sweep is not None else ""))
     if result.sweep is not None and len(result.sweep.tied) > 1:
@@ -531,7 +535,7 @@ def _print_summary(result: Any, out: Path, written: Sequence[str] = ("task_vecto
     for name, acc in result.accuracies.items():
         print(f"  {name:<20} {100 * acc:6.2f}%" if isinstance(acc, float) and math.isfinite(acc) else f"  {name:<20} n/a")
     print(f"wrote {', '.join(str(out / n) for n in written)} and {out / 'report.json'}")
-    if dense:
+    if "task_vector.safetensors" in written:
         print(f"  the file holds the transported tau at alpha = 1: add {result.alpha:g} x this file to the target "
               f"(theta = theta_target + {result.alpha:g} * tau)")
 

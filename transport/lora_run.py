@@ -108,8 +108,47 @@ def check_adapter_flags(ref: Optional[str], rank: Optional[str], dense: bool) ->
     return parse_rank(rank)
 
 
-def summary_lines(section: dict, alpha: float) -> list[str]:
-    """What the command line prints about the written adapter."""
+# ----------------------------------------------------------------------------------------------
+# the command line's hooks (``python -m transport run``): the adapter state rides on its namespace
+# ----------------------------------------------------------------------------------------------
+def cli_check(args: Any) -> None:
+    """Before anything is loaded: the adapter flags fit the input (``args.lora_rank``: None unless an adapter)."""
+    args.lora_rank = check_adapter_flags(args.source_ft or args.task_vector, args.adapter_rank,
+                                         args.dense_task_vector)
+
+
+def cli_source(args: Any, source_pre: Model) -> Optional[Model]:
+    """The fine-tuned source an adapter input makes (None when the input is not an adapter)."""
+    if getattr(args, "lora_rank", None) is None:
+        return None
+    args.lora_adapter, ft = adapter_source(args.source_ft or args.task_vector, source_pre, args.trust_pickle)
+    return ft
+
+
+def cli_transfer(args: Any, transfer_fn: Any) -> Any:
+    """``transfer_fn`` itself, or for an adapter input the same call through :func:`transfer_adapter`."""
+    if getattr(args, "lora_adapter", None) is None:
+        return transfer_fn
+
+    def run(source_pre: Model, source_ft: Model, target: Model, method: str, **kwargs: Any) -> TransferResult:
+        args.lora_run = transfer_adapter(args.lora_adapter, source_pre, source_ft, target, method, **kwargs)
+        return args.lora_run.result
+    return run
+
+
+def cli_outputs(args: Any, target: Model, alpha: float, report: dict, meta: dict) -> tuple[dict[str, bytes], bool]:
+    """The adapter's files (report['lora'] filled in) and whether task_vector.safetensors is written too."""
+    if getattr(args, "lora_run", None) is None:
+        return {}, True
+    files, report["lora"] = adapter_outputs(args.lora_run, target, args.lora_rank, alpha,
+                                            {k: meta[k] for k in ("source_pre", "source_ft", "target", "method")})
+    return files, bool(args.dense_task_vector)
+
+
+def summary_lines(section: Optional[dict], alpha: float) -> list[str]:
+    """What the command line prints about the written adapter (nothing without one)."""
+    if section is None:
+        return []
     exact, refac = section["exact_low_rank"], section["refactorised"]
     lines = [f"  the adapter holds the transported tau at alpha = 1 (PeftModel.from_pretrained(target, DIR) gives "
              f"theta_target + tau); for alpha = {alpha:g} multiply lora_alpha and alpha_pattern by {alpha:g}",
@@ -122,4 +161,5 @@ def summary_lines(section: dict, alpha: float) -> list[str]:
 
 
 __all__ = ["AdapterRun", "adapter_source", "transfer_adapter", "adapter_outputs", "check_adapter_flags",
-           "summary_lines", "ADAPTER_FILES", "is_adapter_dir"]
+           "summary_lines", "cli_check", "cli_source", "cli_transfer", "cli_outputs", "ADAPTER_FILES",
+           "is_adapter_dir"]

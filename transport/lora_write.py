@@ -70,15 +70,22 @@ class Written:
                 "exact": self.exact, "rel_error": self.rel_error, "svd_tail": self.tail}
 
 
-def _paths(key: str, prefix: str, nested: bool) -> tuple[str, str]:
+def checkpoint_key(target: Model, key: str) -> str:
+    """A family key under the name the target checkpoint's own class uses (``vit.`` for a
+    ViTForImageClassification, no ``vision_model.`` for a CLIPVisionModel): the module paths PEFT will find."""
+    named, _ = family_of(target.arch).checkpoint_names({key: torch.zeros(0)}, target.meta)
+    return next(iter(named))
+
+
+def _paths(key: str, nested: bool) -> tuple[str, str]:
     """(factor path, targeted module) of the weight ``key``; a multi-head attention's fused input projection
     lives on the attention module itself, its output projection under ``base_layer``."""
     if key.endswith(".in_proj_weight"):
-        m = prefix + key[: -len(".in_proj_weight")]
+        m = key[: -len(".in_proj_weight")]
         return m, m
     if not key.endswith(".weight"):
         raise TransportError(f"{key}: not the weight of a module a LoRA can target")
-    m = prefix + key[: -len(".weight")]
+    m = key[: -len(".weight")]
     if nested:
         parent, last = m.rsplit(".", 1)
         return f"{parent}.base_layer.{last}", parent
@@ -102,12 +109,12 @@ def _choose_rank(rank: Rank, source_rank: int, shape: tuple[int, int]) -> int:
 
 
 def _module(adapter: Adapter, moved: LowRankTaskVector, key: str, parts: tuple[str, ...], sizes: tuple[int, ...],
-            n_in: int, rank: Rank) -> Written:
+            n_in: int, rank: Rank, named: str) -> Written:
     arch = moved.arch
     sources = [adapter.module_of(moved.origin[c]) for c in parts if c in moved.origin]
     src = next(m for m in sources if m is not None)
     rslora = bool(adapter.config.get("use_rslora"))
-    path, owner = _paths(key, adapter.prefix, src.nested)
+    path, owner = _paths(named, src.nested)
     lows = {c: moved.factors[c] for c in parts if c in moved.factors}
     logical = {c: _logical(arch, c, f) for c, f in lows.items()}
     shared = list(logical.values())[0][1] if logical else None
@@ -195,7 +202,7 @@ def _full_tensors(adapter: Adapter, moved: LowRankTaskVector, target: Model, wra
     tensors, modules = {}, []
     for k in keys:
         kinds = {adapter.full.get(moved.origin.get(e.canon, e.canon), "bias") for e in entries[k] if e.kind != "tied"}
-        name = adapter.prefix + k
+        name = checkpoint_key(target, k)
         tensors[PEFT_PREFIX + _wrapped_name(name, wrapped)] = (base[k].float() + deltas[k].float()).contiguous()
         if "module" in kinds:
             modules.append(name.rsplit(".", 1)[0])
@@ -232,7 +239,7 @@ def adapter_files(adapter: Adapter, moved: LowRankTaskVector, target: Model, ran
     mods = []
     for key in dict.fromkeys(own[c] for c in low):
         parts, sizes, n_in = weight_parts(arch, key, f"target {target.ref}")
-        mods.append(_module(adapter, moved, key, parts, sizes, n_in, rank))
+        mods.append(_module(adapter, moved, key, parts, sizes, n_in, rank, checkpoint_key(target, key)))
     mods = _complete_attention(mods, arch)
     wrapped = {m.path for m in mods} | {m.owner for m in mods}
     tensors: dict[str, Tensor] = {}
@@ -245,7 +252,8 @@ def adapter_files(adapter: Adapter, moved: LowRankTaskVector, target: Model, ran
     used = set(moved.origin.values())
     dropped = [m.path for m in adapter.modules if not any(c in used for c in m.parts)]
     rows = [m.row() for m in sorted(mods, key=lambda m: m.path)]
-    report = {"source_adapter": str(adapter.directory), "rank": rank, "modules": rows,
+    names = family_of(arch).checkpoint_names({}, target.meta)[1]
+    report = {"source_adapter": str(adapter.directory), "rank": rank, "modules": rows, "module_names": names,
               "exact_low_rank": [r["module"] for r in rows if r["exact"]],
               "refactorised": {r["module"]: r["rel_error"] for r in rows if not r["exact"]},
               "max_rel_error": max((r["rel_error"] for r in rows if not r["exact"]), default=0.0),
