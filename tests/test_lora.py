@@ -458,3 +458,13 @@ def test_app_compare_page_shows_the_rank_kept(vits, tmp_path, monkeypatch):
     table = at.dataframe[0].value
     rows = dict(zip(table["model"], table["LoRA rank kept"]))
     assert [v for k, v in rows.items() if "transfusion" in str(k).lower()] == ["4 (exact)"]
+
+
+@pytest.mark.parametrize("field", sorted(__import__("transport.lora", fromlist=["REFUSED"]).REFUSED))
+def test_every_refused_config_field_is_one_line(vits, tmp_path, field):
+    from transport.lora import REFUSED, read_config
+
+    d = edit_adapter(vits / "lora", tmp_path / "a", {field: {"x": 1} if field.endswith("_config") else True})
+    with pytest.raises(TransportError) as e:
+        read_config(d)
+    assert str(e.value) == f"{d / 'adapter_config.json'}: {REFUSED[field]}" and "\n" not in str(e.value)
