@@ -220,7 +220,7 @@ def test_output_is_atomic_when_writing_fails(files, tmp_path, capsys, monkeypatc
     assert _run(_base(files, out), capsys)[0] == 0  # an earlier run's results
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
-    def broken_save(tau, path, **meta):
+    def broken_save(tau, path, *args, **meta):
         Path(path).write_bytes(b"partial")
         raise TransportError(f"{path}: disk full")
 
