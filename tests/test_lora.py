@@ -468,3 +468,28 @@ def test_every_refused_config_field_is_one_line(vits, tmp_path, field):
     with pytest.raises(TransportError) as e:
         read_config(d)
     assert str(e.value) == f"{d / 'adapter_config.json'}: {REFUSED[field]}" and "\n" not in str(e.value)
+
+
+def test_open_clip_tower_linear_lora_reads_and_attention_lora_is_refused(tmp_path):
+    from transport.core.model import Model
+    from transport.families.open_clip import build_open_clip_tower, tiny_arch
+    from transport.sources import save_model
+
+    arch = tiny_arch(32, 2, 4, output_dim=16)
+    torch.manual_seed(0)
+    save_model(Model(arch, to_canonical(build_open_clip_tower(arch).state_dict(), arch), "A"), tmp_path / "A.safetensors")
+    A = load_model(str(tmp_path / "A.safetensors"))
+    for name, modules in (("mlp", ["c_fc", "c_proj"]), ("attn", ["attn", "c_fc"])):
+        torch.manual_seed(0)
+        attach_lora(build_open_clip_tower(arch), tmp_path / name, r=2, lora_alpha=4, target_modules=modules)
+    ad = read_adapter(tmp_path / "mlp", A)
+    assert sorted(ad.tau.factors) == [f"blocks.{l}.mlp.{f}.weight" for l in range(2) for f in ("fc1", "fc2")]
+    torch.manual_seed(0)
+    pm = peft.PeftModel.from_pretrained(build_open_clip_tower(arch), str(tmp_path / "mlp"))
+    ft = to_canonical(pm.merge_and_unload().state_dict(), arch)
+    tau = ad.tau.to_task_vector().tensors
+    assert max(float((ft[k] - A.params[k] - tau.get(k, 0)).abs().max()) for k in A.params) < 1e-6
+    with pytest.raises(TransportError, match=r"transformer\.resblocks\.0\.attn: LoRA on a multi-head attention "
+                                             r"module is not supported") as e:
+        read_adapter(tmp_path / "attn", A)
+    assert "\n" not in str(e.value)

@@ -10,7 +10,8 @@ module M with factors ``lora_A`` [r, in] and ``lora_B`` [out, r] adds ``scale * 
 tower rules (prefixes like a classifier wrapper's, older spellings); a fused weight (q, k and v in one
 tensor, as in a multi-head attention's ``in_proj_weight`` or GPT-2's ``c_attn``) splits ``B``'s rows into
 one factor pair per canonical tensor, all sharing ``A``. PEFT's multi-head-attention LoRA (the fused input
-projection plus its nested output projection) is read this way too.
+projection plus its nested output projection) is refused: PEFT's own forward adds twice (lora_alpha/r) B A to
+the output projection (peft 0.21), so the adapter's update is not the low-rank task vector its factors say.
 
 Full tensors an adapter saves (biases under ``bias='all'`` / ``'lora_only'``, ``modules_to_save``) are the
 trained values: their updates are the difference to the source pretrained model, dense. What lies outside
@@ -349,6 +350,9 @@ def read_adapter(directory: str | Path, source: Model, trust_pickle: bool = Fals
                 continue
             raise TransportError(f"{where}: adapted module {path} is not a module of {arch.name} (family "
                                  f"{arch.family}: no weight {hits[0][0]})")
+        if hit[0].endswith(".in_proj_weight") or ".base_layer." in path:
+            raise TransportError(f"{where}: {path}: LoRA on a multi-head attention module is not supported (PEFT's "
+                                 "forward adds its output projection's (lora_alpha/r) B A twice: not the task vector its factors give)")
         prefixes.add(hit[1])
         modules.append(_module(cfg, arch, path, lora[path]["A"].float(), lora[path]["B"].float(), hit[0], where))
     known_full = {}
