@@ -29,6 +29,7 @@ from transport.pipeline import Prepared, TransferResult, on_target, prepare, tra
 from transport.core.task_vector import TaskVector
 from transport.core.layout import same_shapes
 from transport.sources import load_task_vector
+from transport.lora import is_adapter_dir
 
 # ----------------------------------------------------------------------------------------------
 # where the app may write
@@ -170,6 +171,7 @@ class Loaded:
     task: Task
     tau: TaskVector
     hashes: dict[str, str]
+    adapter: Optional[Any] = None  # the source's PEFT LoRA adapter when source_ft is one (transport.lora.Adapter)
 
     @property
     def tau_is_zero(self) -> bool:
@@ -205,7 +207,18 @@ def load_setup(setup: Setup, cache: MemoryCache = DEFAULT_CACHE, progress: Progr
     """Load (or fetch) the models and the task of ``setup``; a task-vector file gives source_ft = pre + tau."""
     progress(0.0, f"loading source {setup.source_pre.short}")
     pre, h_pre = _load_model(setup.source_pre, cache)
-    if setup.source_ft.task_vector:
+    adapter = None
+    if is_adapter_dir(setup.source_ft.ref):  # a LoRA adapter of the source: source_ft = pre + scale * B A
+        progress(0.03, f"reading LoRA adapter {setup.source_ft.short}")
+
+        def make_adapter() -> tuple[Model, str, Any]:
+            from transport.lora_run import adapter_source
+
+            ad, ft = adapter_source(setup.source_ft.ref, pre)
+            return ft, disk_cache.hash_tensors(ft.params), ad
+
+        ft, h_ft, adapter = cache.get_or_make("lora:" + setup.source_ft.key() + h_pre, make_adapter)
+    elif setup.source_ft.task_vector:
         progress(0.03, f"loading task vector {setup.source_ft.short}")
 
         def make_ft() -> tuple[Model, str]:
@@ -235,7 +248,26 @@ def load_setup(setup: Setup, cache: MemoryCache = DEFAULT_CACHE, progress: Progr
     task, h_task = _load_task(setup.task, max(pre.arch.image_size, tgt.arch.image_size), cache)
     tau = cache.get_or_make(f"tau:{h_pre}:{h_ft}", lambda: TaskVector.from_models(pre.params, ft.params, pre.arch))
     return Loaded(pre, ft, tgt, oracle, task, tau, {"source_pre": h_pre, "source_ft": h_ft, "target": h_tgt,
-                                                       "task": h_task})
+                                                       "task": h_task}, adapter)
+
+
+def rank_kept(run: "Run") -> str:
+    """For a LoRA adapter source: the rank the run's transport keeps (exact factors), or the rank it is
+    re-factorised to (the source's) with the largest relative truncation error; '' for other sources."""
+    ad = run.loaded.adapter
+    if ad is None:
+        return ""
+    if "rank_kept" not in run.memo:
+        from transport.lora import transport_lowrank
+        from transport.lora_write import adapter_files
+
+        steps = [(p.method, p.alignment, p.options) for p in (run.base, run.prepared) if p is not None]
+        moved = transport_lowrank(ad.tau, steps, run.loaded.target.arch)
+        report = adapter_files(ad, moved, run.loaded.target)[1]
+        ranks = "/".join(str(r) for r in report["ranks"])
+        run.memo["rank_kept"] = (f"{ranks} (exact)" if not report["refactorised"] else
+                                 f"{ranks} (SVD, error {report['max_rel_error']:.2g})")
+    return run.memo["rank_kept"]
 
 
 # ----------------------------------------------------------------------------------------------

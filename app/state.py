@@ -130,8 +130,9 @@ def model_picker(label: str, key: str, allow_task_vector: bool = False, zoo_defa
         return ModelRef(ref if Path(ref).is_dir() else f"hf:{ref.removeprefix('hf:')}")
     arch = ""
     if kind in ("local file", TV_KIND):
-        path = st.text_input(f"{label}: file path", key=f"{key}-path",
-                             placeholder="/path/to/model.safetensors").strip()
+        path = st.text_input(f"{label}: file path" + (" or LoRA adapter directory" if kind == TV_KIND else ""),
+                             key=f"{key}-path", placeholder="/path/to/model.safetensors" if kind != TV_KIND else
+                             "/path/to/task_vector.safetensors or /path/to/peft_adapter/").strip()
     else:
         path = _upload(f"{label}: upload a checkpoint", key) or ""
     if kind != TV_KIND:

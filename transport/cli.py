@@ -23,7 +23,6 @@ from typing import Any, Optional, Sequence
 from transport import __version__
 from transport.errors import NotImplementedYet, TransportError, warn
 from transport.textfile import is_text_data
-
 from transport.outdir import RUN_FORMAT, check_out_dir, check_writable, write_atomically
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_ERROR = 0, 1, 2
@@ -73,8 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "a Hugging Face directory, open_clip:ARCH:TAG, hf:ORG/NAME or zoo:NAME.")
     r.add_argument("--source-pre", required=True, metavar="REF", help="source pretrained model (theta_A)")
     ft = r.add_mutually_exclusive_group(required=True)
-    ft.add_argument("--source-ft", metavar="REF", help="source fine-tuned model (tau = source_ft - source_pre)")
-    ft.add_argument("--task-vector", metavar="FILE", help="a saved task vector instead of --source-ft")
+    ft.add_argument("--source-ft", metavar="REF", help="source fine-tuned model (tau = source_ft - source_pre) or a "
+                    "PEFT LoRA adapter directory of --source-pre (--out then holds the target's adapter)")
+    ft.add_argument("--task-vector", metavar="FILE", help="a saved task vector (or LoRA adapter) instead of --source-ft")
+    r.add_argument("--adapter-rank", metavar="R", help="LoRA input: rank of updates a method made dense (gradfix), "
+                   "re-factorised by truncated SVD: same (the source's; default), full (exact) or N")
+    r.add_argument("--dense-task-vector", action="store_true", help="LoRA input: also write task_vector.safetensors")
     r.add_argument("--target", required=True, metavar="REF", help="target pretrained model (theta_B)")
     r.add_argument("--arch", metavar="ARCH", help="architecture of references that do not say it "
                    "(open_clip:ViT-B-16, hf:ORG/NAME, zoo:NAME, or a model file that records it); "
@@ -214,6 +217,7 @@ def _json_safe(obj: Any) -> Any:
 def _check_run_args(args: argparse.Namespace) -> Optional[list[float]]:
     """Checks that need nothing loaded; returns the alpha grid."""
     from transport.data import MAX_SEED
+    from transport.lora_run import cli_check
     from transport.core.evaluate import FLOAT32_MAX, parse_alpha_grid
 
     if args.shots < 1:
@@ -231,6 +235,7 @@ def _check_run_args(args: argparse.Namespace) -> Optional[list[float]]:
         raise TransportError("--alpha-grid chooses alpha on a validation split: give --task or --data with classes")
     if args.template is not None and not (args.data and is_text_data(args.data)):
         raise TransportError("--template is the prompt of a labelled text file: give --data FILE.jsonl or FILE.csv")
+    cli_check(args)  # the LoRA adapter flags (transport.lora_run)
     return grid
 
 
@@ -270,12 +275,14 @@ def _load_models(args: argparse.Namespace):
     """source_pre, source_ft, target, oracle (checked against each other)."""
     from transport.core.layout import same_shapes
     from transport.core.task_vector import TaskVector
+    from transport.lora_run import cli_source
     from transport.sources import family_shapes, load_model, load_task_vector, parse_arch
 
     src_arch = parse_arch(args.arch) if args.arch else None
     tgt_arch = parse_arch(args.target_arch) if args.target_arch else src_arch
     source_pre = load_model(args.source_pre, src_arch, args.trust_pickle, args.seed)
-    if args.task_vector:
+    source_ft = cli_source(args, source_pre)  # a LoRA adapter directory, else None
+    if source_ft is None and args.task_vector:
         tau = load_task_vector(args.task_vector, src_arch or source_pre.arch, args.trust_pickle)
         if not same_shapes(tau.arch, source_pre.arch):
             raise TransportError(f"{args.task_vector}: the task vector is for {tau.arch.name}, "
@@ -286,7 +293,7 @@ def _load_models(args: argparse.Namespace):
                   file=sys.stderr)
         tau = TaskVector(source_pre.arch, tau.tensors, tau.meta)
         source_ft = source_pre.with_params(tau.apply_to(source_pre.params, 1.0), ref=args.task_vector)
-    else:
+    elif source_ft is None:
         source_ft = load_model(args.source_ft, src_arch, args.trust_pickle, args.seed)
     target = _load_target_side(args.target, tgt_arch, args)
     oracle = _load_target_side(args.oracle, tgt_arch, args) if args.oracle else None
@@ -342,6 +349,7 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from transport import cache
     from transport.methods import TransportInputs, check_compatible, get_method, resolve_device
     from transport.core.task_vector import TaskVector
+    from transport.lora_run import cli_transfer
     from transport.pipeline import transfer
 
     import torch
@@ -388,7 +396,7 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     bar = _Bar(enabled=not args.no_progress)
     try:
-        result = transfer(source_pre, source_ft, target, info.name, task=task, options=options, alpha=args.alpha,
+        result = cli_transfer(args, transfer)(source_pre, source_ft, target, info.name, task=task, options=options, alpha=args.alpha,
                           alpha_grid=grid, shots=args.shots, seed=args.seed, device=device, oracle=oracle,
                           progress=bar, use_cache=use_cache, evaluate=task is not None,
                           on=base_info.name if base_info else None)
@@ -402,6 +410,7 @@ def _write_run(args, argv, out: Path, inputs: dict[str, Path], result, source_pr
                task, device: str) -> None:
     from transport.core.layout import same_shapes
     from transport.core.task_vector import TaskVector
+    from transport.lora_run import cli_outputs, summary_lines
     from transport.sources import checkpoint_naming, save_task_vector, scaling_metadata
 
     transported = result.transported
@@ -427,16 +436,21 @@ def _write_run(args, argv, out: Path, inputs: dict[str, Path], result, source_pr
             **scaling_metadata(result.alpha), "task": (args.task or args.data or ""),
             "source_arch": source_pre.arch.to_json()}
 
+    files, dense = cli_outputs(args, target, result.alpha, report, meta)  # a LoRA adapter for the target
+
     def writer(tmp: Path) -> None:
-        save_task_vector(transported, tmp / "task_vector.safetensors", target.meta, full_model, **meta)
+        if dense:
+            save_task_vector(transported, tmp / "task_vector.safetensors", target.meta, full_model, **meta)
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
         (tmp / "report.json").write_text(json.dumps(_json_safe(report), indent=2, sort_keys=True) + "\n")
 
     write_atomically(out, args.force, writer, inputs)
-    _print_summary(result, out)
-    print(f"  tensor names: {naming}")
+    _print_summary(result, out, [*files, *(["task_vector.safetensors"] * dense)])
+    print("\n".join([f"  tensor names: {naming}"] * dense + summary_lines(report.get("lora"), result.alpha)))
 
 
-def _print_summary(result: Any, out: Path) -> None:
+def _print_summary(result: Any, out: Path, written: Sequence[str] = ("task_vector.safetensors",)) -> None:
     print(f"method {result.method}: alpha = {result.alpha:g}"
           + (" (chosen on validation)" if result.sweep is not None else ""))
     if result.sweep is not None and len(result.sweep.tied) > 1:
@@ -449,9 +463,10 @@ def _print_summary(result: Any, out: Path) -> None:
         print(f"  {name:<20} {100 * acc:6.2f}%" if isinstance(acc, float) and math.isfinite(acc) else f"  {name:<20} n/a")
     for name, ppl in (result.perplexities or {}).items():
         print(f"  {name:<20} perplexity {ppl:.4g}" if math.isfinite(ppl) else f"  {name:<20} perplexity n/a")
-    print(f"wrote {out / 'task_vector.safetensors'} and {out / 'report.json'}")
-    print(f"  the file holds the transported tau at alpha = 1: add {result.alpha:g} x this file to the target "
-          f"(theta = theta_target + {result.alpha:g} * tau)")
+    print(f"wrote {', '.join(str(out / n) for n in written)} and {out / 'report.json'}")
+    if "task_vector.safetensors" in written:
+        print(f"  the file holds the transported tau at alpha = 1: add {result.alpha:g} x this file to the target "
+              f"(theta = theta_target + {result.alpha:g} * tau)")
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:

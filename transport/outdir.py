@@ -14,7 +14,7 @@ from transport.errors import TransportError
 
 #: ``report.json``'s ``format``: how ``--force`` recognises an output directory this tool wrote
 RUN_FORMAT = "transport.run"
-RUN_FILES = ("report.json", "task_vector.safetensors")
+RUN_FILES = ("report.json", "task_vector.safetensors", "adapter_config.json", "adapter_model.safetensors")
 
 
 def check_out_dir(out: Path, force: bool, inputs: Optional[dict[str, Path]] = None) -> None:

@@ -125,6 +125,9 @@ def load_model(ref: str, arch: Arch | str | None = None, trust_pickle: bool = Fa
         return load_open_clip(ref, seed=seed)
     if ref.startswith("hf:") or (Path(ref).is_dir() and (Path(ref) / "config.json").exists()):
         return load_hf(ref)
+    if Path(ref).is_dir() and (Path(ref) / "adapter_config.json").is_file():
+        raise TransportError(f"{ref}: a PEFT LoRA adapter, not a model: give it as --source-ft (or --task-vector) "
+                             "with the model it adapts as --source-pre")
     return load_file_model(ref, arch, trust_pickle)
 
 

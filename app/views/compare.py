@@ -63,6 +63,8 @@ with ui.guarded():
                      "alpha": f"{alphas[k]:.2f}" if k in alphas else "0.00" if k == "zero_shot_target"
                      else export.NO_TASK_VECTOR.get(k, "n/a"),
                      "prepare": "-" if prep is None else ("cached" if prep.cache_hit else f"{prep.seconds:.1f} s")})
+        if any(r.loaded.adapter is not None for r in runs.values()):  # a LoRA adapter source: the rank kept
+            rows[-1]["LoRA rank kept"] = logic.rank_kept(runs[k]) if k in runs else "-"
     st.dataframe(rows, hide_index=True, key="cmp-table", width="content", column_config=ui.PERCENT_COLUMNS)
     st.caption("Each method (and naive) at the alpha it picked on the validation split; the other rows are the same "
                "for all methods (target zero-shot floor, source fine-tuned and oracle ceilings).")

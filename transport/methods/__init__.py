@@ -7,6 +7,10 @@
   (JSON-able, what the report and the figures need), ``save(dir)`` and a classmethod ``load(dir)``.
 - ``apply(alignment, tau, alpha, options) -> TaskVector``: cheap; returns alpha * (transported tau) in
   the TARGET architecture's canonical names (so ``target.params + result`` is a standard model).
+- ``axis_maps(alignment, options, arch) -> {target tensor: TensorMap}`` (optional; ``arch``: the task vector's
+  architecture): the same transport at alpha
+  = 1 as per-axis linear maps (:mod:`transport.core.axis_maps`), for methods whose ``apply`` is one; low-rank
+  updates (LoRA adapters) then move as factors, exactly. None for a method that is not (GradFix's mask).
 
 Options are data (:class:`Option`: default, choices, bounds, whether changing it only re-applies, whether
 it has its own command-line flag); the CLI flags, ``python -m transport methods`` and the app's widgets
@@ -116,6 +120,7 @@ class MethodInfo:
     load_alignment: Callable[[Any], Any]
     spec: tuple[Option, ...] = ()
     same_depth: bool = True  # requires source and target of equal depth
+    axis_maps: Optional[Callable[[Any, dict, Any], dict]] = None  # apply as per-axis linear maps (see the module doc)
 
     @property
     def options(self) -> dict[str, Any]:

@@ -5,6 +5,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from transport.core.arch import Arch
+from transport.core.axis_maps import TensorMap, identity_maps
+from transport.core.layout import canonical_shapes
 from transport.core.task_vector import TaskVector
 from transport.methods import MethodInfo, Progress, TransportInputs
 
@@ -35,5 +38,10 @@ def apply(alignment: NaiveAlignment, tau: TaskVector, alpha: float = 1.0, option
     return tau * alpha
 
 
+def axis_maps(alignment: NaiveAlignment, options: dict | None, arch: Arch) -> dict[str, TensorMap]:
+    """Every tensor of ``arch`` (the architecture both sides share) from itself, unchanged."""
+    return identity_maps(canonical_shapes(arch))
+
+
 METHOD = MethodInfo(name="naive", summary="theta_B + alpha * tau (no alignment)", same_arch=True, data="none",
-                    prepare=prepare, apply=apply, load_alignment=NaiveAlignment.load)
+                    prepare=prepare, apply=apply, load_alignment=NaiveAlignment.load, axis_maps=axis_maps)

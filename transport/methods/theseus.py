@@ -82,6 +82,7 @@ from typing import Any, Optional
 import torch
 
 from transport.core.arch import Arch
+from transport.core.axis_maps import TensorMap
 from transport.core.layout import ParamInfo, param_axes, same_shapes, site_layer
 from transport.core.procrustes import POLAR_MODES, naive_map
 from transport.core.task_vector import TaskVector
@@ -429,6 +430,27 @@ def apply(alignment: TheseusAlignment, tau: TaskVector, alpha: float = 1.0, opti
     return TaskVector(alignment.target_arch, out, {"transported_by": "theseus"})
 
 
+def axis_maps(alignment: TheseusAlignment, options: Optional[dict] = None,
+              arch: Optional[Arch] = None) -> dict[str, TensorMap]:
+    """The closed form as per-axis matrices: per target tensor its source tensor (depth map, tied embeddings)
+    and each axis's Procrustes map T [d_A, d_B] (None: same size, not mapped). What :func:`apply` does at
+    alpha = 1 to a task vector holding every source tensor; low-rank factors move as ``(T_out^T L)(R T_in)``."""
+    o = check_options({**{k: v for k, v in alignment.options.items() if k in OPTIONS},
+                       **{k: v for k, v in (options or {}).items() if k in OPTIONS}})
+    if arch is not None and not same_shapes(arch, alignment.source_arch):
+        raise TransportError(f"theseus: the task vector is for {arch.name}, the alignment was prepared from "
+                             f"source {alignment.source_arch.name}")
+    source, target = param_axes(alignment.source_arch), param_axes(alignment.target_arch)
+    depth = alignment.depth_map()
+    out: dict[str, TensorMap] = {}
+    for name, info in target.items():
+        src_name = source_name(name, info, depth, alignment.source_arch)
+        plan = _plan(name, src_name, source, target, alignment.maps, o)
+        if plan is not None:
+            out[name] = TensorMap(src_name, tuple(None if s is None else alignment.maps[s] for s in plan))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # the naive baseline across widths
 # ----------------------------------------------------------------------------------------------
@@ -454,7 +476,7 @@ METHOD = MethodInfo(name="theseus",
                     summary="closed-form transport across widths: Procrustes maps between activations of both "
                             "pretrained models on a few unlabelled images, dW_B = T_out^T dW_A T_in",
                     same_arch=False, data="unlabelled", prepare=prepare, apply=apply, load_alignment=_load,
-                    spec=SPEC, same_depth=False)
+                    spec=SPEC, same_depth=False, axis_maps=axis_maps)
 
-__all__ = ["METHOD", "OPTIONS", "TheseusAlignment", "prepare", "apply", "naive_resize", "transport_tensor",
+__all__ = ["METHOD", "axis_maps", "OPTIONS", "TheseusAlignment", "prepare", "apply", "naive_resize", "transport_tensor",
            "axis_space", "check_options", "space_layer", "source_name"]

@@ -26,6 +26,7 @@ import torch
 
 from transport.core.arch import Arch
 from transport.core.assignment import lap_max, lap_min_cost
+from transport.core.axis_maps import TensorMap
 from transport.core.forward import encode
 from transport.core.layout import check_params, param_axes, same_shapes
 from transport.core.stems import TextBatch, model_inputs
@@ -410,13 +411,25 @@ def apply(alignment: TransFusionAlignment, tau: TaskVector, alpha: float = 1.0,
     return TaskVector(alignment.arch, moved, tau.meta) * float(alpha)
 
 
+def axis_maps(alignment: TransFusionAlignment, options: Optional[dict] = None,
+              arch: Optional[Arch] = None) -> dict[str, TensorMap]:
+    """pi as per-axis index vectors: every tensor from itself, each axis gathered by its space's permutation
+    (what :func:`apply` does at alpha = 1; low-rank factors move as ``(P_out L)(R P_in^T)``)."""
+    if arch is not None and not same_shapes(arch, alignment.arch):
+        raise TransportError(f"task vector of {arch.name} does not fit the alignment for {alignment.arch.name}")
+    perms = alignment.perms
+    return {name: TensorMap(name, tuple(axis_index(perms[a.space], a.role) if a is not None and a.space in perms
+                                        else None for a in info.axes))
+            for name, info in param_axes(alignment.arch).items()}
+
+
 METHOD = MethodInfo(
     name="transfusion",
     summary="permute tau onto the target's basin: spectral head assignment + weight matching (data-free)",
     same_arch=True, data="none", prepare=prepare, apply=apply, load_alignment=TransFusionAlignment.load,
-    spec=SPEC,
+    spec=SPEC, axis_maps=axis_maps,
 )
 
-__all__ = ["METHOD", "OPTIONS", "MATCHINGS", "TransFusionAlignment", "align", "apply", "prepare", "head_blocks",
+__all__ = ["METHOD", "axis_maps", "OPTIONS", "MATCHINGS", "TransFusionAlignment", "align", "apply", "prepare", "head_blocks",
            "head_spectra", "stack_spectra", "head_cost", "group_cost", "assign_heads", "assign_groups", "activation_similarity",
            "match_activations", "WeightMatcher", "matching_objective"]
