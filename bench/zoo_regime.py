@@ -50,8 +50,8 @@ LOSS_SHOTS = 2  # the paper's main setting
 # What we know of CLIP ViT-B/16 (the GradFix paper's setting) for each quantity. No number here is
 # a measurement of ours; where we know of no published value we say so.
 CLIP = {
-    "rel_norm": "not published as far as we know; bound from the task-arithmetic recipe (AdamW, lr 1e-5, "
-                "about 2000 steps): an entry moves at most ~0.02 against entries of typical size ~0.02",
+    "rel_norm": "not published as far as we know; only a loose bound from the task-arithmetic recipe (AdamW, "
+                "lr 1e-5, ~2000 steps: an entry moves by at most ~lr x steps = 0.02, about one typical weight)",
     "linear": "tangent-space task-arithmetic study (Ortiz-Jimenez et al., NeurIPS 2023): CLIP fine-tuning is "
               "NOT fully linear, the first-order model at theta_0 loses accuracy against the fine-tuned one "
               "(qualitative finding; we do not recall the exact numbers)",
