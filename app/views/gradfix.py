@@ -20,7 +20,7 @@ def oracle_note(run, oracle: dict) -> str:
     if run.setup.pair:
         return (said + ": the demo zoo's fine-tuning is a large, non-linear move that the target's first "
                 "few-shot gradients hardly predict, so on the zoo GradFix stays below few-shot fine-tuning of the "
-                "target (README, GradFix on the demo zoo), unlike on CLIP.")
+                "target (README, GradFix on the zoo), unlike on CLIP.")
     return said + "."
 
 
