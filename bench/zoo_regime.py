@@ -13,7 +13,8 @@ zoo's tasks and seeds (min..max over seeds in brackets):
 - the sign agreement of the K-shot majority vote on B with sign(tau_B), against K (plain, and
   weighted by |tau_B|: the share of tau_B's mass where the vote is right);
 - the loss of B along the GradFix-masked tau, L_B(theta_B + alpha m*tau_A) - L_B(theta_B), on the K
-  shots the vote used and on the validation split, with the first-order prediction alpha <g, m*tau_A>;
+  shots the vote used and on the validation split, with the first-order prediction alpha <g, m*tau_A>,
+  the validation accuracy and the norm of the (centred) validation logits relative to B's own;
 - parameters per training example (full fine-tuning and K-shot).
 
 The CLIP column says what the literature reports where we know it, and says so where we do not.
@@ -144,21 +145,31 @@ def vote_agreement(al: gradfix.GradFixAlignment, tau: TaskVector) -> dict:
     return {"plain": agree / max(voted, 1), "weighted": w_agree / max(w_voted, 1e-300)}
 
 
+@torch.no_grad()
+def logit_norm(target: Model, params: dict[str, torch.Tensor], task: Task, split: str = "val") -> float:
+    """Mean over the split's images of the L2 norm of the logit vector (after centring: softmax ignores shifts)."""
+    x, _ = task.split(split)
+    z = target.classifier(task.classnames)(encode(params, target.arch, preprocess(target.arch, x)))
+    return float((z - z.mean(-1, keepdim=True)).norm(dim=-1).mean())
+
+
 def loss_along(target: Model, delta: TaskVector, task: Task, shots: tuple[torch.Tensor, torch.Tensor],
                first_order: float, alphas: tuple[float, ...] = ALPHAS) -> list[dict]:
-    """L(theta + alpha delta) - L(theta) on the vote's shots and on validation, with alpha <g, delta>."""
+    """L(theta + alpha delta) - L(theta) on the vote's shots and on validation, with alpha <g, delta>, and the
+    validation logits' norm relative to the target's own (below 1: the update mostly makes B less confident)."""
     loss_fn, _ = task_loss(target, task)
     xs, ys = shots
     xs = preprocess(target.arch, xs)
     xv, yv = task.split("val")
     xv = preprocess(target.arch, xv)
     base_s, base_v = mean_loss(loss_fn, target.params, xs, ys), mean_loss(loss_fn, target.params, xv, yv)
+    base_n = logit_norm(target, target.params, task)
     out = []
     for a in alphas:
         p = delta.apply_to(target.params, a)
         out.append({"alpha": a, "shots": mean_loss(loss_fn, p, xs, ys) - base_s,
                     "val": mean_loss(loss_fn, p, xv, yv) - base_v, "first_order": a * first_order,
-                    "val_acc": accuracy(target, task, "val", p)})
+                    "val_acc": accuracy(target, task, "val", p), "logit_norm": logit_norm(target, p, task) / base_n})
     return out
 
 
@@ -236,6 +247,9 @@ def pair_table(pair: str, rows: list[dict]) -> str:
             lines.append((f"alpha {a:g}: change of B's {label}", _cell(_per_seed(rows, lambda r: r["loss"][i][what]), fmt="{:+.3f}"),
                           CLIP["loss_alpha"] if (i, what) == (0, "shots") else ""))
         lines.append((f"alpha {a:g}: B + alpha m*tau_A, val acc %", _cell(_per_seed(rows, lambda r: r["loss"][i]["val_acc"]), True), ""))
+        if "logit_norm" in rows[0]["loss"][i]:
+            lines.append((f"alpha {a:g}:   val logit norm / B's", _cell(_per_seed(rows, lambda r: r["loss"][i]["logit_norm"])),
+                          "CLIP's head: unit features and class embeddings, fixed scale" if i == 0 else ""))
     lines.append(("parameters per example, full fine-tuning", _cell(_per_seed(rows, lambda r: r["params_full"]), fmt="{:.0f}"),
                   CLIP["params_full"]))
     lines.append((f"parameters per example, {LOSS_SHOTS}-shot", _cell(_per_seed(rows, lambda r: r["params_few"]), fmt="{:.0f}"),
