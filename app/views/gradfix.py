@@ -18,9 +18,10 @@ def oracle_note(run, oracle: dict) -> str:
     said = (f"On this pair the K = {run.shots} vote agrees with the oracle sign sign(tau_B) on "
             f"{100 * share:.0f}% of the voted entries (50% = chance)")
     if run.setup.pair:
-        return (said + ": the demo zoo's fine-tuning is a large, non-linear move that the target's first "
-                "few-shot gradients hardly predict, so on the zoo GradFix stays below few-shot fine-tuning of the "
-                "target (README, GradFix on the zoo), unlike on CLIP.")
+        return (said + ": the demo zoo's fine-tuning is a large, non-linear move (its first-order model loses "
+                "half of the fine-tune's accuracy) that the target's first few-shot gradients hardly predict, so on "
+                "the zoo GradFix stays below few-shot fine-tuning of the target, unlike on CLIP (README: the zoo "
+                "against CLIP's fine-tuning regime).")
     return said + "."
 
 
