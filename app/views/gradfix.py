@@ -17,7 +17,7 @@ def oracle_note(run, oracle: dict) -> str:
     share = oracle["agreement_total"]
     said = (f"On this pair the K = {run.shots} vote agrees with the oracle sign sign(tau_B) on "
             f"{100 * share:.0f}% of the voted entries (50% = chance)")
-    if run.setup.pair:
+    if run.setup.pair in ("next", "indep"):  # the zoo pairs bench.zoo_gradfix measures
         return (said + ": the demo zoo's fine-tuning is a large, non-linear move (its first-order model loses "
                 "half of the fine-tune's accuracy) that the target's first few-shot gradients hardly predict, so on "
                 "the zoo GradFix stays below few-shot fine-tuning of the target, unlike on CLIP (README: the zoo "
