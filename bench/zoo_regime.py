@@ -230,9 +230,9 @@ def pair_table(pair: str, rows: list[dict]) -> str:
         lin = f"lin_{who}"
         lines.append((f"theta_{who} + tau_{who}: test acc %", _cell(_per_seed(rows, lambda r: r[lin]["acc_finetuned"]), True),
                       "83-99 (B fine-tuned, paper)" if who == "B" else ""))
-        lines.append((f"  first-order Taylor model: test acc %", _cell(_per_seed(rows, lambda r: r[lin]["acc_linear"]), True),
+        lines.append(("  first-order Taylor model: test acc %", _cell(_per_seed(rows, lambda r: r[lin]["acc_linear"]), True),
                       CLIP["linear"] if who == "A" else ""))
-        lines.append((f"  Taylor error of the logit change", _cell(_per_seed(rows, lambda r: r[lin]["taylor_rel_error"])),
+        lines.append(("  Taylor error of the logit change", _cell(_per_seed(rows, lambda r: r[lin]["taylor_rel_error"])),
                       ""))
     lines.append((f"cos(tau_A, first {LOSS_SHOTS}-shot descent dir. of A)",
                   _cell(_per_seed(rows, lambda r: r["cos_tauA_firstA"])), CLIP["cos_first"]))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from bench.zoo_regime import layer_rel_norms, linearisation, loss_along, rel_norm, vote_agreement
 from transport.core.task_vector import TaskVector
