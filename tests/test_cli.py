@@ -220,7 +220,7 @@ def test_output_is_atomic_when_writing_fails(files, tmp_path, capsys, monkeypatc
     assert _run(_base(files, out), capsys)[0] == 0  # an earlier run's results
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
-    def broken_save(tau, path, **meta):
+    def broken_save(tau, path, *args, **meta):
         Path(path).write_bytes(b"partial")
         raise TransportError(f"{path}: disk full")
 
@@ -359,7 +359,7 @@ def test_subprocess_errors_are_one_line_without_traceback(files, tmp_path):
     p = run("--target", str(files["W"]))
     assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.splitlines()) == 1
     assert p.stderr.startswith("error: naive needs source and target of the same architecture: ")
-    assert "(width 32, 2 layers)" in p.stderr and "(width 64, 2 layers)" in p.stderr
+    assert "differ in width 32 vs 64, mlp_width 128 vs 256, head_dim 8 vs 16" in p.stderr
     assert not (tmp_path / "o").exists()
 
 
@@ -463,3 +463,56 @@ def test_tiny_splits_are_warned_and_tied_alphas_shown(files, tmp_path, capsys):
     assert sweep["tied"] == [a for a, v in zip(sweep["alphas"], sweep["val"]) if v == sweep["best_val"]]
     if len(sweep["tied"]) > 1:  # tiny alphas barely move the model: the candidates tie, and the run says so
         assert any("tied at" in w for w in lines) and "alpha candidates tied on validation" in stdout
+
+
+def test_full_model_names_write_visual_prefixed_tensors_and_say_so(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc, stdout, err = _run(_base(files, out, **{"--task": "rot90", "--alpha": "1"}) + ["--full-model-names"], capsys)
+    assert rc == 0, err
+    tensors, md = _family_tensors(out / "task_vector.safetensors")
+    assert tensors and all(k.startswith("visual.") for k in tensors) and "visual.conv1.weight" in tensors
+    report = json.loads((out / "report.json").read_text())
+    assert report["task_vector_names"] == md["names"] and "model.load_state_dict" in md["names"]
+    assert f"tensor names: {md['names']}" in stdout
+    plain = tmp_path / "plain"
+    rc, stdout, err = _run(_base(files, plain, **{"--task": "rot90", "--alpha": "1"}), capsys)
+    assert rc == 0, err
+    tower, md2 = _family_tensors(plain / "task_vector.safetensors")
+    assert set(tensors) == {f"visual.{k}" for k in tower} and "model.visual.load_state_dict" in md2["names"]
+
+
+def test_target_without_architecture_is_told_the_target_flag(files, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    bare = tmp_path / "bare_target.safetensors"
+    tensors, _ = _family_tensors(files["B"])
+    save_file(tensors, str(bare))  # the target's tensors, no metadata
+    rc, _, err = _run(_base(files, tmp_path / "o", **{"--target": bare, "--alpha": "1"}), capsys)
+    assert rc == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: {bare}: the file does not say its architecture; pass --target-arch (or --arch")
+    rc, _, err = _run(_base(files, tmp_path / "o2", **{"--target": bare, "--alpha": "1", "--target-arch": files["B"]}),
+                      capsys)
+    assert rc == 0, err
+
+
+def test_pickle_of_an_unimportable_module_gets_a_pythonpath_hint(files, tmp_path, capsys, monkeypatch):
+    import importlib
+    import sys as _sys
+
+    pkg = tmp_path / "repo"
+    pkg.mkdir()
+    (pkg / "saved_by_them.py").write_text("import torch\nclass Wrapper(torch.nn.Module):\n"
+                                          "    def __init__(self, sd):\n        super().__init__()\n"
+                                          "        self.sd = sd\n")
+    monkeypatch.syspath_prepend(str(pkg))
+    mod = importlib.import_module("saved_by_them")
+    tensors, _ = _family_tensors(files["A"])
+    pt = tmp_path / "theirs.pt"
+    torch.save(mod.Wrapper(tensors), str(pt))
+    monkeypatch.delitem(_sys.modules, "saved_by_them")
+    monkeypatch.setattr(_sys, "path", [p for p in _sys.path if p != str(pkg)])
+    rc, _, err = _run(_base(files, tmp_path / "o", **{"--source-pre": pt, "--arch": files["A"], "--alpha": "1",
+                                                      "--trust-pickle": True}), capsys)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: {pt}: could not load even with --trust-pickle: the file pickles objects of "
+                          "module 'saved_by_them', which is not importable here") and "PYTHONPATH" in err

@@ -12,22 +12,21 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import tempfile
 import time
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from transport import __version__
 from transport.errors import NotImplementedYet, TransportError, warn
+from transport.textfile import is_text_data
+
+from transport.outdir import RUN_FORMAT, check_out_dir, check_writable, write_atomically
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_ERROR = 0, 1, 2
-#: ``report.json``'s ``format``: how ``--force`` recognises an output directory this tool wrote
-RUN_FORMAT = "transport.run"
-RUN_FILES = ("report.json", "task_vector.safetensors")
 
 
 
@@ -87,8 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(e.g. --method gradfix --on transfusion)")
     data = r.add_mutually_exclusive_group()
     data.add_argument("--task", metavar="NAME", help="a built-in task (digits, rot90, invert, hflip, ...)")
-    data.add_argument("--data", metavar="DIR", help="an ImageFolder (one sub-folder per class), or a folder of "
-                      "images without classes (unlabelled: naive, transfusion, theseus)")
+    data.add_argument("--data", metavar="DIR|FILE", help="an ImageFolder (one sub-folder per class), a folder of "
+                      "images without classes (naive, transfusion, theseus), or for a language model texts: "
+                      "FILE.jsonl / FILE.csv, a 'text' and an optional 'label' column (see the README)")
+    r.add_argument("--template", metavar="TEXT", help="prompt of a labelled text file, ending where the label word "
+                   "is scored (default: '{text}\\nLabel: {label}')")
     r.add_argument("--shots", type=int, default=2, metavar="K", help="labelled samples per class (gradfix)")
     alpha = r.add_mutually_exclusive_group()
     alpha.add_argument("--alpha", type=float, metavar="A", help="fixed scaling (default: chosen on validation)")
@@ -98,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, metavar="DIR", help="output directory (must be new or empty)")
     r.add_argument("--force", action="store_true", help="replace an output directory an earlier run wrote")
     r.add_argument("--trust-pickle", action="store_true", help="allow loading pickled whole modules (runs code)")
+    r.add_argument("--full-model-names", action="store_true",
+                   help="open_clip targets: write task_vector.safetensors under the whole CLIP model's names "
+                        "(visual.*, for model.load_state_dict) instead of the image tower's (model.visual)")
     r.add_argument("--no-cache", action="store_true", help="recompute the alignment even if it is cached")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="any option the method declares")
@@ -165,92 +170,6 @@ def collect_options(args: argparse.Namespace, declared: dict[str, Any], method: 
     return out
 
 
-def check_out_dir(out: Path, force: bool, inputs: Optional[dict[str, Path]] = None) -> None:
-    """Refuse an ``--out`` that would lose data: one equal to or containing an input or the working
-    directory, a non-empty one without ``--force``, and with ``--force`` one this tool did not write
-    (its ``report.json`` says ``format: transport.run`` and it holds nothing else the tool writes)."""
-    if out.exists() and not out.is_dir():
-        raise TransportError(f"{out}: exists and is not a directory")
-    target = out.resolve()
-    for label, path in {**(inputs or {}), "the working directory": Path.cwd()}.items():
-        p = path.resolve()
-        if target == p or target in p.parents:
-            what = label if label == "the working directory" else (
-                f"{label} {path}" if label.startswith("the ") else f"the input {label} {path}")
-            raise TransportError(f"--out {out}: {'is' if target == p else 'contains'} {what}; "
-                                 "choose another output directory")
-    if not out.is_dir() or not any(out.iterdir()):
-        return
-    if not force:
-        raise TransportError(f"{out}: output directory exists and is not empty (use --force to replace it)")
-    names = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir())
-    if not _written_by_us(out):
-        shown = ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
-        raise TransportError(f"{out}: --force replaces only an output directory this tool wrote (with its "
-                             f"report.json); this one is not (it holds {shown})")
-    foreign = [n for n in names if n not in RUN_FILES]
-    if foreign:
-        raise TransportError(f"{out}: --force would delete files this tool did not write: {', '.join(foreign[:4])}"
-                             + (f" (+{len(foreign) - 4} more)" if len(foreign) > 4 else "") + "; move them first")
-
-
-def _written_by_us(out: Path) -> bool:
-    try:
-        report = json.loads((out / "report.json").read_text())
-    except (OSError, ValueError):
-        return False
-    if not isinstance(report, dict):
-        return False
-    legacy = report.get("command", [])[:3] == ["python", "-m", "transport"] and "transport_version" in report
-    return report.get("format") == RUN_FORMAT or legacy
-
-
-def check_writable(out: Path) -> None:
-    """Fail now, not after the computation, when ``--out`` cannot be created (read-only, not a directory)."""
-    a = out.absolute().parent
-    while not a.exists() and a != a.parent:
-        a = a.parent
-    if not a.is_dir():
-        raise TransportError(f"--out {out}: {a} is not a directory")
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".transport-probe-", dir=a))
-    except OSError as e:
-        raise TransportError(f"--out {out}: cannot write in {a} ({e.strerror or type(e).__name__})") from None
-
-
-def write_atomically(out: Path, force: bool, writer: Callable[[Path], None],
-                     inputs: Optional[dict[str, Path]] = None) -> None:
-    """Fill a temp dir next to ``out`` with ``writer``, then rename it into place (no partial ``out`` ever)."""
-    out = out.absolute()
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    except OSError as e:
-        raise TransportError(f"--out {out}: cannot write in {out.parent} ({e.strerror or type(e).__name__})") from None
-    old: Optional[Path] = None
-    try:
-        writer(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes the directory private; results are ordinary files
-        for f in tmp.rglob("*"):
-            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
-        check_out_dir(out, force, inputs)  # it may have appeared while we were computing
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None and old.exists() and not out.exists():
-            os.replace(old, out)  # put the previous results back
-        raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and old.exists():
-            shutil.rmtree(old, ignore_errors=True)
-
-
 class _Bar:
     """tqdm bar driven by the pipeline's progress callback (fraction in [0, 1], phase message)."""
 
@@ -310,6 +229,8 @@ def _check_run_args(args: argparse.Namespace) -> Optional[list[float]]:
             raise TransportError(f"{flag}: {big[0]:g} is outside float32's range (largest {FLOAT32_MAX:.4g})")
     if grid is not None and not args.task and not args.data:
         raise TransportError("--alpha-grid chooses alpha on a validation split: give --task or --data with classes")
+    if args.template is not None and not (args.data and is_text_data(args.data)):
+        raise TransportError("--template is the prompt of a labelled text file: give --data FILE.jsonl or FILE.csv")
     return grid
 
 
@@ -330,6 +251,19 @@ def _input_paths(args: argparse.Namespace) -> dict[str, Path]:
             out["--" + flag.replace("_", "-")] = Path(ref)
     out["the cache directory"] = cache_root()
     return out
+
+
+def _load_target_side(ref: str, arch, args: argparse.Namespace):
+    """The target (or oracle): a file without a recorded architecture is told the flag that applies to it."""
+    from transport.sources import load_model
+
+    try:
+        return load_model(ref, arch, args.trust_pickle, args.seed)
+    except TransportError as e:
+        if "pass --arch" not in str(e):
+            raise
+        raise TransportError(str(e).replace("pass --arch", "pass --target-arch (or --arch, which sets the source's "
+                                            "and the target's)", 1)) from None
 
 
 def _load_models(args: argparse.Namespace):
@@ -354,8 +288,8 @@ def _load_models(args: argparse.Namespace):
         source_ft = source_pre.with_params(tau.apply_to(source_pre.params, 1.0), ref=args.task_vector)
     else:
         source_ft = load_model(args.source_ft, src_arch, args.trust_pickle, args.seed)
-    target = load_model(args.target, tgt_arch, args.trust_pickle, args.seed)
-    oracle = load_model(args.oracle, tgt_arch, args.trust_pickle, args.seed) if args.oracle else None
+    target = _load_target_side(args.target, tgt_arch, args)
+    oracle = _load_target_side(args.oracle, tgt_arch, args) if args.oracle else None
     if not same_shapes(source_pre.arch, source_ft.arch):
         raise TransportError(f"{source_ft.ref} does not have the architecture of {source_pre.ref} "
                              f"({source_ft.arch.name} vs {source_pre.arch.name})")
@@ -374,26 +308,33 @@ def _load_task(args: argparse.Namespace, target, models: list, infos: list, grid
     from transport.data import load_image_folder, load_task
 
     task = None
+    text = bool(args.data) and is_text_data(args.data)
+    if (args.task or args.data) and not text and target.arch.stem == "tokens":
+        raise TransportError(f"{target.ref} reads token ids: give texts (--data FILE.jsonl or FILE.csv), not images")
     if args.task:
         task = load_task(args.task, image_size=target.arch.image_size, seed=args.seed)
+    elif text:
+        from transport.pipeline import load_text_task
+
+        task = load_text_task(args.data, target, [m for m in models if m is not target], args.template, args.seed)
     elif args.data:
         task = load_image_folder(args.data, image_size=target.arch.image_size, seed=args.seed)
     if task is None:
         return None
     if not task.labelled:
-        if grid is not None:
+        if grid is not None and not text:
             raise TransportError(f"--alpha-grid: {args.data} holds images without classes, so there is no "
                                  "validation accuracy to choose alpha on (give --alpha)")
         return task
-    for model in models:
+    for model in models if not text else ():
         model.classifier(task.classnames)
     if any(m is not None and m.data == "labelled" for m in infos):
         counts = task.shot_counts(args.shots)
         short = {c: n for c, n in counts.items() if n < args.shots}
         if short:
-            warn(f"--shots {args.shots}: the train split holds fewer images for {len(short)} of {len(counts)} "
-                 f"classes; using {min(counts.values())}..{max(counts.values())} per class "
-                 "(report.json: shots_per_class)")
+            warn(f"--shots {args.shots}: the train split holds fewer {'texts' if text else 'images'} for "
+                 f"{len(short)} of {len(counts)} classes; using {min(counts.values())}..{max(counts.values())} per "
+                 "class (report.json: shots_per_class)")
     return task
 
 
@@ -423,6 +364,9 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     torch.manual_seed(args.seed)
 
     source_pre, source_ft, target, oracle = _load_models(args)
+    from transport.sources import checkpoint_naming
+
+    checkpoint_naming(target.arch, target.meta, args.full_model_names)  # a naming it cannot honour: before the work
     if options.get("variant") == "oracle":
         if oracle is None:
             raise TransportError("--variant oracle needs --oracle REF (the target fine-tuned on the task)")
@@ -435,7 +379,10 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     for m in (info, base_info):
         if m is not None:
             check_compatible(m, TransportInputs(source_pre, target, task, args.shots, args.seed, device))
-    if task is not None and not task.labelled:
+    if task is not None and not task.labelled and getattr(task, "kind", "image") == "text":
+        print(f"note: {args.data} holds texts without labels: perplexity only"
+              + ("" if args.alpha is not None else " (alpha chosen on the validation loss)"), file=sys.stderr)
+    elif task is not None and not task.labelled:
         print(f"note: {args.data} holds images without classes: no accuracy table "
               f"(alpha = {args.alpha if args.alpha is not None else 1:g})", file=sys.stderr)
 
@@ -455,19 +402,22 @@ def _write_run(args, argv, out: Path, inputs: dict[str, Path], result, source_pr
                task, device: str) -> None:
     from transport.core.layout import same_shapes
     from transport.core.task_vector import TaskVector
-    from transport.sources import save_task_vector, scaling_metadata
+    from transport.sources import checkpoint_naming, save_task_vector, scaling_metadata
 
     transported = result.transported
     if not same_shapes(transported.arch, target.arch):
         raise TransportError(f"{info.name} returned a task vector for {transported.arch.name}, "
                              f"not for the target {target.arch.name}")
-    # Canonical tensors are family-free: save them under the TARGET's own names and shapes.
+    # Canonical tensors are family-free: save them under the names the TARGET checkpoint's own class loads.
     transported = TaskVector(target.arch, transported.tensors, transported.meta)
+    full_model = args.full_model_names
+    naming = checkpoint_naming(target.arch, target.meta, full_model)
     report = {"format": RUN_FORMAT, **result.report()}
     report["options"] = {k: v for k, v in report["options"].items() if k != "oracle_tau"}
     report["inputs"].update({"source_pre_arch": source_pre.arch.name, "target_arch": target.arch.name,
                              "oracle": args.oracle or "", "data": args.data or "", "device": device})
-    scored = task is not None and task.labelled
+    scored = task is not None and (task.labelled or getattr(task, "kind", "image") == "text")
+    report["task_vector_names"] = naming
     report["alpha_source"] = "fixed" if args.alpha is not None else ("validation" if scored else "default")
     report["command"] = ["python", "-m", "transport", *argv]
     meta = {"format": "transport.task_vector", "source_pre": args.source_pre,
@@ -478,11 +428,12 @@ def _write_run(args, argv, out: Path, inputs: dict[str, Path], result, source_pr
             "source_arch": source_pre.arch.to_json()}
 
     def writer(tmp: Path) -> None:
-        save_task_vector(transported, tmp / "task_vector.safetensors", **meta)
+        save_task_vector(transported, tmp / "task_vector.safetensors", target.meta, full_model, **meta)
         (tmp / "report.json").write_text(json.dumps(_json_safe(report), indent=2, sort_keys=True) + "\n")
 
     write_atomically(out, args.force, writer, inputs)
     _print_summary(result, out)
+    print(f"  tensor names: {naming}")
 
 
 def _print_summary(result: Any, out: Path) -> None:
@@ -496,6 +447,8 @@ def _print_summary(result: Any, out: Path) -> None:
               + f" (asked for {result.inputs.get('shots')})")
     for name, acc in result.accuracies.items():
         print(f"  {name:<20} {100 * acc:6.2f}%" if isinstance(acc, float) and math.isfinite(acc) else f"  {name:<20} n/a")
+    for name, ppl in (result.perplexities or {}).items():
+        print(f"  {name:<20} perplexity {ppl:.4g}" if math.isfinite(ppl) else f"  {name:<20} perplexity n/a")
     print(f"wrote {out / 'task_vector.safetensors'} and {out / 'report.json'}")
     print(f"  the file holds the transported tau at alpha = 1: add {result.alpha:g} x this file to the target "
           f"(theta = theta_target + {result.alpha:g} * tau)")

@@ -133,6 +133,11 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
                 return torch.load(str(path), map_location="cpu", weights_only=False)
             with open(path, "rb") as f:  # a raw pickle stream (pickle.dump), which torch.load does not read
                 return pickle.load(f)
+    except ModuleNotFoundError as e:  # the pickle names classes of the code that saved it
+        raise TransportError(f"{path}: could not load even with --trust-pickle: the file pickles objects of module "
+                             f"'{e.name}', which is not importable here; run from the repository that saved it, or "
+                             f"add that repository to PYTHONPATH (e.g. PYTHONPATH=/path/to/repo), or re-save the "
+                             f"file as a state dict there") from None
     except Exception as e:  # noqa: BLE001 - any failure of a foreign pickle is the file's problem
         raise TransportError(f"{path}: could not load even with --trust-pickle: {type(e).__name__}: "
                              f"{_first_sentence(e)}") from None

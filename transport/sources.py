@@ -234,17 +234,33 @@ def scaling_metadata(alpha: float) -> dict[str, str]:
     return {"alpha": repr(float(alpha)), "scaling": SCALING_NOTE}
 
 
-def task_vector_bytes(tau: TaskVector, **meta: str) -> bytes:
+def task_vector_bytes(tau: TaskVector, names_of: Optional[Mapping[str, str]] = None, full_model: bool = False,
+                      **meta: str) -> bytes:
     """The safetensors file of :func:`save_task_vector`, in memory (for downloads)."""
-    md = {**tau.meta, **{k: str(v) for k, v in meta.items()}, "arch": tau.arch.to_json(),
+    tensors, naming = checkpoint_state_dict(tau, names_of, full_model)
+    md = {**tau.meta, **{k: str(v) for k, v in meta.items()}, "arch": tau.arch.to_json(), "names": naming,
           "format": "transport.task_vector", "transport_version": __version__}
-    tensors = {k: v.detach().float().contiguous().cpu() for k, v in task_vector_state_dict(tau).items()}
-    return safetensors_bytes(tensors, md)
+    return safetensors_bytes({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, md)
 
 
-def save_task_vector(tau: TaskVector, path: str | os.PathLike, **meta: str) -> Path:
-    """Write atomically in the family's own names; metadata: arch, version and any string fields given."""
-    return write_atomic(path, task_vector_bytes(tau, **meta))
+def checkpoint_state_dict(tau: TaskVector, names_of: Optional[Mapping[str, str]] = None,
+                          full_model: bool = False) -> tuple[dict[str, Tensor], str]:
+    """tau under the names the checkpoint class of the model whose meta is ``names_of`` (the target's) loads,
+    so ``module.load_state_dict({k: theta[k] + tau[k]})`` works on it; and a phrase naming that naming.
+    ``full_model``: a whole CLIP model's names (``visual.*``) for an open_clip image tower."""
+    return family_of(tau.arch).checkpoint_names(task_vector_state_dict(tau), names_of or {}, full_model)
+
+
+def checkpoint_naming(arch: Arch, names_of: Optional[Mapping[str, str]] = None, full_model: bool = False) -> str:
+    """The phrase :func:`checkpoint_state_dict` returns, without computing any tensor (refusals included)."""
+    return family_of(arch).checkpoint_names({}, names_of or {}, full_model)[1]
+
+
+def save_task_vector(tau: TaskVector, path: str | os.PathLike, names_of: Optional[Mapping[str, str]] = None,
+                     full_model: bool = False, **meta: str) -> Path:
+    """Write atomically in the target checkpoint's own names (see :func:`checkpoint_state_dict`); metadata:
+    arch, version, the naming, and any string fields given."""
+    return write_atomic(path, task_vector_bytes(tau, names_of, full_model, **meta))
 
 
 def load_task_vector(path: str | os.PathLike, arch: Optional[Arch] = None, trust_pickle: bool = False) -> TaskVector:
@@ -282,5 +298,5 @@ def load_task_vector(path: str | os.PathLike, arch: Optional[Arch] = None, trust
 
 __all__ = ["load_model", "load_zoo_model", "load_file_model", "load_hf", "save_model", "parse_arch", "hf_arch", "to_canonical",
            "from_canonical", "family_shapes", "hf_arch_from_config", "tower_state_dict", "family_of", "task_vector_state_dict",
-           "save_task_vector", "load_task_vector", "task_vector_bytes", "resolve_arch", "scaling_metadata",
+           "save_task_vector", "checkpoint_state_dict", "checkpoint_naming", "load_task_vector", "task_vector_bytes", "resolve_arch", "scaling_metadata",
            "SCALING_NOTE", "tiny_arch", "open_clip_arch", "init_params"]

@@ -84,7 +84,7 @@ with ui.guarded():
     st.subheader("Export")
     e1, e2, e3 = st.columns(3)
     e1.download_button("transported tau (.safetensors)",
-                       data=lambda: task_vector_bytes(run.apply(1.0), **scaling_metadata(float(alpha)),
+                       data=lambda: task_vector_bytes(run.apply(1.0), run.loaded.target.meta, **scaling_metadata(float(alpha)),
                                                       method=run.method, target=run.loaded.target.ref),
                        help=f"the transported tau at alpha = 1 (unscaled): use theta_target + {alpha:.2f} x this file",
                        file_name=f"tau-{run.method}-alpha{alpha:.2f}.safetensors",

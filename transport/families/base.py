@@ -8,6 +8,7 @@ import torch
 
 from transport.core.arch import Arch
 from transport.core.model import Model
+from transport.errors import TransportError
 from transport.families.table import NameTable, load_table
 
 Tensor = torch.Tensor
@@ -51,6 +52,15 @@ class Family:
 
     def family_shapes(self, arch: Arch) -> dict[str, tuple[int, ...]]:
         return self.table.family_shapes(arch)
+
+    def checkpoint_names(self, tensors: Mapping[str, Tensor], meta: Mapping[str, str],
+                         full_model: bool = False) -> tuple[dict[str, Tensor], str]:
+        """Family-named tensors under the names the target checkpoint's own class loads (``meta``: the target
+        model's), and a phrase saying which names those are. ``full_model``: a whole multi-tower model's names
+        (families that have such a wrapper override this)."""
+        if full_model:
+            raise TransportError(f"{self.name}: there is no full-model naming other than its own; drop the option")
+        return dict(tensors), f"{self.name} names"
 
     # -- loading ----------------------------------------------------------------------------------
     def arch_from_config(self, cfg: Any, directory: Any, name: str, keys: Optional[set[str]]) -> Arch:

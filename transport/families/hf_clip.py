@@ -34,6 +34,17 @@ class HFClipFamily(Family):
                     or (k.startswith("visual_projection.") and arch.output_dim)}
         return {k: v for k, v in sd.items() if not k.startswith("classifier.")}
 
+    def checkpoint_names(self, tensors: Mapping[str, Tensor], meta: Mapping[str, str],
+                         full_model: bool = False) -> tuple[dict[str, Tensor], str]:
+        if full_model:
+            return super().checkpoint_names(tensors, meta, full_model)
+        classes = meta.get("hf_architectures", "").split(",")
+        if "CLIPVisionModel" in classes:  # transformers >= 5 names it without the vision_model. wrapper
+            return ({k[len("vision_model."):] if k.startswith("vision_model.") else k: v for k, v in tensors.items()},
+                    "CLIPVisionModel names")
+        which = next((c for c in classes if c), "CLIPModel / CLIPVisionModelWithProjection")
+        return dict(tensors), f"{which} names (vision_model.*)"
+
     def arch_from_config(self, cfg: Any, directory: Path, name: str, keys: Optional[set[str]]) -> Arch:
         mt = getattr(cfg, "model_type", "")
         v = cfg.vision_config if mt == "clip" else cfg

@@ -27,6 +27,14 @@ class HFViTFamily(Family):
         sd = strip_prefix_if_all(sd, "vit.", keep=("classifier.",))
         return {k: v for k, v in sd.items() if not k.startswith("classifier.")}
 
+    def checkpoint_names(self, tensors: Mapping[str, Tensor], meta: Mapping[str, str],
+                         full_model: bool = False) -> tuple[dict[str, Tensor], str]:
+        if full_model:
+            return super().checkpoint_names(tensors, meta, full_model)
+        if "ViTForImageClassification" in meta.get("hf_architectures", "").split(","):
+            return {f"vit.{k}": v for k, v in tensors.items()}, "ViTForImageClassification names (vit.*)"
+        return dict(tensors), "ViTModel names"
+
     def arch_from_config(self, cfg: Any, directory: Path, name: str, keys: Optional[set[str]]) -> Arch:
         if not getattr(cfg, "qkv_bias", True):
             raise TransportError(f"{name}: ViT without q/k/v biases (qkv_bias=False) is not supported")

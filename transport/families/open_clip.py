@@ -53,6 +53,13 @@ class OpenClipFamily(Family):
             return {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
         return super().tower(sd, arch)
 
+    def checkpoint_names(self, tensors: Mapping[str, Tensor], meta: Mapping[str, str],
+                         full_model: bool = False) -> tuple[dict[str, Tensor], str]:
+        if full_model:
+            return ({f"visual.{k}": v for k, v in tensors.items()},
+                    "full open_clip CLIP model names (visual.*: model.load_state_dict)")
+        return dict(tensors), "open_clip image-tower names (model.visual.load_state_dict)"
+
     def text_state(self, sd: Mapping[str, Tensor], arch: Arch) -> dict[str, Tensor]:
         """The text tower next to the image tower (``token_embedding.weight``, ``transformer.*``, ``ln_final.*``,
         ``text_projection``, ``logit_scale``) in open_clip's CLIP names; {} when absent."""

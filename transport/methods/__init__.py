@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional, Protocol
 
 import torch
 
+from transport.core.arch import Arch
 from transport.core.layout import same_shapes
 from transport.core.model import Model
 from transport.core.task_vector import TaskVector
@@ -171,18 +172,33 @@ def available_methods() -> list[str]:
     return out
 
 
+#: fields that do not change a tensor's shape or the function (names, input normalisation)
+_COSMETIC = ("name", "family", "mean", "std")
+
+
+def arch_difference(a: Arch, b: Arch) -> str:
+    """The fields two architectures differ in, source value first (e.g. ``output_dim 512 vs 0``); when only the
+    output projection differs, the ways to move the rest."""
+    diff = a.differences(b, ignore=_COSMETIC) or a.differences(b, ignore=("name",))
+    out = ", ".join(diff) or "tensor shapes"
+    if diff and all(d.startswith("output_dim ") for d in diff):
+        out += (" only: the towers match but one has an output projection the other lacks (theseus maps the "
+                "shared tower; the projection's update is dropped or left at zero)")
+    return out
+
+
 def check_compatible(info: MethodInfo, inputs: TransportInputs) -> None:
     """One-line errors for requests a method cannot serve (architecture, data)."""
     a, b = inputs.source.arch, inputs.target.arch
     if info.same_arch and not same_shapes(a, b):
-        raise TransportError(f"{info.name} needs source and target of the same architecture: "
-                             f"{inputs.source.ref} is {a.name} (width {a.width}, {a.layers} layers), "
-                             f"{inputs.target.ref} is {b.name} (width {b.width}, {b.layers} layers)")
+        raise TransportError(f"{info.name} needs source and target of the same architecture: {inputs.source.ref} "
+                             f"({a.name}) and {inputs.target.ref} ({b.name}) differ in {arch_difference(a, b)}")
     if info.same_depth and a.layers != b.layers:
         raise TransportError(f"{info.name}: source and target depths differ ({a.layers} vs {b.layers} layers)")
     if info.data != "none" and inputs.task is None:
         raise TransportError(f"{info.name} needs {info.data} data: give --task or --data")
-    if info.data == "labelled" and not inputs.task.labelled:
+    # a plain text corpus serves as labelled data: a text is its own next-token target
+    if info.data == "labelled" and not inputs.task.labelled and getattr(inputs.task, "kind", "image") != "text":
         raise TransportError(f"{info.name} needs labelled data: {inputs.task.name} holds images without classes "
                              "(give an ImageFolder with one sub-folder per class)")
 
