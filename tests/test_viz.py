@@ -161,7 +161,7 @@ def test_oracle_heatmap_is_the_agreement_table_of_the_oracle_diagnostics():
     fig = gradfix.oracle_heatmap(diag)
     _, _, val, _ = gradfix.block_table(diag, "agreement")
     assert np.allclose(np.asarray(fig.data[0].z, dtype=float), val, equal_nan=True)
-    assert fig.layout.title.text == "Vote vs the oracle sign sign(tau_B) per layer and block: 0.62 overall"
+    assert fig.layout.title.text == "Vote vs the oracle sign sign(tau_B): 0.62 overall"
     assert fig.data[0].text[0][0] == "0.50<br>tie 10%"  # the same cells as the agreement map
     assert not fig.layout.title.text.startswith("Sign agreement")  # the page's own map keeps its title
     assert gradfix.oracle_heatmap({"blocks": []}).layout.title.text.startswith("Vote vs the oracle sign")

@@ -110,7 +110,7 @@ def oracle_heatmap(oracle_diag: Mapping) -> go.Figure:
     """Layers x blocks: where the vote agrees with the oracle sign sign(tau_B) (:data:`ORACLE_DEFINITION`);
     ``oracle_diag`` is GradFix's diagnostics computed with tau_B in the place of tau."""
     total = oracle_diag.get("agreement_total")
-    head = "Vote vs the oracle sign sign(tau_B) per layer and block"
+    head = "Vote vs the oracle sign sign(tau_B)"  # short: the map sits in a half-width column
     return agreement_heatmap(oracle_diag, "agreement", head if total is None else f"{head}: {total:.2f} overall")
 
 
