@@ -561,5 +561,18 @@ def diagnostics(run: Run, **override: Any) -> dict:
     return a.diagnostics()
 
 
+def oracle_agreement(run: Run) -> Optional[dict]:
+    """The vote against the oracle sign: GradFix's diagnostics with the target's own task vector tau_B in the
+    place of tau (its ``agreement`` = share of the voted entries where the vote equals sign(tau_B), per layer x
+    block and in total); None when the run has no oracle or is not GradFix. Computed once per run."""
+    a = run.prepared.alignment
+    if run.method != "gradfix" or run.loaded.oracle is None or not hasattr(a, "agreement"):
+        return None
+    if "oracle_agreement" not in run.memo:
+        vote = {**run.prepared.options}.get("vote")
+        run.memo["oracle_agreement"] = a.agreement(oracle_tau(run), {"variant": "normal", "vote": vote})
+    return run.memo["oracle_agreement"]
+
+
 def builtin_task_names() -> list[str]:
     return builtin_tasks()

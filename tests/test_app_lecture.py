@@ -374,6 +374,39 @@ def test_gradfix_heatmap_and_drill_down_share_one_definition(app):
     assert arr(strip["data"][0]["z"]).reshape(1, -1).shape[0] == 1 and strip["layout"]["yaxis"]["visible"] is False
 
 
+def test_gradfix_page_shows_the_vote_against_the_oracle_sign(app):
+    """A zoo pair has an oracle (B fine-tuned on the task): next to the agreement map the page draws where the
+    vote equals sign(tau_B), from the same vote, and says in one sentence how often it does."""
+    from transport.core.task_vector import TaskVector
+    from viz.gradfix import block_table
+
+    at = app
+    pick_pair(at, "indep")
+    at.switch_page("views/gradfix.py").run()
+    press(at, "gf-run")
+    ok(at)
+    run = the_run(at, "gradfix")
+    assert run.loaded.oracle is not None
+    tau_b = TaskVector.from_models(run.loaded.target.params, run.loaded.oracle.params, run.arch)
+    al = run.prepared.alignment
+    agree = voted = 0
+    for k in al.counts:
+        if k in al.no_grad:
+            continue
+        s = al.sign(k)
+        agree += int(((torch.sign(tau_b[k]).to(torch.int8) == s) & (s != 0)).sum())
+        voted += int((s != 0).sum())
+    share = agree / voted
+    fig = chart(at, "Vote vs the oracle sign sign(tau_B)")
+    assert fig["layout"]["title"]["text"].endswith(f": {share:.2f} overall")
+    rows, cols, val, _ = block_table(logic.oracle_agreement(run))
+    assert fig["data"][0]["y"] == rows and np.allclose(arr(fig["data"][0]["z"]), val, equal_nan=True)
+    own, _, own_val, _ = block_table(logic.diagnostics(run, variant="normal"))
+    assert rows == own and not np.allclose(own_val, val, equal_nan=True)  # tau_A's map is another map
+    note = [m.value for m in at.markdown if "oracle sign sign(tau_B) on" in m.value]
+    assert len(note) == 1 and f"on {100 * share:.0f}% of the voted entries (50% = chance)" in note[0]
+
+
 def test_activation_matching_is_not_drawn_as_sweeps(app):
     at = app
     pick_pair(at, "next")

@@ -156,6 +156,17 @@ def test_agreement_heatmap_values():
     assert ties[0, 0] == pytest.approx(40 / 400)  # counts -> rate
 
 
+def test_oracle_heatmap_is_the_agreement_table_of_the_oracle_diagnostics():
+    diag = {**_gf_diag(), "agreement_total": 0.6234}
+    fig = gradfix.oracle_heatmap(diag)
+    _, _, val, _ = gradfix.block_table(diag, "agreement")
+    assert np.allclose(np.asarray(fig.data[0].z, dtype=float), val, equal_nan=True)
+    assert fig.layout.title.text == "Vote vs the oracle sign sign(tau_B): 0.62 overall"
+    assert fig.data[0].text[0][0] == "0.50<br>tie 10%"  # the same cells as the agreement map
+    assert not fig.layout.title.text.startswith("Sign agreement")  # the page's own map keeps its title
+    assert gradfix.oracle_heatmap({"blocks": []}).layout.title.text.startswith("Vote vs the oracle sign")
+
+
 def test_entry_map_image_small_exact_and_large_downsampled():
     m = torch.tensor([[1, -1, 0], [1, 1, -1]], dtype=torch.int8)
     fig = gradfix.entry_map_image(m, "blocks.0.attn.q.weight")

@@ -1,12 +1,13 @@
-"""GradFix figures: where sign(tau) agrees with the target's gradient vote (layers x blocks), one weight
-matrix entry by entry, the vote-margin histogram, and keep-rate / first-order decrease per layer.
+"""GradFix figures: where sign(tau) agrees with the target's gradient vote (layers x blocks), where the vote
+agrees with the oracle sign sign(tau_B) when the target's own fine-tune is known, one weight matrix entry by
+entry, the vote-margin histogram, and keep-rate / first-order decrease per layer.
 
 Inputs are the method's ``diagnostics()`` dict and, for the drill-down, an entry map (+1 agree, -1
 disagree, 0 tie) of one tensor.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Optional
 
 import numpy as np
 import plotly.graph_objects as go
@@ -66,12 +67,18 @@ def _pct(v: float) -> str:
     return "" if np.isnan(v) else f"{100 * v:.0f}%"
 
 
-def agreement_heatmap(diag: Mapping, stat: str = "agreement") -> go.Figure:
+#: what the oracle heatmap shows (the same statistic with the target's own task vector tau_B in tau's place)
+ORACLE_DEFINITION = ("oracle agreement = share of the voted entries where the vote equals sign(tau_B), the sign of "
+                     "the target's own fine-tune; 0.5 = the vote knows nothing of where the target's fine-tuning "
+                     "goes, 1 = GradFix's mask is the oracle mask.")
+
+
+def agreement_heatmap(diag: Mapping, stat: str = "agreement", title: Optional[str] = None) -> go.Figure:
     """Layers x blocks heatmap of ``stat`` (default: :data:`AGREEMENT_DEFINITION`); every cell also shows its
-    tie share, so the heatmap and the drill-down read the same numbers."""
+    tie share, so the heatmap and the drill-down read the same numbers. ``title`` replaces the default one."""
     rows, cols, val, num = block_table(diag, stat)
     if not rows:
-        return empty_figure("no blocks in the sign vote", "Sign agreement")
+        return empty_figure("no blocks in the sign vote", title or "Sign agreement")
     _, _, ties, _ = block_table(diag, "ties")
     if stat == "agreement":
         text = [[("" if np.isnan(v) else f"{v:.2f}<br>tie {_pct(t)}") for v, t in zip(row, trow)]
@@ -93,10 +100,18 @@ def agreement_heatmap(diag: Mapping, stat: str = "agreement") -> go.Figure:
     fig.update_yaxes(autorange="reversed", type="category")
     fig.update_xaxes(type="category", side="top")
     what = " (of voted entries; ties shown)" if stat == "agreement" else ""
-    finish(fig, f"{STATS[stat].capitalize()} per layer and block{what}", "block", "layer",
+    finish(fig, title or f"{STATS[stat].capitalize()} per layer and block{what}", "block", "layer",
            height=max(340, 44 * len(rows) + 170))
     fig.update_layout(margin=dict(t=110))  # the block axis sits on top: room between it and the title
     return fig
+
+
+def oracle_heatmap(oracle_diag: Mapping) -> go.Figure:
+    """Layers x blocks: where the vote agrees with the oracle sign sign(tau_B) (:data:`ORACLE_DEFINITION`);
+    ``oracle_diag`` is GradFix's diagnostics computed with tau_B in the place of tau."""
+    total = oracle_diag.get("agreement_total")
+    head = "Vote vs the oracle sign sign(tau_B)"  # short: the map sits in a half-width column
+    return agreement_heatmap(oracle_diag, "agreement", head if total is None else f"{head}: {total:.2f} overall")
 
 
 def entry_counts(entries) -> tuple[int, int, int]:

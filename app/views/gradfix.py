@@ -12,6 +12,19 @@ def _has(run, row: str, block: str) -> bool:
     layer = -1 if row == "global" else int(row)
     return any(p.layer == layer and p.block == block for p in param_axes(run.arch).values())
 
+def oracle_note(run, oracle: dict) -> str:
+    """One sentence: how often the vote has the oracle sign on this run (and, on a zoo pair, what that means)."""
+    share = oracle["agreement_total"]
+    said = (f"On this pair the K = {run.shots} vote agrees with the oracle sign sign(tau_B) on "
+            f"{100 * share:.0f}% of the voted entries (50% = chance)")
+    if run.setup.pair in ("next", "indep"):  # the zoo pairs bench.zoo_gradfix measures
+        return (said + ": the demo zoo's fine-tuning is a large, non-linear move (its first-order model loses "
+                "half of the fine-tune's accuracy) that the target's first few-shot gradients hardly predict, so on "
+                "the zoo GradFix stays below few-shot fine-tuning of the target, unlike on CLIP (README: the zoo "
+                "against CLIP's fine-tuning regime).")
+    return said + "."
+
+
 st.title("GradFix: keep the part of tau the target agrees with")
 st.caption("On a few labelled examples, each weight of the target votes whether it should go up or down. GradFix "
            "keeps only the entries of tau whose sign matches that vote, so the update starts downhill for the "
@@ -55,11 +68,20 @@ with ui.guarded():
     st.subheader("Sign agreement per layer and block")
     stat = st.radio("Show", list(vg.STATS), horizontal=True, key=f"gf-stat-{run.id}",
                     format_func=lambda s: vg.STATS[s])
-    event = ui.figure(vg.agreement_heatmap(diag, stat), f"gf-heat-{run.id}-{stat}-{variant}",
-                      "Each cell is one weight block of one layer. " + vg.AGREEMENT_DEFINITION[0].upper() +
-                      vg.AGREEMENT_DEFINITION[1:] +
-                      " Keep-rate = share of tau the mask keeps. Click a cell to drill into it below.",
-                      filename=f"gradfix-{stat}", clickable=True)
+    oracle = logic.oracle_agreement(run)
+    where = st.columns(2) if oracle is not None else [st.container()]
+    with where[0]:
+        event = ui.figure(vg.agreement_heatmap(diag, stat), f"gf-heat-{run.id}-{stat}-{variant}",
+                          "Each cell is one weight block of one layer. " + vg.AGREEMENT_DEFINITION[0].upper() +
+                          vg.AGREEMENT_DEFINITION[1:] +
+                          " Keep-rate = share of tau the mask keeps. Click a cell to drill into it below.",
+                          filename=f"gradfix-{stat}", clickable=True)
+    if oracle is not None:
+        with where[1]:
+            ui.figure(vg.oracle_heatmap(oracle), f"gf-oracle-{run.id}",
+                      "Why the mask works or not: " + vg.ORACLE_DEFINITION + " The oracle is "
+                      f"{run.loaded.oracle.ref}, the target fine-tuned on the task.", filename="gradfix-oracle")
+        st.markdown(oracle_note(run, oracle))
 
     st.subheader("Drill into one weight matrix")
     rows, cols, _, _ = vg.block_table(diag, "agreement")
