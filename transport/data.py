@@ -178,18 +178,25 @@ def load_image_folder(root: str | Path, image_size: int = 224, seed: int = 0) ->
             images.append(load_image(f, image_size))
             labels.append(c)
     x, y = torch.stack(images), torch.tensor(labels)
+    parts = split_groups(y.numpy(), seed)  # every class holds images (checked above): the same order as its index
+    splits = {s: (x[torch.tensor(i, dtype=torch.long)], y[torch.tensor(i, dtype=torch.long)]) for s, i in parts.items()}
+    return Task(root.name, classes, splits, f"ImageFolder {root}")
+
+
+def split_groups(labels: np.ndarray, seed: int) -> dict[str, list[int]]:
+    """Seeded 60 / 15 / 25 % split per label value, in increasing label order (with two or more items a label
+    keeps one in train, with three or more one in validation); the ImageFolder and text-file loaders' rule."""
     rng = np.random.default_rng(seed)
     parts: dict[str, list[int]] = {s: [] for s in SPLITS}
-    for c in range(len(classes)):
-        idx = rng.permutation(np.nonzero(y.numpy() == c)[0])
+    for c in np.unique(labels):
+        idx = rng.permutation(np.nonzero(labels == c)[0])
         n = len(idx)
         a = max(1, int(round(0.6 * n))) if n > 1 else n
         b = a + (max(1, int(round(0.15 * n))) if n - a > 1 else 0)
         parts["train"] += idx[:a].tolist()
         parts["val"] += idx[a:b].tolist()
         parts["test"] += idx[b:].tolist()
-    splits = {s: (x[torch.tensor(i, dtype=torch.long)], y[torch.tensor(i, dtype=torch.long)]) for s, i in parts.items()}
-    return Task(root.name, classes, splits, f"ImageFolder {root}")
+    return parts
 
 
 def _listdir(d: Path) -> list[Path]:

@@ -26,11 +26,11 @@ import numpy as np
 import torch
 
 from transport.core.stems import TextBatch
+from transport.data import SPLITS, split_groups
 from transport.errors import TransportError
 from transport.textfile import read_text_file
 
 Tensor = torch.Tensor
-SPLITS = ("train", "val", "test")
 #: the prompt of a classification task: ``{text}`` is replaced by the text, the label word follows ``{label}``'s
 #: place (``"{text}\nLabel:"`` then " positive")
 DEFAULT_TEMPLATE = "{text}\nLabel: {label}"
@@ -108,22 +108,6 @@ class TextTask:
 # ----------------------------------------------------------------------------------------------
 # splits, prompts, tokens
 # ----------------------------------------------------------------------------------------------
-def split_groups(labels: np.ndarray, seed: int) -> dict[str, list[int]]:
-    """Seeded 60 / 15 / 25 % split per label value (the ImageFolder loader's rule: with two or more items a
-    label keeps one in train, with three or more one in validation)."""
-    rng = np.random.default_rng(seed)
-    parts: dict[str, list[int]] = {s: [] for s in SPLITS}
-    for c in np.unique(labels):
-        idx = rng.permutation(np.nonzero(labels == c)[0])
-        n = len(idx)
-        a = max(1, int(round(0.6 * n))) if n > 1 else n
-        b = a + (max(1, int(round(0.15 * n))) if n - a > 1 else 0)
-        parts["train"] += idx[:a].tolist()
-        parts["val"] += idx[a:b].tolist()
-        parts["test"] += idx[b:].tolist()
-    return parts
-
-
 def parse_template(template: str) -> tuple[str, str]:
     """``(prompt, label_prefix)``: the template up to ``{label}`` (trailing spaces moved to the label word).
 
