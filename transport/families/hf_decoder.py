@@ -111,8 +111,15 @@ class DecoderFamily(Family):
                     o_bias=_has(keys, "self_attn.o_proj.bias", bias), mlp_bias=_has(keys, "mlp.up_proj.bias", mlp_bias),
                     position="rope", rope_theta=_rope_theta(cfg, name), causal=True, stem="tokens",
                     vocab_size=int(cfg.vocab_size), context=int(getattr(cfg, "max_position_embeddings", 0) or 0),
-                    window=int(getattr(cfg, "sliding_window", None) or 0), ln_pre=False, cls_token=False, readout="lm",
+                    window=self._window(cfg), ln_pre=False, cls_token=False, readout="lm",
                     tied_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)))
+
+    @staticmethod
+    def _window(cfg: Any) -> int:
+        """The sliding attention window (0: none). Qwen2 configs name one that only ``use_sliding_window`` turns on."""
+        if getattr(cfg, "model_type", "") == "qwen2" and not getattr(cfg, "use_sliding_window", False):
+            return 0
+        return int(getattr(cfg, "sliding_window", None) or 0)
 
     def _gpt2_arch(self, cfg: Any, name: str) -> Arch:
         for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
@@ -161,6 +168,8 @@ class DecoderFamily(Family):
                   rope_parameters={"rope_type": "default", "rope_theta": arch.rope_theta})
         if self.name == "hf_llama":
             kw.update(attention_bias=arch.qkv_bias, mlp_bias=arch.mlp_bias)
+        if self.name == "hf_mistral":
+            kw.update(sliding_window=arch.window or None)
         return cls(**kw)
 
     def tiny_arch(self) -> Arch:
