@@ -430,3 +430,36 @@ def test_cross_width_method_writes_the_targets_names_and_shapes(files, tmp_path,
     assert report["options"]["calib_size"] == 16 and report["inputs"]["target_arch"] == WIDE.name
     assert "naive" not in report["accuracies"]  # no naive baseline across widths
     assert load_task_vector(out / "task_vector.safetensors").arch.width == 64
+
+
+def test_task_vector_file_is_unscaled_and_says_its_alpha(files, tmp_path, capsys):
+    """One convention: the file holds the transported tau at alpha = 1; the chosen alpha is metadata and the
+    console line says how to use it."""
+    from transport.sources import SCALING_NOTE, load_model
+
+    out = tmp_path / "out"
+    rc, stdout, err = _run(_base(files, out, **{"--task": "rot90", "--alpha": "0.6"}), capsys)
+    assert rc == 0, err
+    tensors, md = _family_tensors(out / "task_vector.safetensors")
+    assert md["scaling"] == SCALING_NOTE and float(md["alpha"]) == 0.6
+    pre, ft = load_model(str(files["A"])), load_model(str(files["A_ft"]))
+    want = from_canonical({k: ft.params[k] - pre.params[k] for k in pre.params}, ARCH)
+    assert all(torch.allclose(tensors[k], want[k], atol=1e-7, rtol=0) for k in want)  # alpha = 1, not 0.6
+    assert "add 0.6 x this file to the target (theta = theta_target + 0.6 * tau)" in stdout
+
+
+def test_tiny_splits_are_warned_and_tied_alphas_shown(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc, stdout, err = _run(_base(files, out, **{"--data": files["shapes"], "--source-pre": files["A3"],
+                                                "--source-ft": files["A_ft3"], "--target": files["B3"],
+                                                "--alpha-grid": "0:0.002:3"}), capsys)
+    assert rc == 0, err
+    report = json.loads((out / "report.json").read_text())
+    lines = [w for w in err.splitlines() if w.startswith("warning: ")]
+    assert any("the val split has only" in w and "too few to choose alpha" in w for w in lines), err
+    assert any("the test split has only" in w for w in lines)
+    assert report["warnings"] and all(w in err for w in report["warnings"])
+    sweep = report["alpha_sweep"]
+    assert sweep["tied"] == [a for a, v in zip(sweep["alphas"], sweep["val"]) if v == sweep["best_val"]]
+    if len(sweep["tied"]) > 1:  # tiny alphas barely move the model: the candidates tie, and the run says so
+        assert any("tied at" in w for w in lines) and "alpha candidates tied on validation" in stdout

@@ -460,7 +460,7 @@ def _write_run(args, argv, out: Path, inputs: dict[str, Path], result, source_pr
                task, device: str) -> None:
     from transport.core.layout import same_shapes
     from transport.core.task_vector import TaskVector
-    from transport.sources import save_task_vector
+    from transport.sources import save_task_vector, scaling_metadata
 
     transported = result.transported
     if not same_shapes(transported.arch, target.arch):
@@ -479,7 +479,7 @@ def _write_run(args, argv, out: Path, inputs: dict[str, Path], result, source_pr
             "source_ft": args.source_ft or f"task_vector:{args.task_vector}", "target": args.target,
             "method": info.name + (f" on {base_info.name}" if base_info else ""),
             "options": json.dumps(_json_safe(report["options"]), sort_keys=True),
-            "alpha": repr(float(result.alpha)), "task": (args.task or args.data or ""),
+            **scaling_metadata(result.alpha), "task": (args.task or args.data or ""),
             "source_arch": source_pre.arch.to_json()}
 
     def writer(tmp: Path) -> None:
@@ -493,6 +493,8 @@ def _write_run(args, argv, out: Path, inputs: dict[str, Path], result, source_pr
 def _print_summary(result: Any, out: Path) -> None:
     print(f"method {result.method}: alpha = {result.alpha:g}"
           + (" (chosen on validation)" if result.sweep is not None else ""))
+    if result.sweep is not None and len(result.sweep.tied) > 1:
+        print(f"  alpha candidates tied on validation: {', '.join(f'{a:g}' for a in result.sweep.tied)}")
     if result.shots_per_class:
         counts = sorted(set(result.shots_per_class.values()))
         print(f"  labelled shots per class: {counts[0]}" + (f"..{counts[-1]}" if len(counts) > 1 else "")
@@ -500,6 +502,8 @@ def _print_summary(result: Any, out: Path) -> None:
     for name, acc in result.accuracies.items():
         print(f"  {name:<20} {100 * acc:6.2f}%" if isinstance(acc, float) and math.isfinite(acc) else f"  {name:<20} n/a")
     print(f"wrote {out / 'task_vector.safetensors'} and {out / 'report.json'}")
+    print(f"  the file holds the transported tau at alpha = 1: add {result.alpha:g} x this file to the target "
+          f"(theta = theta_target + {result.alpha:g} * tau)")
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:

@@ -9,13 +9,14 @@ from typing import Any, Optional
 import torch
 
 from transport import __version__, cache
-from transport.core.evaluate import AlphaSweep, check_alphas, default_alpha_grid, predictions, sweep_alpha
+from transport.core.evaluate import (AlphaSweep, check_alphas, default_alpha_grid, predictions, split_warnings,
+                                     sweep_alpha)
 from transport.core.layout import same_shapes
 from transport.core.model import Model
 from transport.core.task_vector import TaskVector
 from transport.core.vocab import to_target_vocabulary
 from transport.data import Task
-from transport.errors import TransportError
+from transport.errors import TransportError, warn
 from transport.methods import (MethodInfo, Progress, TransportInputs, check_compatible, get_method, no_progress,
                                resolve_device)
 
@@ -94,6 +95,7 @@ class TransferResult:
     inputs: dict[str, str] = field(default_factory=dict)
     test_predictions: dict[str, torch.Tensor] = field(default_factory=dict)  # accuracy row -> predicted class [N]
     shots_per_class: Optional[dict[str, int]] = None  # labelled samples really drawn per class (K or fewer)
+    warnings: list[str] = field(default_factory=list)  # splits too small to trust, tied alpha candidates
 
     def report(self) -> dict:
         return {
@@ -102,7 +104,7 @@ class TransferResult:
             "alpha_sweep": None if self.sweep is None else self.sweep.to_dict(),
             "naive_alpha_sweep": None if self.naive_sweep is None else self.naive_sweep.to_dict(),
             "accuracies": self.accuracies, "timings_s": self.timings, "cache_hit": self.cache_hit,
-            "diagnostics": self.diagnostics, "shots_per_class": self.shots_per_class,
+            "diagnostics": self.diagnostics, "shots_per_class": self.shots_per_class, "warnings": self.warnings,
         }
 
 
@@ -146,6 +148,9 @@ def _evaluate(result: TransferResult, timings: dict[str, float], source_pre: Mod
         result.test_predictions[key] = pred
         result.accuracies[key] = int((pred == y).sum()) / len(y) if len(y) else float("nan")
     timings["evaluate"] = time.perf_counter() - t3
+    for w in split_warnings(task, result.sweep):
+        result.warnings.append(w)
+        warn(w)
 
 
 def _held(p: Optional[Prepared], method: str, what: str) -> Optional[Prepared]:

@@ -262,6 +262,15 @@ def task_vector_state_dict(tau: TaskVector) -> dict[str, Tensor]:
     return {k: v for k, v in from_canonical(full, tau.arch).items() if k in present}
 
 
+SCALING_NOTE = "unscaled: the transported tau at alpha = 1; use theta_target + alpha * tau"
+
+
+def scaling_metadata(alpha: float) -> dict[str, str]:
+    """The one convention of every task-vector file this tool writes: the tensors are the transported tau at
+    alpha = 1; ``alpha`` is the scaling that was chosen (or given) for it."""
+    return {"alpha": repr(float(alpha)), "scaling": SCALING_NOTE}
+
+
 def task_vector_bytes(tau: TaskVector, **meta: str) -> bytes:
     """The safetensors file of :func:`save_task_vector`, in memory (for downloads)."""
     md = {**tau.meta, **{k: str(v) for k, v in meta.items()}, "arch": tau.arch.to_json(),
@@ -310,5 +319,5 @@ def load_task_vector(path: str | os.PathLike, arch: Optional[Arch] = None, trust
 
 __all__ = ["load_model", "load_zoo_model", "load_file_model", "load_hf", "save_model", "parse_arch", "hf_arch", "to_canonical",
            "from_canonical", "family_shapes", "hf_arch_from_config", "tower_state_dict", "family_of", "task_vector_state_dict",
-           "save_task_vector", "load_task_vector", "task_vector_bytes", "resolve_arch", "tiny_arch", "open_clip_arch", "init_params",
-           "hf_config_arch", "open_clip_text_arch"]
+           "save_task_vector", "load_task_vector", "task_vector_bytes", "resolve_arch", "scaling_metadata",
+           "SCALING_NOTE", "tiny_arch", "open_clip_arch", "init_params", "hf_config_arch", "open_clip_text_arch"]

@@ -5,7 +5,7 @@ import streamlit as st
 
 from app import analysis, common, examples, logic, state, ui
 from transport.methods import METHOD_NAMES
-from transport.sources import task_vector_bytes
+from transport.sources import scaling_metadata, task_vector_bytes
 from viz import export, results
 
 st.title("Transport a task vector")
@@ -84,8 +84,9 @@ with ui.guarded():
     st.subheader("Export")
     e1, e2, e3 = st.columns(3)
     e1.download_button("transported tau (.safetensors)",
-                       data=lambda: task_vector_bytes(run.apply(float(alpha)), alpha=str(alpha),
-                                                             method=run.method, target=run.loaded.target.ref),
+                       data=lambda: task_vector_bytes(run.apply(1.0), **scaling_metadata(float(alpha)),
+                                                      method=run.method, target=run.loaded.target.ref),
+                       help=f"the transported tau at alpha = 1 (unscaled): use theta_target + {alpha:.2f} x this file",
                        file_name=f"tau-{run.method}-alpha{alpha:.2f}.safetensors",
                        mime="application/octet-stream", on_click="ignore", key=f"dl-tau-{run.id}")
     report = {**run.result.report(), "app_alpha": float(alpha), "app_val_accuracy_at_alpha": val_acc,

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Sequence
 
 import torch
@@ -94,9 +94,34 @@ class AlphaSweep:
     val: list[float]
     best_alpha: float
     best_val: float
+    tied: list[float] = field(default_factory=list)  # every alpha that reached best_val (best_alpha: smallest |alpha|)
 
     def to_dict(self) -> dict:
-        return {"alphas": self.alphas, "val": self.val, "best_alpha": self.best_alpha, "best_val": self.best_val}
+        return {"alphas": self.alphas, "val": self.val, "best_alpha": self.best_alpha, "best_val": self.best_val,
+                "tied": self.tied}
+
+
+#: fewer examples per class than this in a split make its accuracies too coarse to compare methods by
+MIN_PER_CLASS = 5
+
+
+def split_warnings(task: Task, sweep: Optional[AlphaSweep] = None) -> list[str]:
+    """What a user must know before trusting the numbers: splits too small to tell candidates apart, and an
+    alpha chosen among tied candidates."""
+    out = []
+    for split, use in (("val", "choose alpha"), ("test", "compare methods")):
+        x, y = task.split(split)
+        if y is None or not len(task.classnames):
+            continue
+        counts = torch.bincount(y.long(), minlength=len(task.classnames))
+        if int(counts.min()) < MIN_PER_CLASS:
+            out.append(f"the {split} split has only {int(counts.min())} example(s) of some class ({len(y)} in all): "
+                       f"too few to {use} reliably (one example is {100 / max(1, len(y)):.1f} points)")
+    if sweep is not None and len(sweep.tied) > 1:
+        what = "every candidate" if len(sweep.tied) == len(sweep.alphas) else f"{len(sweep.tied)} candidates"
+        out.append(f"{what} tied at {100 * sweep.best_val:.1f}% on the validation split; alpha "
+                   f"{sweep.best_alpha:g} is the smallest of them, not a measured best")
+    return out
 
 
 def sweep_alpha(target: Model, delta: TaskVector, task: Task, grid: list[float], device: str = "cpu",
@@ -112,4 +137,5 @@ def sweep_alpha(target: Model, delta: TaskVector, task: Task, grid: list[float],
         if on_alpha is not None:
             on_alpha(i + 1, len(grid))
     best = max(range(len(grid)), key=lambda i: (accs[i], -abs(grid[i])))
-    return AlphaSweep(list(grid), accs, grid[best], accs[best])
+    tied = [grid[i] for i in range(len(grid)) if accs[i] == accs[best]]
+    return AlphaSweep(list(grid), accs, grid[best], accs[best], tied)

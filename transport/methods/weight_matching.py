@@ -9,8 +9,10 @@ the identity.
 
 Accelerations that do not change the result: a variable whose neighbours did not change since it was
 last solved is not revisited (its similarity, hence its optimum, is unchanged); similarity matrices are
-updated by low-rank corrections when few neighbour units moved; an assignment that takes every row's
-maximum is optimal, so the solver is skipped for it.
+updated by low-rank corrections when few neighbour units moved (rebuilt when most did); an assignment that
+takes every row's maximum is optimal, so the solver is skipped for it; large assignments are solved exactly
+by :func:`transport.core.assignment.solve_assignment`, warm-started from the variable's previous permutation
+and potentials and certified on all edges.
 """
 from __future__ import annotations
 
@@ -59,6 +61,7 @@ class _Var:
     S: Optional[Tensor] = None
     seen: dict[str, int] = field(default_factory=dict)  # neighbour versions S was built from
     used: dict[str, Perm] = field(default_factory=dict)  # neighbour perms S was built from
+    duals: Optional[Tensor] = None  # column potentials certifying the last solve (warm start of the next)
 
 
 @dataclass
@@ -198,6 +201,11 @@ class WeightMatcher:
         Incremental: S = sum_c B[:, c] A[:, q(c)]^T, so when q moves on a set of units only those columns
         are exchanged: S += B[:, moved] (A[:, q_new(moved)] - A[:, q_old(moved)])^T.
         """
+        if v.S is not None and incremental:  # most units moved: a rebuild costs less than the correction
+            moved = sum(int((self._index(r, p.role) != axis_index(v.used[r], p.role)).sum())
+                        for r, parts in v.parts.items() for p in parts)
+            total = sum(self._index(r, p.role).numel() for r, parts in v.parts.items() for p in parts)
+            incremental = 2 * moved < total
         if v.S is None or not incremental:
             S = v.static["all"].clone()
             for r, parts in v.parts.items():
@@ -244,7 +252,7 @@ class WeightMatcher:
             gain, new = self._solve_heads(S_heads, cur, accelerate)
             changed = new is not None and not new.equal(cur)
         else:
-            gain, new = self._solve(S, cur, accelerate)
+            gain, new = self._solve(S, cur, accelerate, v)
             changed = new is not None and not torch.equal(new, cur)
         self.stats.hungarian_s += time.perf_counter() - t1
         bk = self.stats.by_kind.setdefault(v.kind, {"visits": 0, "changes": 0, "similarity_cpu": 0.0,
@@ -258,14 +266,17 @@ class WeightMatcher:
             self.version[name] += 1
         return gain
 
-    def _solve(self, S: Tensor, cur: Tensor, accelerate: bool) -> tuple[float, Optional[Tensor]]:
+    def _solve(self, S: Tensor, cur: Tensor, accelerate: bool,
+               v: Optional[_Var] = None) -> tuple[float, Optional[Tensor]]:
         n = S.shape[0]
         if accelerate and n < SPARSE_MIN and torch.equal(S.argmax(1), cur):
             self.stats.solves_skipped += 1  # every row takes its maximum: the current perm is optimal
             return 0.0, None
         self.stats.solves += 1
         if accelerate and n >= SPARSE_MIN:
-            new, _, dense = solve_assignment(S, cur)
+            new, duals, dense = solve_assignment(S, cur, v.duals if v is not None else None)
+            if v is not None:
+                v.duals = duals
             self.stats.dense_solves += int(dense)
         else:
             new = lap_max(S).to(cur.device)
