@@ -259,3 +259,28 @@ def test_a_tokenizer_that_does_not_fit_the_embedding_is_refused(tmp_path):
                               f"has {len(tok) - 20} rows (not the tokenizer of this model)")
     decoder_dir(tmp_path / "ok", "hf_llama", tokenizer=tok, vocab=len(tok) + 20)  # padding rows past it are fine
     assert load_model(str(tmp_path / "ok")).tokenizer is not None
+
+
+def test_sliding_windows_only_where_the_config_turns_them_on(tmp_path):
+    """Qwen2 configs name a window that only ``use_sliding_window`` turns on (older transformers and the released
+    config files keep the number); Mistral's window is real: longer sequences are refused, shorter ones exact."""
+    from transformers import Qwen2Config
+
+    cfg = Qwen2Config(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1,
+                      intermediate_size=48, vocab_size=64, max_position_embeddings=64)
+    cfg.sliding_window, cfg.use_sliding_window = 4096, False
+    assert families.get("hf_qwen2").arch_from_config(cfg, None, "qwen", None).window == 0
+    fam = families.get("hf_mistral")
+    d, module = decoder_dir(tmp_path / "m", "hf_mistral", seed=8)
+    assert load_model(str(d)).arch.window == 0 and module.config.sliding_window is None
+    arch = fam.tiny_arch().replace(window=5)
+    d, module = tmp_path / "w", fam.build_module(arch, seed=8)
+    module.save_pretrained(str(d))
+    model = load_model(str(d))
+    assert model.arch.window == 5
+    x = ids(arch.vocab_size, t=5)
+    assert torch.allclose(encode(model.params, model.arch, x), logits(module, x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(TransportError) as err:
+        encode(model.params, model.arch, ids(arch.vocab_size, t=6))
+    assert str(err.value) == (f"{model.arch.name}: 6 tokens exceed its sliding attention window of 5 (not "
+                              "modelled: shorter sequences are exact)")
