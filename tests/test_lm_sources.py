@@ -16,11 +16,10 @@ import transformers
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from transport import families, hub, sources
+from transport import families, hub
 from transport.core.forward import encode
-from transport.core.task_vector import TaskVector
 from transport.errors import TransportError
-from transport.files import LazyWeights, read_weights
+from transport.files import LazyWeights, all_finite, read_weights
 from transport.pipeline import transfer
 from transport.sources import load_model, parse_arch, save_task_vector
 
@@ -120,6 +119,15 @@ def test_an_index_that_lists_a_tensor_its_shard_lacks_or_a_bad_tensor_is_one_lin
     save_file(tensors, str(shard), metadata={"format": "pt"})
     with pytest.raises(TransportError, match=rf"^{shard}: tensor {key} contains NaN or Inf values$"):
         load_model(str(d))
+
+
+def test_finiteness_is_checked_in_chunks_to_the_last_value():
+    t = torch.randn(5, 10, generator=torch.Generator().manual_seed(0))
+    assert all_finite(t, chunk=7) and all_finite(t.t(), chunk=7) and all_finite(torch.zeros(0), chunk=7)
+    for i, bad in ((49, float("nan")), (20, float("inf")), (0, -float("inf"))):
+        u = t.clone().reshape(-1)
+        u[i] = bad
+        assert not all_finite(u.reshape(5, 10), chunk=7) and not all_finite(u.reshape(5, 10).t(), chunk=7), i
 
 
 def test_hf_id_from_the_local_cache_and_a_one_line_offline_error(tmp_path, monkeypatch):

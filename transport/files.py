@@ -85,6 +85,13 @@ def safetensors_header(path: str | os.PathLike) -> tuple[dict[str, tuple[str, tu
     return header, md
 
 
+def all_finite(t: Tensor, chunk: int = 1 << 22) -> bool:
+    """Whether every value of ``t`` is finite, checked in chunks (``torch.isfinite`` on a whole embedding
+    makes temporaries as large as the tensor)."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk))
+
+
 class LazyWeights(Mapping[str, Tensor]):
     """Tensors of safetensors files read one at a time, when asked for: each from its file's memory map,
     copied into memory of its own as ``dtype`` (the map is released at once); besides what the caller keeps,
@@ -140,7 +147,7 @@ class LazyWeights(Mapping[str, Tensor]):
             raise _unreadable(path, e) from None
         t = raw.to(self.dtype) if raw.dtype != self.dtype else raw.clone()  # own memory, not the file's map
         del raw
-        if not torch.isfinite(t).all():
+        if not all_finite(t):
             raise TransportError(f"{path}: tensor {name} contains NaN or Inf values")
         self._last = (key, t)
         return t
@@ -374,5 +381,5 @@ def _shards(index: Path) -> dict[str, list[str]]:
     return {s: sorted(ks) for s, ks in sorted(out.items())}
 
 
-__all__ = ["read_safetensors", "read_safetensors_metadata", "safetensors_header", "LazyWeights", "FLOAT_CODES", "read_checkpoint", "strip_prefixes", "strip_prefix_if_all",
+__all__ = ["all_finite", "read_safetensors", "read_safetensors_metadata", "safetensors_header", "LazyWeights", "FLOAT_CODES", "read_checkpoint", "strip_prefixes", "strip_prefix_if_all",
            "safetensors_bytes", "write_atomic", "write_safetensors", "read_weights", "WRAPPER_KEYS", "STRIP_PREFIXES"]
