@@ -124,9 +124,11 @@ def worker(row: str, a_dir: Path, b_dir: Path, scale: float) -> dict:
             task = _texts(B.arch.vocab_size, N_SEQ, t)
             params = {k: v.detach().clone().requires_grad_(True) for k, v in B.params.items()}
             batch = task.split("train")[0]
-            t1, c1 = time.perf_counter(), cpu_seconds()
-            losses.lm_loss(B.arch)(params, batch, torch.zeros(len(batch), dtype=torch.long)).mean().backward()
-            out["bare_s"], out["bare_cpu_s"] = time.perf_counter() - t1, cpu_seconds() - c1
+            labels = torch.zeros(len(batch), dtype=torch.long)
+            for _ in range(2):  # the second pass is timed: the first pays one-time costs (allocator, threads)
+                t1, c1 = time.perf_counter(), cpu_seconds()
+                losses.lm_loss(B.arch)(params, batch, labels).mean().backward()
+                out["bare_s"], out["bare_cpu_s"] = time.perf_counter() - t1, cpu_seconds() - c1
             del params
             inputs = TransportInputs(A, B, task, shots=N_SEQ, seed=0)
             options = {}
