@@ -20,7 +20,7 @@ from transport.errors import TransportError
 from transport.methods import TransportInputs
 from transport.methods.gradfix import GradFixAlignment, apply, collect_votes, per_sample_grads, prepare
 from transport.pipeline import check_token_ids, load_text_task
-from transport.text import DEFAULT_TEMPLATE, TextTask, load_text_file, parse_template, split_groups
+from transport.text import TextTask, load_text_file, parse_template, split_groups
 from transport.textfile import read_text_file
 
 from tests.planted_decoders import decoder, model as random_decoder, random_tau
@@ -166,7 +166,7 @@ def test_unreadable_files(tok, tmp_path):
 
 
 def _tokenizer_with(normalizer=None, word_level: bool = False):
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     if word_level:

@@ -44,6 +44,7 @@ import torch
 
 from transport.core.arch import Arch
 from transport.errors import TransportError
+from transport.files import all_finite
 
 Tensor = torch.Tensor
 
@@ -205,7 +206,7 @@ def check_params(params: dict[str, Tensor], arch: Arch, what: str) -> None:
         if not t.is_floating_point():
             raise TransportError(f"{what}: tensor {k} holds {str(t.dtype).replace('torch.', '')} values; "
                                  "weights must be floating point")
-        if not torch.isfinite(t).all():
+        if not all_finite(t):
             raise TransportError(f"{what}: tensor {k} contains NaN or Inf values")
 
 
