@@ -366,6 +366,11 @@ def _load_models(args: argparse.Namespace):
             # same shapes but another activation or normalisation: usually a wrong --arch (e.g. a QuickGELU tag)
             warn(f"{b.ref} runs as {b.arch.name} (act {b.arch.act}) but {a.ref} as {a.arch.name} "
                  f"(act {a.arch.act}); pass the matching --arch if they are the same model")
+    from transport.core.vocab import describe, to_target_vocabulary
+
+    source_pre, source_ft, vocabulary = to_target_vocabulary(source_pre, source_ft, target)  # a new release's tokens
+    if vocabulary is not None:
+        print(f"note: {describe(vocabulary)}", file=sys.stderr)
     return source_pre, source_ft, target, oracle
 
 

@@ -58,6 +58,94 @@ def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
+FLOAT_CODES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+
+
+def _unreadable(path: Path, e: BaseException) -> TransportError:
+    return TransportError(f"{path}: not a readable safetensors file (truncated or another format): "
+                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
+
+
+def safetensors_header(path: str | os.PathLike) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, str]]:
+    """Name -> (dtype code, shape) of every tensor of a safetensors file, and its metadata (no data read)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise TransportError(f"{path}: file not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            md = dict(f.metadata() or {})
+            header = {}
+            for k in f.keys():
+                sl = f.get_slice(k)
+                header[k] = (str(sl.get_dtype()), tuple(int(n) for n in sl.get_shape()))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise _unreadable(path, e) from None
+    return header, md
+
+
+class LazyWeights(Mapping[str, Tensor]):
+    """Tensors of safetensors files read one at a time, when asked for: each from its file's memory map,
+    copied into memory of its own as ``dtype`` (the map is released at once); besides what the caller keeps,
+    only the last tensor read is held. Shapes and dtypes come from the headers (:meth:`shape`,
+    :meth:`is_floating`). A tensor that is not floating point or holds NaN/Inf is one line naming its file."""
+
+    def __init__(self, where: Mapping[str, tuple[Path, str]], header: Mapping[str, tuple[str, tuple[int, ...]]],
+                 dtype: torch.dtype = torch.float32):
+        self._where = dict(where)  # key -> (file, the tensor's name in that file)
+        self._header = dict(header)  # key -> (dtype code, shape)
+        self.dtype = dtype
+        self._last: Optional[tuple[str, Tensor]] = None
+
+    @classmethod
+    def of_file(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple["LazyWeights", dict[str, str]]:
+        header, md = safetensors_header(path)
+        return cls({k: (Path(path), k) for k in header}, header, dtype), md
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._where
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._header[key][1]
+
+    def is_floating(self, key: str) -> bool:
+        return self._header[key][0] in FLOAT_CODES
+
+    def renamed(self, rename) -> "LazyWeights":
+        """The same tensors under new keys (``rename(old) -> new``), nothing read."""
+        out = LazyWeights({rename(k): w for k, w in self._where.items()},
+                          {rename(k): h for k, h in self._header.items()}, self.dtype)
+        return out
+
+    def __getitem__(self, key: str) -> Tensor:
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
+        from safetensors import SafetensorError, safe_open
+
+        path, name = self._where[key]
+        code = self._header[key][0]
+        if code not in FLOAT_CODES:
+            raise TransportError(f"{path}: tensor {name} holds {code} values; weights must be floating point")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                raw = f.get_tensor(name)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise _unreadable(path, e) from None
+        t = raw.to(self.dtype) if raw.dtype != self.dtype else raw.clone()  # own memory, not the file's map
+        del raw
+        if not torch.isfinite(t).all():
+            raise TransportError(f"{path}: tensor {name} contains NaN or Inf values")
+        self._last = (key, t)
+        return t
+
+
 def _looks_like_safetensors(path: Path) -> bool:
     try:
         with open(path, "rb") as f:
@@ -70,11 +158,13 @@ def _looks_like_safetensors(path: Path) -> bool:
         return False
 
 
-def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> tuple[dict[str, Tensor], dict[str, str]]:
+def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False,
+                    lazy: bool = False) -> tuple[Mapping[str, Tensor], dict[str, str]]:
     """A flat name -> tensor dict from any supported checkpoint form, plus metadata (safetensors only).
 
     Unwraps ``state_dict`` / ``model_state_dict`` / ``model`` and strips ``module.``, ``model.``,
-    ``clip_model.`` prefixes. Whole pickled modules load only with ``trust_pickle``.
+    ``clip_model.`` prefixes. Whole pickled modules load only with ``trust_pickle``. ``lazy``: a safetensors
+    file gives a :class:`LazyWeights` (float32 tensors read one at a time).
     """
     path = Path(path)
     if not path.exists():
@@ -84,7 +174,7 @@ def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> tupl
     if path.stat().st_size == 0:
         raise TransportError(f"{path}: file is empty")
     if path.suffix == ".safetensors" or _looks_like_safetensors(path):
-        tensors, md = read_safetensors(path)
+        tensors, md = LazyWeights.of_file(path) if lazy else read_safetensors(path)
         return strip_prefixes(tensors), md
     obj = _torch_load(path, trust_pickle)
     return strip_prefixes(_unwrap(obj, path)), {}
@@ -158,16 +248,21 @@ def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:
     return tensors
 
 
-def strip_prefixes(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    out = dict(sd)
+def strip_prefixes(sd: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    """``sd`` without the wrapper prefixes every key carries (a :class:`LazyWeights` stays lazy)."""
+    keys = list(sd)
+    names = list(keys)
     changed = True
     while changed:
         changed = False
         for p in STRIP_PREFIXES:
-            if out and all(k.startswith(p) for k in out):
-                out = {k[len(p):]: v for k, v in out.items()}
+            if names and all(k.startswith(p) for k in names):
+                names = [k[len(p):] for k in names]
                 changed = True
-    return out
+    rename = dict(zip(keys, names))
+    if isinstance(sd, LazyWeights):
+        return sd.renamed(rename.__getitem__)
+    return {rename[k]: v for k, v in sd.items()}
 
 
 def strip_prefix_if_all(sd: Mapping[str, Tensor], prefix: str, keep: tuple[str, ...] = ()) -> dict[str, Tensor]:
@@ -234,26 +329,50 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Tensor],
     return write_atomic(path, safetensors_bytes(tensors, metadata))
 
 
-def read_weights(directory: Path) -> dict[str, Tensor]:
-    """All tensors of a Hugging Face model directory (single file or shards), safetensors preferred."""
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        f = directory / index
-        if f.is_file():
-            try:
-                shards = sorted(set(json.loads(f.read_text())["weight_map"].values()))
-            except (ValueError, KeyError, TypeError):
-                raise TransportError(f"{f}: malformed weight index") from None
-            sd: dict[str, Tensor] = {}
-            for s in shards:
-                if not (directory / s).is_file():
-                    raise TransportError(f"{f}: names shard {s}, which is missing")
-                sd.update(read_checkpoint(directory / s)[0])
-            return strip_prefixes(sd)
+def read_weights(directory: Path) -> Mapping[str, Tensor]:
+    """The tensors of a Hugging Face model directory (single file or shards), safetensors preferred: a
+    :class:`LazyWeights` over the safetensors files (nothing read yet), else the ``.bin`` files' tensors."""
+    f = directory / "model.safetensors.index.json"
+    if f.is_file():
+        where, header = {}, {}
+        for shard, keys in _shards(f).items():
+            if not (directory / shard).is_file():
+                raise TransportError(f"{f}: names shard {shard}, which is missing")
+            held, _ = safetensors_header(directory / shard)
+            lacking = [k for k in keys if k not in held]
+            if lacking:
+                raise TransportError(f"{f}: lists {lacking[0]} in {shard}, which does not hold it"
+                                     + (f" (nor {len(lacking) - 1} more)" if len(lacking) > 1 else ""))
+            where.update({k: (directory / shard, k) for k in keys})
+            header.update({k: held[k] for k in keys})
+        return strip_prefixes(LazyWeights(where, header))
+    f = directory / "pytorch_model.bin.index.json"
+    if f.is_file():
+        sd: dict[str, Tensor] = {}
+        for shard in _shards(f):
+            if not (directory / shard).is_file():
+                raise TransportError(f"{f}: names shard {shard}, which is missing")
+            sd.update(read_checkpoint(directory / shard)[0])
+        return strip_prefixes(sd)
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (directory / name).is_file():
-            return read_checkpoint(directory / name)[0]
+            return read_checkpoint(directory / name, lazy=True)[0]
     raise TransportError(f"{directory}: no weights found (expected model.safetensors or pytorch_model.bin)")
 
 
-__all__ = ["read_safetensors", "read_safetensors_metadata", "read_checkpoint", "strip_prefixes", "strip_prefix_if_all",
+def _shards(index: Path) -> dict[str, list[str]]:
+    """Shard file -> the tensor names a weight index places there (sorted)."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        out: dict[str, list[str]] = {}
+        for k, shard in weight_map.items():
+            if not isinstance(shard, str) or "/" in shard or "\\" in shard or shard.startswith("."):
+                raise ValueError(shard)
+            out.setdefault(shard, []).append(str(k))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise TransportError(f"{index}: malformed weight index") from None
+    return {s: sorted(ks) for s, ks in sorted(out.items())}
+
+
+__all__ = ["read_safetensors", "read_safetensors_metadata", "safetensors_header", "LazyWeights", "FLOAT_CODES", "read_checkpoint", "strip_prefixes", "strip_prefix_if_all",
            "safetensors_bytes", "write_atomic", "write_safetensors", "read_weights", "WRAPPER_KEYS", "STRIP_PREFIXES"]

@@ -7,6 +7,7 @@ import os
 import socket
 import threading
 from pathlib import Path
+from typing import Optional
 
 from transport.errors import TransportError
 
@@ -56,6 +57,26 @@ def hf_cache_dir() -> str:
     return str(constants.HF_HUB_CACHE)
 
 
+def local_dir(ref: str) -> Optional[Path]:
+    """The local folder ``hf:ORG/NAME`` / ``hf:DIR`` / a directory / its ``config.json`` names, without any
+    network: a directory, or a cached snapshot; None when there is none."""
+    name = ref[len("hf:"):] if ref.startswith("hf:") else ref
+    p = Path(name).expanduser()
+    if p.is_file():
+        p = p.parent
+    if p.is_dir():
+        return p
+    if name.count("/") != 1 or name.startswith(("/", ".")):
+        return None
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(name, cache_dir=hf_cache_dir(), local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return None
+
+
 def resolve_dir(ref: str) -> Path:
     """A local directory for ``hf:ORG/NAME`` (cached snapshot, or a download when online) or a HF dir path."""
     name = ref[len("hf:"):] if ref.startswith("hf:") else ref
@@ -83,10 +104,10 @@ def resolve_dir(ref: str) -> Path:
                              f"({host}); download them once on a connected machine")
     try:
         return Path(snapshot_download(name, cache_dir=hf_cache_dir(),
-                                      allow_patterns=["*.json", "*.txt", "*.safetensors"]))
+                                      allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"]))
     except Exception as e:  # noqa: BLE001 - any hub failure is reported as one line
         raise TransportError(f"could not download hf:{name}: {type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''}") from None
 
 
-__all__ = ["hub_host", "offline_mode", "network_reachable", "hf_cache_dir", "resolve_dir", "WEIGHT_FILES"]
+__all__ = ["hub_host", "offline_mode", "network_reachable", "hf_cache_dir", "resolve_dir", "local_dir", "WEIGHT_FILES"]

@@ -14,6 +14,7 @@ from transport.core.evaluate import (AlphaSweep, check_alphas, default_alpha_gri
 from transport.core.layout import same_shapes
 from transport.core.model import Model
 from transport.core.task_vector import TaskVector
+from transport.core.vocab import to_target_vocabulary
 from transport.data import Task
 from transport.errors import TransportError, warn
 from transport.methods import (MethodInfo, Progress, TransportInputs, check_compatible, get_method, no_progress,
@@ -177,6 +178,9 @@ def transfer(source_pre: Model, source_ft: Model, target: Model, method: str, ta
         raise TransportError(f"{source_ft.ref} does not have the architecture of {source_pre.ref}")
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    # a new release's vocabulary: both source models' embedding rows moved to the target's tokens (one error
+    # line when they cannot be matched); the map's counts go into the report's diagnostics
+    source_pre, source_ft, vocabulary = to_target_vocabulary(source_pre, source_ft, target)
     tau = TaskVector.from_models(source_pre.params, source_ft.params, source_pre.arch)
     scored = task is not None and evaluate and task.labelled  # images without classes: no accuracies
     check_alphas([alpha] if alpha is not None else (alpha_grid or default_alpha_grid()) if scored else [1.0],
@@ -204,6 +208,8 @@ def transfer(source_pre: Model, source_ft: Model, target: Model, method: str, ta
                             diagnostics=prep.alignment.diagnostics(),
                             inputs={"source_pre": source_pre.ref, "source_ft": source_ft.ref, "target": target.ref,
                                     "task": task.name if task else "", "shots": str(shots), "seed": str(seed)})
+    if vocabulary is not None:
+        result.diagnostics["vocabulary"] = vocabulary
     if task is not None and task.labelled and "labelled" in (prep.method.data, base.method.data if base else ""):
         result.shots_per_class = task.shot_counts(shots)
     if scored:

@@ -3,9 +3,13 @@ models and task vectors written in their family's own names.
 
 References:
   ``zoo:NAME[@SEED]``           a model of the built-in demo zoo (``python -m transport zoo build``)
-  ``open_clip:ARCH:TAG``        open_clip architecture + pretrained tag; TAG ``none`` = random init
-  ``hf:ORG/NAME`` or a HF dir   a Hugging Face model directory (``config.json`` + weights)
-  a file                        ``.safetensors`` (preferred), ``.pt/.pth/.bin`` state dicts (``weights_only``)
+  ``open_clip:ARCH:TAG``        open_clip architecture + pretrained tag; TAG ``none`` = random init; the image
+                                tower, or with ``#text`` the text tower (``open_clip:ViT-B-32:openai#text``)
+  ``hf:ORG/NAME`` or a HF dir   a Hugging Face model directory (``config.json`` + weights, sharded or not; its
+                                tokenizer when it has one); from the local cache first
+  a file                        ``.safetensors`` (preferred), ``.pt/.pth/.bin`` state dicts (``weights_only``);
+                                ``arch`` (``--arch``) says what it holds when it does not: ``open_clip:ARCH[#text]``,
+                                ``hf:ORG/NAME``, a HF directory or its ``config.json`` (whose tokenizer comes along)
 
 This is the only module that imports :mod:`transport.families`. Pickled whole modules are refused
 unless ``trust_pickle=True``. Every failure is a one-line :class:`TransportError` naming the input.
@@ -27,8 +31,10 @@ from transport.core.model import Model
 from transport.core.task_vector import TaskVector
 from transport.errors import TransportError
 from transport.families import hf_common
-from transport.families.open_clip import load_open_clip, open_clip_arch, tiny_arch
+from transport.families.open_clip import load_open_clip, open_clip_arch, split_tower, tiny_arch
+from transport.families.open_clip_text import load_open_clip_text, open_clip_text_arch
 from transport.files import (
+    LazyWeights,
     read_checkpoint,
     read_safetensors_metadata,
     read_weights,
@@ -92,24 +98,48 @@ def hf_arch(ref: str) -> Arch:
     return fam.arch_from_config(cfg, directory, hf_common.arch_name(ref, directory), hf_common.weight_keys(directory))
 
 
+def hf_config_arch(path: Path) -> Arch:
+    """The architecture a Hugging Face ``config.json`` file describes (its directory's, with what its weights say
+    when it is a model directory)."""
+    if path.name == "config.json":
+        return hf_arch(str(path.parent))
+    cfg = hf_common.load_config(path)
+    name = f"hf:{path}"
+    return families.for_model_type(getattr(cfg, "model_type", ""), name).arch_from_config(cfg, path.parent, name, None)
+
+
+def _json_arch(path: Path) -> Arch:
+    """A JSON file: a Hugging Face config (it has ``model_type``) or our own architecture description."""
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise TransportError(f"{path}: not a readable JSON file ({type(e).__name__}: {e})") from None
+    if isinstance(d, dict) and "model_type" in d:
+        return hf_config_arch(path)
+    return Arch.from_json(d if isinstance(d, dict) else path.read_text())
+
+
 def parse_arch(name: str) -> Arch:
-    """``open_clip:ViT-B-16``, ``zoo:NAME`` (architecture of that zoo model), ``hf:ID`` / HF dir (config only),
-    a model file that records its architecture, or the description as a JSON file."""
+    """``open_clip:ViT-B-16`` (``#text``: its text tower), ``zoo:NAME`` (architecture of that zoo model), ``hf:ID`` /
+    HF dir (config only), a Hugging Face ``config.json``, a model file that records its architecture, or the
+    description as a JSON file."""
     if name.startswith("open_clip:"):
-        return open_clip_arch(name.split(":", 2)[1])
+        base, tower = split_tower(name)
+        model_name = base.split(":", 2)[1]
+        return open_clip_text_arch(model_name) if tower == "text" else open_clip_arch(model_name)
     if name.startswith("zoo:"):
         return zoo.arch_of(name[len("zoo:"):])
     if name.startswith("hf:") or Path(name).is_dir():
         return hf_arch(name)
     if Path(name).is_file():
         if Path(name).suffix == ".json":
-            return Arch.from_json(Path(name).read_text())
+            return _json_arch(Path(name))
         md = read_safetensors_metadata(name)
         if "arch" not in md:
             raise TransportError(f"{name}: the file does not record an architecture (no 'arch' metadata)")
         return Arch.from_json(md["arch"])
-    raise TransportError(f"unknown architecture '{name}' (use open_clip:ARCH, zoo:NAME, hf:ORG/NAME, or a "
-                         "model file that records its architecture)")
+    raise TransportError(f"unknown architecture '{name}' (use open_clip:ARCH, zoo:NAME, hf:ORG/NAME, a Hugging Face "
+                         "directory or config.json, or a model file that records its architecture)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,7 +152,7 @@ def load_model(ref: str, arch: Arch | str | None = None, trust_pickle: bool = Fa
     if ref.startswith("zoo:"):
         return load_zoo_model(ref[len("zoo:"):])
     if ref.startswith("open_clip:"):
-        return load_open_clip(ref, seed=seed)
+        return load_open_clip_text(ref, seed) if split_tower(ref)[1] == "text" else load_open_clip(ref, seed=seed)
     if ref.startswith("hf:") or (Path(ref).is_dir() and (Path(ref) / "config.json").exists()):
         return load_hf(ref)
     return load_file_model(ref, arch, trust_pickle)
@@ -188,13 +218,20 @@ def resolve_arch(path: str | os.PathLike, md: Mapping[str, str], arch: Optional[
 
 def load_file_model(path: str, arch: Optional[Arch], trust_pickle: bool = False) -> Model:
     """A checkpoint file -> Model: its tower (wherever the file keeps it), the head it carries, and the
-    zero-shot heads of a text tower it holds too (an open_clip CLIP dict)."""
-    sd, md = read_checkpoint(path, trust_pickle)
+    zero-shot heads of a text tower it holds too (an open_clip CLIP dict). A language model's safetensors file
+    streams (one tensor at a time); with ``arch`` given, the model gets that architecture's tokenizer (the
+    Hugging Face directory it names, or open_clip's own)."""
+    given = arch
+    sd, md = read_checkpoint(path, trust_pickle, lazy=True)
     arch = resolve_arch(path, md, arch)
+    fam = family_of(arch)
+    if not getattr(fam, "streams", False) and isinstance(sd, LazyWeights):
+        sd, md = read_checkpoint(path, trust_pickle)
     head = _head_from_state(sd, md, str(path))
     params = {k: v.float() for k, v in to_canonical(sd, arch, what=str(path)).items()}
-    zero_shot = family_of(arch).file_zero_shot(sd, arch, str(path))
-    return Model(arch, params, ref=str(path), head=head, zero_shot=zero_shot, meta=md)
+    zero_shot = fam.file_zero_shot(sd, arch, str(path))
+    tokenizer = fam.file_tokenizer(arch, explicit=given is not None)
+    return Model(arch, params, ref=str(path), head=head, zero_shot=zero_shot, meta=md, tokenizer=tokenizer)
 
 
 def save_model(model: Model, path: str | os.PathLike, **meta: str) -> Path:
@@ -283,4 +320,4 @@ def load_task_vector(path: str | os.PathLike, arch: Optional[Arch] = None, trust
 __all__ = ["load_model", "load_zoo_model", "load_file_model", "load_hf", "save_model", "parse_arch", "hf_arch", "to_canonical",
            "from_canonical", "family_shapes", "hf_arch_from_config", "tower_state_dict", "family_of", "task_vector_state_dict",
            "save_task_vector", "load_task_vector", "task_vector_bytes", "resolve_arch", "scaling_metadata",
-           "SCALING_NOTE", "tiny_arch", "open_clip_arch", "init_params"]
+           "SCALING_NOTE", "tiny_arch", "open_clip_arch", "init_params", "hf_config_arch", "open_clip_text_arch"]

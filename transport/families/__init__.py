@@ -8,7 +8,7 @@ its config, where its tower sits in a state dict, and a tiny real module for the
 from __future__ import annotations
 
 from transport.errors import TransportError
-from transport.families import hf_clip, hf_decoder, hf_vit, open_clip
+from transport.families import hf_clip, hf_decoder, hf_vit, open_clip, open_clip_text
 from transport.families.base import Family
 
 _REGISTRY: dict[str, Family] = {}
@@ -21,7 +21,7 @@ def register(family: Family) -> Family:
     return family
 
 
-for _family in (open_clip.FAMILY, hf_clip.FAMILY, hf_vit.FAMILY, *hf_decoder.FAMILIES):
+for _family in (open_clip.FAMILY, open_clip_text.FAMILY, hf_clip.FAMILY, hf_vit.FAMILY, *hf_decoder.FAMILIES):
     register(_family)
 
 ENCODER_DECODERS = ("t5", "mt5", "umt5", "bart", "mbart", "pegasus", "marian", "longt5", "switch_transformers")

@@ -27,6 +27,7 @@ class Family:
     table_name: str = ""
     model_types: tuple[str, ...] = ()
     squeezable: bool = False  # checkpoints may carry or drop singleton axes (e.g. [1, 1, d] class tokens)
+    streams: bool = False  # safetensors checkpoints are read one tensor at a time (large language models)
 
     @property
     def table(self) -> NameTable:
@@ -39,6 +40,11 @@ class Family:
 
     def file_zero_shot(self, sd: Mapping[str, Tensor], arch: Arch, what: str):
         """Zero-shot heads a checkpoint FILE carries (e.g. a CLIP text tower next to the image tower), or None."""
+        return None
+
+    def file_tokenizer(self, arch: Arch, explicit: bool) -> Any:
+        """The tokenizer of a model read from a file as ``arch`` (``explicit``: the user named the architecture),
+        or None."""
         return None
 
     def to_canonical(self, sd: Mapping[str, Tensor], arch: Arch, what: str = "checkpoint") -> dict[str, Tensor]:

@@ -12,16 +12,18 @@ from transport.errors import TransportError
 
 ACTS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
         "silu": "silu", "swish": "silu", "relu": "relu"}
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
 
 
 def load_config(directory: Path) -> Any:
+    """The config of a model directory, or of a config JSON file itself (local files only)."""
     from transformers import AutoConfig
 
     try:
         return AutoConfig.from_pretrained(str(directory), local_files_only=True)
     except Exception as e:  # noqa: BLE001 - unknown model types, malformed json
-        raise TransportError(f"{directory / 'config.json'}: not a readable Hugging Face config: "
+        where = directory if directory.is_file() else directory / "config.json"
+        raise TransportError(f"{where}: not a readable Hugging Face config: "
                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 

@@ -15,9 +15,12 @@ import torch
 
 from transport.core.arch import Arch
 from transport.core.model import Model
+from transport.core.vocab import check_tokenizer_fits
 from transport.errors import TransportError
 from transport.families.base import Family
 from transport.families.hf_common import activation_name, has_tokenizer
+from transport.files import LazyWeights
+from transport.hub import local_dir
 
 Tensor = torch.Tensor
 
@@ -29,6 +32,10 @@ def _rope_theta(cfg: Any, name: str) -> float:
     if kind != "default":
         raise TransportError(f"{name}: rotary scaling '{kind}' is not supported (only the default rotary "
                              "embedding)")
+    partial = params.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise TransportError(f"{name}: partial rotary embeddings (partial_rotary_factor {partial}) are not "
+                             "supported (only rotation of every head dimension)")
     theta = params.get("rope_theta", getattr(cfg, "rope_theta", None))
     return float(theta if theta is not None else 10000.0)
 
@@ -37,29 +44,53 @@ def _has(keys: Optional[set[str]], suffix: str, default: bool) -> bool:
     return default if keys is None or not keys else any(k.endswith(suffix) for k in keys)
 
 
-def load_tokenizer(directory: Path):
-    """The directory's own tokenizer (local files only), or None when it has none."""
+def load_tokenizer(directory: Path, rows: int = 0):
+    """The directory's own tokenizer (local files only, transformers' AutoTokenizer), or None when it has none.
+    ``rows``: the embedding's rows; a tokenizer with ids beyond them is refused."""
     if not has_tokenizer(directory):
         return None
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # notes about special tokens: what matters is checked below
     try:
-        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except Exception as e:  # noqa: BLE001 - a broken tokenizer file is the directory's problem
         raise TransportError(f"{directory}: could not load its tokenizer: {type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if rows:
+        check_tokenizer_fits(tok, rows, f"{directory}: its tokenizer")
+    return tok
 
 
 class DecoderFamily(Family):
-    """A causal decoder LM read through its Hugging Face config; ``readout='lm'`` (next-token logits)."""
+    """A causal decoder LM read through its Hugging Face config; ``readout='lm'`` (next-token logits).
+
+    ``base_prefix``: where the causal-LM class keeps its base model (``model.`` / ``transformer.``); a base
+    model's own state dict (GPT-2's hub checkpoints, a ``LlamaModel``, a file whose one common prefix was
+    stripped, as for a tied model saved without ``lm_head.weight``) gets it back. Checkpoints stream: tensors
+    are read one at a time (:class:`~transport.files.LazyWeights`)."""
 
     module_class = ""
+    streams = True
 
-    def __init__(self, name: str, table_name: str, model_types: tuple[str, ...], module_class: str):
+    def __init__(self, name: str, table_name: str, model_types: tuple[str, ...], module_class: str,
+                 base_prefix: str = "model."):
         self.name, self.table_name, self.model_types, self.module_class = name, table_name, model_types, module_class
+        self.base_prefix = base_prefix
 
-    def tower(self, sd: Mapping[str, Tensor], arch: Arch) -> dict[str, Tensor]:
-        return dict(sd)
+    def tower(self, sd: Mapping[str, Tensor], arch: Arch) -> Mapping[str, Tensor]:
+        base = self.base_prefix
+        if not sd or any(k.startswith(base) for k in sd):
+            return sd
+
+        def rename(k: str) -> str:
+            return k if k.startswith("lm_head.") else base + k
+
+        return sd.renamed(rename) if isinstance(sd, LazyWeights) else {rename(k): v for k, v in sd.items()}
 
     def arch_from_config(self, cfg: Any, directory: Any, name: str, keys: Optional[set[str]]) -> Arch:
         mt = getattr(cfg, "model_type", "")
@@ -80,8 +111,15 @@ class DecoderFamily(Family):
                     o_bias=_has(keys, "self_attn.o_proj.bias", bias), mlp_bias=_has(keys, "mlp.up_proj.bias", mlp_bias),
                     position="rope", rope_theta=_rope_theta(cfg, name), causal=True, stem="tokens",
                     vocab_size=int(cfg.vocab_size), context=int(getattr(cfg, "max_position_embeddings", 0) or 0),
-                    window=int(getattr(cfg, "sliding_window", None) or 0), ln_pre=False, cls_token=False, readout="lm",
+                    window=self._window(cfg), ln_pre=False, cls_token=False, readout="lm",
                     tied_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)))
+
+    @staticmethod
+    def _window(cfg: Any) -> int:
+        """The sliding attention window (0: none). Qwen2 configs name one that only ``use_sliding_window`` turns on."""
+        if getattr(cfg, "model_type", "") == "qwen2" and not getattr(cfg, "use_sliding_window", False):
+            return 0
+        return int(getattr(cfg, "sliding_window", None) or 0)
 
     def _gpt2_arch(self, cfg: Any, name: str) -> Arch:
         for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
@@ -99,11 +137,16 @@ class DecoderFamily(Family):
                     vocab_size=int(cfg.vocab_size), context=int(cfg.n_positions), ln_pre=False, cls_token=False,
                     readout="lm", tied_embeddings=bool(getattr(cfg, "tie_word_embeddings", True)))
 
+    def file_tokenizer(self, arch: Arch, explicit: bool) -> Any:
+        """With ``--arch hf:ORG/NAME`` / a directory / its config.json: that directory's tokenizer (local files only)."""
+        directory = local_dir(arch.name) if explicit else None
+        return load_tokenizer(directory, arch.vocab_size) if directory is not None else None
+
     def load_directory(self, directory: Path, cfg: Any, ref: str, sd: dict[str, Tensor], arch: Arch) -> Model:
         params = {k: v.float() for k, v in self.to_canonical(sd, arch, str(directory)).items()}
         meta = {"family": self.name, "hf_model_type": str(cfg.model_type),
                 "hf_architectures": ",".join(getattr(cfg, "architectures", None) or [])}
-        return Model(arch, params, ref=ref, meta=meta, tokenizer=load_tokenizer(directory))
+        return Model(arch, params, ref=ref, meta=meta, tokenizer=load_tokenizer(directory, arch.vocab_size))
 
     # -- contract tests -------------------------------------------------------------------------
     def config(self, arch: Arch):
@@ -125,6 +168,8 @@ class DecoderFamily(Family):
                   rope_parameters={"rope_type": "default", "rope_theta": arch.rope_theta})
         if self.name == "hf_llama":
             kw.update(attention_bias=arch.qkv_bias, mlp_bias=arch.mlp_bias)
+        if self.name == "hf_mistral":
+            kw.update(sliding_window=arch.window or None)
         return cls(**kw)
 
     def tiny_arch(self) -> Arch:
@@ -159,7 +204,7 @@ FAMILIES = (
     DecoderFamily("hf_llama", "hf_llama", ("llama",), "LlamaForCausalLM"),
     DecoderFamily("hf_qwen2", "hf_llama", ("qwen2",), "Qwen2ForCausalLM"),
     DecoderFamily("hf_mistral", "hf_llama", ("mistral",), "MistralForCausalLM"),
-    DecoderFamily("hf_gpt2", "hf_gpt2", ("gpt2",), "GPT2LMHeadModel"),
+    DecoderFamily("hf_gpt2", "hf_gpt2", ("gpt2",), "GPT2LMHeadModel", base_prefix="transformer."),
 )
 
 __all__ = ["DecoderFamily", "FAMILIES", "load_tokenizer"]

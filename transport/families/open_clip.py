@@ -138,10 +138,24 @@ def build_open_clip_tower(arch: Arch):
 RANDOM_TAGS = ("", "none", "random")
 
 
+TOWERS = ("visual", "text")
+
+
+def split_tower(ref: str) -> tuple[str, str]:
+    """``open_clip:ARCH[:TAG][#TOWER]`` -> (the reference without the fragment, TOWER): ``visual`` (the default)
+    or ``text``."""
+    base, sep, tower = ref.partition("#")
+    tower = tower.strip() if sep else "visual"
+    if tower not in TOWERS:
+        raise TransportError(f"'{ref}': unknown tower '#{tower}' (use #visual, the default, or #text)")
+    return base, tower
+
+
 def parse_ref(ref: str) -> tuple[str, str]:
-    """``open_clip:ARCH[:TAG]`` -> (ARCH, TAG); TAG '' for random init."""
+    """``open_clip:ARCH[:TAG][#TOWER]`` -> (ARCH, TAG); TAG '' for random init."""
     if not ref.startswith("open_clip:"):
         raise TransportError(f"'{ref}' is not an open_clip reference (open_clip:ARCH:TAG)")
+    ref = split_tower(ref)[0]
     parts = ref[len("open_clip:"):].split(":")
     if not parts[0] or len(parts) > 2:
         raise TransportError(f"'{ref}': expected open_clip:ARCH:TAG, e.g. open_clip:ViT-B-16:laion2b_s34b_b88k "
@@ -224,15 +238,14 @@ def resolve_pretrained(arch_name: str, tag: str) -> str:
 # ----------------------------------------------------------------------------------------------
 # building the model
 # ----------------------------------------------------------------------------------------------
-def create_open_clip(arch_name: str, tag: str = "", seed: int = 0) -> tuple[torch.nn.Module, Arch]:
-    """The real open_clip CLIP module (eval mode, float32) and the :class:`~transport.core.arch.Arch` of its visual tower.
+def build_clip(arch_name: str, tag: str = "", seed: int = 0) -> tuple[torch.nn.Module, dict]:
+    """The real open_clip model (eval mode, float32) and the pretrained tag's config ({} for a random init).
 
-    Random init (``tag`` '') is seeded and leaves the global RNG untouched.
-    """
+    Random init (``tag`` '') is seeded and leaves the global RNG untouched; a tag trained with QuickGELU runs
+    with it, whatever the config name says."""
     import open_clip
     from open_clip.pretrained import get_pretrained_cfg
 
-    arch = open_clip_arch(arch_name)
     if not tag:
         previous = logging.root.manager.disable
         logging.disable(logging.WARNING)  # open_clip warns that a random init has no pretrained weights
@@ -242,22 +255,30 @@ def create_open_clip(arch_name: str, tag: str = "", seed: int = 0) -> tuple[torc
                 clip = open_clip.create_model(arch_name, pretrained=None)
         finally:
             logging.disable(previous)
-    else:
-        path = resolve_pretrained(arch_name, tag)
-        cfg = get_pretrained_cfg(arch_name, tag)
-        # A tag trained with QuickGELU must run with it, whatever the config name says.
-        quick = bool(cfg.get("quick_gelu", False))
-        try:
-            clip = open_clip.create_model(arch_name, pretrained=path, force_quick_gelu=quick)
-        except Exception as e:  # noqa: BLE001 - a broken cached file is the file's problem
-            raise TransportError(f"{path}: could not load open_clip weights for {arch_name}:{tag}: "
-                                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-        if quick and arch.act != "quick_gelu":
-            arch = dataclasses.replace(arch, act="quick_gelu")
-        if cfg.get("mean") and cfg.get("std"):
-            arch = dataclasses.replace(arch, mean=tuple(float(x) for x in cfg["mean"]),
-                                       std=tuple(float(x) for x in cfg["std"]))
-    return clip.float().eval(), arch
+        return clip.float().eval(), {}
+    path = resolve_pretrained(arch_name, tag)
+    cfg = get_pretrained_cfg(arch_name, tag)
+    try:
+        clip = open_clip.create_model(arch_name, pretrained=path, force_quick_gelu=bool(cfg.get("quick_gelu", False)))
+    except Exception as e:  # noqa: BLE001 - a broken cached file is the file's problem
+        raise TransportError(f"{path}: could not load open_clip weights for {arch_name}:{tag}: "
+                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    return clip.float().eval(), dict(cfg)
+
+
+def create_open_clip(arch_name: str, tag: str = "", seed: int = 0) -> tuple[torch.nn.Module, Arch]:
+    """The real open_clip CLIP module (eval mode, float32) and the :class:`~transport.core.arch.Arch` of its visual tower.
+
+    Random init (``tag`` '') is seeded and leaves the global RNG untouched.
+    """
+    arch = open_clip_arch(arch_name)
+    clip, cfg = build_clip(arch_name, tag, seed)
+    if cfg.get("quick_gelu") and arch.act != "quick_gelu":
+        arch = dataclasses.replace(arch, act="quick_gelu")
+    if cfg.get("mean") and cfg.get("std"):
+        arch = dataclasses.replace(arch, mean=tuple(float(x) for x in cfg["mean"]),
+                                   std=tuple(float(x) for x in cfg["std"]))
+    return clip, arch
 
 
 def zero_shot_head(clip: torch.nn.Module, tokenizer: Callable, classnames: Sequence[str],
@@ -334,6 +355,8 @@ def load_open_clip(ref: str, seed: int = 0) -> Model:
     """``open_clip:ARCH:TAG`` -> Model. TAG 'none'/'' = random init seeded by ``seed``; else pretrained."""
     import open_clip
 
+    if split_tower(ref)[1] != "visual":
+        raise TransportError(f"'{ref}': load_open_clip reads the image tower (the text tower: open_clip_text)")
     arch_name, tag = parse_ref(ref)
     clip, arch = create_open_clip(arch_name, tag, seed)
     meta = {"family": "open_clip", "open_clip_model": arch_name, "pretrained": tag or "none"}
@@ -343,5 +366,6 @@ def load_open_clip(ref: str, seed: int = 0) -> Model:
 
 
 __all__ = ["FAMILY", "OpenClipFamily", "open_clip_arch", "tiny_arch", "build_open_clip_tower", "parse_ref",
+           "split_tower", "build_clip", "TOWERS",
            "available_tags", "resolve_pretrained", "create_open_clip", "zero_shot_head", "model_from_open_clip",
            "text_tower_zero_shot", "load_open_clip", "PROMPT_TEMPLATES"]

@@ -29,6 +29,7 @@ import torch
 from transport.core.arch import Arch
 from transport.core.layout import check_params, param_axes
 from transport.errors import TransportError
+from transport.files import LazyWeights
 
 Tensor = torch.Tensor
 TABLES = Path(__file__).parent / "tables"
@@ -114,9 +115,19 @@ class NameTable:
                 groups.setdefault(e.key, []).append(e)
         return {k: [(shapes[e.canon][0], e.canon) for e in sorted(es, key=lambda x: x.part)] for k, es in groups.items()}
 
+    def aliased(self, sd: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+        """``sd`` under current key spellings (a :class:`~transport.files.LazyWeights` stays unread)."""
+        if not self.aliases:
+            return sd
+        if isinstance(sd, LazyWeights):
+            return sd.renamed(self.alias)
+        return {self.alias(k): v for k, v in sd.items()}
+
     def to_canonical(self, sd: Mapping[str, Tensor], arch: Arch, what: str = "checkpoint") -> dict[str, Tensor]:
-        """Family-named tower state dict -> canonical tensors (validated: keys, shapes, dtypes, NaN/Inf)."""
-        sd = {self.alias(k): v for k, v in sd.items()} if self.aliases else dict(sd)
+        """Family-named tower state dict -> canonical tensors (validated: keys, shapes, dtypes, NaN/Inf).
+
+        ``sd`` may be a :class:`~transport.files.LazyWeights`: each tensor is then read when its entry needs it."""
+        sd = self.aliased(sd)
         entries = self.expand(arch)
         wanted = {e.key for e in entries}
         missing = [k for k in dict.fromkeys(e.key for e in entries if e.kind != "tied") if k not in sd]
@@ -196,13 +207,17 @@ class NameTable:
         """Shape, dtype and NaN/Inf checks named by the checkpoint's OWN keys (missing/unexpected keys:
         :meth:`to_canonical`). ``squeezable``: singleton axes may be missing or extra."""
         want = self.family_shapes(arch)
-        for key, t in tower.items():
+        lazy = isinstance(tower, LazyWeights)  # shapes and dtypes from the headers; values checked as they are read
+        for key in tower:
             k = self.alias(key)
             if k not in want:
                 continue
-            shape, got = want[k], tuple(t.shape)
+            t = None if lazy else tower[key]
+            shape, got = want[k], tower.shape(key) if lazy else tuple(t.shape)
             if got != shape and not (squeezable and tuple(s for s in got if s != 1) == tuple(s for s in shape if s != 1)):
                 raise TransportError(f"{what}: shape mismatch for {key}: got {got}, {arch.name} needs {shape}")
+            if lazy:
+                continue
             if not t.is_floating_point():
                 raise TransportError(f"{what}: tensor {key} holds {str(t.dtype).replace('torch.', '')} values; "
                                      "weights must be floating point")
