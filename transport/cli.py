@@ -87,8 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "(e.g. --method gradfix --on transfusion)")
     data = r.add_mutually_exclusive_group()
     data.add_argument("--task", metavar="NAME", help="a built-in task (digits, rot90, invert, hflip, ...)")
-    data.add_argument("--data", metavar="DIR", help="an ImageFolder (one sub-folder per class), or a folder of "
-                      "images without classes (unlabelled: naive, transfusion, theseus)")
+    data.add_argument("--data", metavar="DIR|FILE", help="an ImageFolder (one sub-folder per class), or a folder of "
+                      "images without classes (unlabelled: naive, transfusion, theseus); or texts for a language "
+                      "model: FILE.jsonl or FILE.csv with a 'text' and an optional 'label' column, tokenised with "
+                      "the target's tokenizer (labels: label-word accuracy and perplexity; no labels: perplexity)")
+    r.add_argument("--template", metavar="TEXT", help="prompt of a labelled text file: {text} is replaced by the "
+                   "text, {label} ends it and marks where the label word is scored (default: "
+                   "'{text}\\nLabel: {label}'; spaces before {label} belong to the label word)")
     r.add_argument("--shots", type=int, default=2, metavar="K", help="labelled samples per class (gradfix)")
     alpha = r.add_mutually_exclusive_group()
     alpha.add_argument("--alpha", type=float, metavar="A", help="fixed scaling (default: chosen on validation)")
@@ -310,7 +315,16 @@ def _check_run_args(args: argparse.Namespace) -> Optional[list[float]]:
             raise TransportError(f"{flag}: {big[0]:g} is outside float32's range (largest {FLOAT32_MAX:.4g})")
     if grid is not None and not args.task and not args.data:
         raise TransportError("--alpha-grid chooses alpha on a validation split: give --task or --data with classes")
+    if args.template is not None and not (args.data and _is_text_data(args.data)):
+        raise TransportError("--template is the prompt of a labelled text file: give --data FILE.jsonl or FILE.csv")
     return grid
+
+
+def _is_text_data(data: str) -> bool:
+    """``--data`` names a text file (not a folder of images)."""
+    from transport.textfile import is_text_file
+
+    return not Path(data).is_dir() and (is_text_file(data) or Path(data).is_file())
 
 
 def _input_paths(args: argparse.Namespace) -> dict[str, Path]:
@@ -379,24 +393,34 @@ def _load_task(args: argparse.Namespace, target, models: list, infos: list, grid
     from transport.data import load_image_folder, load_task
 
     task = None
+    text = bool(args.data) and _is_text_data(args.data)
+    if (args.task or args.data) and not text and target.arch.stem == "tokens":
+        raise TransportError(f"{target.ref} reads token ids: give texts (--data FILE.jsonl or FILE.csv), not images")
     if args.task:
         task = load_task(args.task, image_size=target.arch.image_size, seed=args.seed)
+    elif text:
+        from transport.pipeline import load_text_task
+
+        task = load_text_task(args.data, target, [m for m in models if m is not target], args.template, args.seed)
     elif args.data:
         task = load_image_folder(args.data, image_size=target.arch.image_size, seed=args.seed)
     if task is None:
         return None
+    if text and not task.labelled:
+        return task
     if not task.labelled:
         if grid is not None:
             raise TransportError(f"--alpha-grid: {args.data} holds images without classes, so there is no "
                                  "validation accuracy to choose alpha on (give --alpha)")
         return task
-    for model in models:
+    for model in models if not text else ():
         model.classifier(task.classnames)
     if any(m is not None and m.data == "labelled" for m in infos):
         counts = task.shot_counts(args.shots)
         short = {c: n for c, n in counts.items() if n < args.shots}
         if short:
-            warn(f"--shots {args.shots}: the train split holds fewer images for {len(short)} of {len(counts)} "
+            warn(f"--shots {args.shots}: the train split holds fewer {'texts' if text else 'images'} for "
+                 f"{len(short)} of {len(counts)} "
                  f"classes; using {min(counts.values())}..{max(counts.values())} per class "
                  "(report.json: shots_per_class)")
     return task
@@ -440,7 +464,10 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     for m in (info, base_info):
         if m is not None:
             check_compatible(m, TransportInputs(source_pre, target, task, args.shots, args.seed, device))
-    if task is not None and not task.labelled:
+    if task is not None and not task.labelled and getattr(task, "kind", "image") == "text":
+        print(f"note: {args.data} holds texts without labels: perplexity only"
+              + ("" if args.alpha is not None else " (alpha chosen on the validation loss)"), file=sys.stderr)
+    elif task is not None and not task.labelled:
         print(f"note: {args.data} holds images without classes: no accuracy table "
               f"(alpha = {args.alpha if args.alpha is not None else 1:g})", file=sys.stderr)
 
@@ -472,7 +499,7 @@ def _write_run(args, argv, out: Path, inputs: dict[str, Path], result, source_pr
     report["options"] = {k: v for k, v in report["options"].items() if k != "oracle_tau"}
     report["inputs"].update({"source_pre_arch": source_pre.arch.name, "target_arch": target.arch.name,
                              "oracle": args.oracle or "", "data": args.data or "", "device": device})
-    scored = task is not None and task.labelled
+    scored = task is not None and (task.labelled or getattr(task, "kind", "image") == "text")
     report["alpha_source"] = "fixed" if args.alpha is not None else ("validation" if scored else "default")
     report["command"] = ["python", "-m", "transport", *argv]
     meta = {"format": "transport.task_vector", "source_pre": args.source_pre,
@@ -501,6 +528,8 @@ def _print_summary(result: Any, out: Path) -> None:
               + f" (asked for {result.inputs.get('shots')})")
     for name, acc in result.accuracies.items():
         print(f"  {name:<20} {100 * acc:6.2f}%" if isinstance(acc, float) and math.isfinite(acc) else f"  {name:<20} n/a")
+    for name, ppl in (result.perplexities or {}).items():
+        print(f"  {name:<20} perplexity {ppl:.4g}" if math.isfinite(ppl) else f"  {name:<20} perplexity n/a")
     print(f"wrote {out / 'task_vector.safetensors'} and {out / 'report.json'}")
     print(f"  the file holds the transported tau at alpha = 1: add {result.alpha:g} x this file to the target "
           f"(theta = theta_target + {result.alpha:g} * tau)")

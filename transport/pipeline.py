@@ -9,8 +9,8 @@ from typing import Any, Optional
 import torch
 
 from transport import __version__, cache
-from transport.core.evaluate import (AlphaSweep, check_alphas, default_alpha_grid, predictions, split_warnings,
-                                     sweep_alpha)
+from transport.core.evaluate import (AlphaSweep, check_alphas, default_alpha_grid, is_text, predictions,
+                                     split_warnings, sweep_alpha, text_scores)
 from transport.core.layout import same_shapes
 from transport.core.model import Model
 from transport.core.task_vector import TaskVector
@@ -19,6 +19,7 @@ from transport.data import Task
 from transport.errors import TransportError, warn
 from transport.methods import (MethodInfo, Progress, TransportInputs, check_compatible, get_method, no_progress,
                                resolve_device)
+from transport.methods.theseus_inputs import shares_token_ids, tokenizer_identity
 
 
 @dataclass
@@ -37,7 +38,31 @@ def data_hash(task: Optional[Task], method: MethodInfo, shots: int, seed: int) -
     if task is None or method.data == "none":
         return None
     x, y = task.split("train")
+    if is_text(task):  # token ids, their mask, labels and the label words' tokens
+        tensors = {"ids": x.ids, "mask": x.mask, **({"y": y} if y is not None else {}),
+                   **({"label_ids": task.label_ids} if task.label_ids is not None else {})}
+        return cache.hash_tensors(tensors) + f":{task.name}:{shots}:{seed}"
     return cache.hash_tensors({"x": x, "y": y}) + f":{task.name}:{shots}:{seed}"
+
+
+def check_token_ids(task: Any, target: Model, others: list[Optional[Model]], vocab_map: Any = None) -> None:
+    """One line unless every model reads a text task's token ids as the target does: the texts were tokenised
+    by the target's tokenizer, so each other model needs the same tokenizer (:func:`shares_token_ids`), or a
+    vocabulary map ``vocab_map`` that moves it into the target's vocabulary (then it is not refused here)."""
+    if task is None or not is_text(task):
+        return
+    tid, mine = getattr(task, "tokenizer_id", ""), tokenizer_identity(target.tokenizer)
+    if tid and mine and tid != mine:
+        raise TransportError(f"task {task.name} was tokenised by {tid}, not by the target's tokenizer ({mine})")
+    for m in others:
+        if m is None or m is target or vocab_map is not None or shares_token_ids(m, target):
+            continue
+        a, b = m.arch, target.arch
+        why = (f"vocabularies of {a.vocab_size} and {b.vocab_size} tokens" if a.vocab_size != b.vocab_size else
+               f"tokenizers {tokenizer_identity(m.tokenizer)} and {mine}")
+        raise TransportError(f"{m.ref} and the target {target.ref} do not share token ids ({why}): the texts are "
+                             "tokenised by the target's tokenizer, so every model must read the same ids (one "
+                             "tokenizer, or a vocabulary map between the two)")
 
 
 def prepare(method: str | MethodInfo, inputs: TransportInputs, options: Optional[dict] = None,
@@ -78,6 +103,25 @@ def on_target(moved: TaskVector, prep: Prepared, target: Model) -> TaskVector:
     return TaskVector(target.arch, moved.tensors, moved.meta)  # same shapes: the target's names
 
 
+def load_text_task(path: str | Path, target: Model, others: list[Optional[Model]], template: Optional[str] = None,
+                   seed: int = 0) -> Any:
+    """A JSONL / CSV text file (:func:`transport.text.load_text_file`) tokenised with the target's tokenizer;
+    every model of ``others`` must read the same token ids (:func:`check_token_ids`)."""
+    from transport.text import DEFAULT_TEMPLATE, load_text_file
+
+    if target.arch.stem != "tokens" or target.arch.readout != "lm":
+        raise TransportError(f"{path}: texts are scored by a language model's next-token logits; {target.ref} "
+                             f"({target.arch.name}) is not one")
+    if target.tokenizer is None:
+        raise TransportError(f"{path}: {target.ref} has no tokenizer to read the texts with (a model directory "
+                             "needs its tokenizer files, e.g. tokenizer.json)")
+    task = load_text_file(path, target.tokenizer, target.arch.vocab_size, target.arch.context,
+                          DEFAULT_TEMPLATE if template is None else template, seed,
+                          tokenizer_identity(target.tokenizer) or "")
+    check_token_ids(task, target, others)
+    return task
+
+
 @dataclass
 class TransferResult:
     """Everything a report, a table or a figure needs about one transfer."""
@@ -96,9 +140,10 @@ class TransferResult:
     test_predictions: dict[str, torch.Tensor] = field(default_factory=dict)  # accuracy row -> predicted class [N]
     shots_per_class: Optional[dict[str, int]] = None  # labelled samples really drawn per class (K or fewer)
     warnings: list[str] = field(default_factory=list)  # splits too small to trust, tied alpha candidates
+    perplexities: Optional[dict[str, float]] = None  # texts: row -> test perplexity (None for images)
 
     def report(self) -> dict:
-        return {
+        out = {
             "transport_version": __version__, "method": self.method, "options": self.options,
             "inputs": self.inputs, "alpha": self.alpha,
             "alpha_sweep": None if self.sweep is None else self.sweep.to_dict(),
@@ -106,6 +151,9 @@ class TransferResult:
             "accuracies": self.accuracies, "timings_s": self.timings, "cache_hit": self.cache_hit,
             "diagnostics": self.diagnostics, "shots_per_class": self.shots_per_class, "warnings": self.warnings,
         }
+        if self.perplexities is not None:
+            out["perplexities"] = self.perplexities
+        return out
 
 
 def _evaluate(result: TransferResult, timings: dict[str, float], source_pre: Model, source_ft: Model, target: Model,
@@ -137,10 +185,15 @@ def _evaluate(result: TransferResult, timings: dict[str, float], source_pre: Mod
     rows = [("zero_shot_target", target, None), (name, target, result.transported.apply_to(target.params, result.alpha))]
     if naive_too:
         rows.append(("naive", target, tau.apply_to(target.params, a_naive)))
-    rows += [("source_finetuned", source_ft, None), ("source_zero_shot", source_pre, None)]
+    if not is_text(task) or shares_token_ids(source_pre, target):  # the source reads the target's token ids
+        rows += [("source_finetuned", source_ft, None), ("source_zero_shot", source_pre, None)]
     if oracle is not None:
         rows.append(("oracle", oracle, None))
     y = task.split("test")[1]
+    if is_text(task):
+        _score_texts(result, rows, task, device, progress)
+        timings["evaluate"] = time.perf_counter() - t3
+        return
     for i, (key, model, params) in enumerate(rows):
         progress(0.95 + 0.05 * i / len(rows), f"test accuracy: {key} ({i + 1}/{len(rows)})")
         # the predictions behind the accuracy are kept: which examples flip, paired noise of a gain
@@ -151,6 +204,19 @@ def _evaluate(result: TransferResult, timings: dict[str, float], source_pre: Mod
     for w in split_warnings(task, result.sweep):
         result.warnings.append(w)
         warn(w)
+
+
+def _score_texts(result: TransferResult, rows: list, task: Any, device: str, progress: Progress) -> None:
+    """Test perplexity of every row, and its label-word accuracy when the texts have labels."""
+    y = task.split("test")[1]
+    result.perplexities = {}
+    for i, (key, model, params) in enumerate(rows):
+        progress(0.95 + 0.05 * i / len(rows), f"test scores: {key} ({i + 1}/{len(rows)})")
+        sc = text_scores(model, task, "test", params, device)
+        result.perplexities[key] = sc.perplexity
+        if sc.predictions is not None:
+            result.test_predictions[key] = sc.predictions
+            result.accuracies[key] = int((sc.predictions == y).sum()) / len(y) if len(y) else float("nan")
 
 
 def _held(p: Optional[Prepared], method: str, what: str) -> Optional[Prepared]:
@@ -181,8 +247,10 @@ def transfer(source_pre: Model, source_ft: Model, target: Model, method: str, ta
     # a new release's vocabulary: both source models' embedding rows moved to the target's tokens (one error
     # line when they cannot be matched); the map's counts go into the report's diagnostics
     source_pre, source_ft, vocabulary = to_target_vocabulary(source_pre, source_ft, target)
+    check_token_ids(task, target, [source_pre, source_ft, oracle], vocab_map=vocabulary)
     tau = TaskVector.from_models(source_pre.params, source_ft.params, source_pre.arch)
-    scored = task is not None and evaluate and task.labelled  # images without classes: no accuracies
+    # images without classes: no accuracies; texts: perplexity always, accuracy with labels
+    scored = task is not None and evaluate and (task.labelled or is_text(task))
     check_alphas([alpha] if alpha is not None else (alpha_grid or default_alpha_grid()) if scored else [1.0],
                  tau, target.params)
     inputs = TransportInputs(source_pre, target, task, shots, seed, device)

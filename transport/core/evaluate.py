@@ -1,4 +1,12 @@
-"""Accuracy on a task split and the alpha sweep (alpha is chosen on the validation split only)."""
+"""Accuracy (and, on texts, next-token loss / perplexity) on a task split, and the alpha sweep (alpha is
+chosen on the validation split only: by accuracy on a labelled task, by next-token loss on a plain corpus).
+
+Texts (a :class:`~transport.text.TextTask`, a language model): a classification task is scored on the
+next-token logits at each prompt's last real token restricted to the label words' first tokens (argmax
+over ``task.label_ids``); the loss is the mean cross-entropy of every real next-token prediction of the
+split's texts (for a classification task: the prompts, not the answers), token-weighted, and the
+perplexity its exponential.
+"""
 from __future__ import annotations
 
 import math
@@ -9,6 +17,7 @@ import torch
 
 from transport.core.forward import encode
 from transport.core.heads import Classifier
+from transport.core.losses import next_token_nll
 from transport.core.model import Model
 from transport.core.stems import preprocess
 from transport.core.task_vector import TaskVector
@@ -18,10 +27,71 @@ from transport.errors import TransportError
 Tensor = torch.Tensor
 
 
+def is_text(task: object) -> bool:
+    return getattr(task, "kind", "image") == "text"
+
+
+@dataclass
+class TextScores:
+    """One pass over a text split: label-word predictions [N] (None without labels), the summed next-token
+    cross-entropy (float64) and the number of real next-token predictions."""
+
+    predictions: Optional[Tensor]
+    nll: float
+    tokens: int
+
+    @property
+    def loss(self) -> float:
+        """Mean next-token cross-entropy per real token (nan without any)."""
+        return self.nll / self.tokens if self.tokens else float("nan")
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss) if self.tokens else float("nan")
+
+
+#: logits held at once while scoring texts (rows x tokens x vocabulary), 128 MiB in float32
+LOGIT_BUDGET = 2**25
+
+
+@torch.no_grad()
+def text_scores(model: Model, task, split: str = "test", params: dict[str, Tensor] | None = None,
+                device: str = "cpu") -> TextScores:
+    """Label-word predictions and next-token loss of ``params`` (default: the model's own) on a text split."""
+    arch = model.arch
+    if arch.stem != "tokens" or arch.readout != "lm":
+        raise TransportError(f"{model.ref} has no next-token logits (readout '{arch.readout}'): texts are scored "
+                             "by a language model")
+    x, y = task.split(split)
+    p = {k: v.to(device) for k, v in (params if params is not None else model.params).items()}
+    ids = task.label_ids.to(device) if task.labelled else None
+    step = max(1, LOGIT_BUDGET // max(1, int(x.ids.shape[1]) * arch.vocab_size))
+    preds, nll, count = [], 0.0, 0
+    for i in range(0, len(x), step):
+        xb = x[i:i + step].trimmed().to(device)
+        logits = encode(p, arch, xb)  # [b, T, V]
+        total, n = next_token_nll(logits, xb)
+        nll += float(total.double().sum())
+        count += int(n.sum())
+        if ids is not None:
+            last = logits[torch.arange(len(xb), device=logits.device), xb.last]
+            preds.append(last[:, ids].argmax(-1).cpu())
+    pred = (torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)) if ids is not None else None
+    return TextScores(pred, nll, count)
+
+
 @torch.no_grad()
 def accuracy(model: Model, task: Task, split: str = "test", params: dict[str, Tensor] | None = None,
              head: Classifier | None = None, batch_size: int = 512, device: str = "cpu") -> float:
-    """Top-1 accuracy (in [0, 1]) of ``params`` (default: the model's own) with the model's head."""
+    """Top-1 accuracy (in [0, 1]) of ``params`` (default: the model's own) with the model's head (texts:
+    label-word scoring)."""
+    if is_text(task):
+        y = task.split(split)[1]
+        if y is None or not task.labelled:
+            raise TransportError(f"task {task.name}: texts without labels have no accuracy")
+        if len(y) == 0:
+            return float("nan")
+        return int((text_scores(model, task, split, params, device).predictions == y).sum()) / len(y)
     x, y = task.split(split)
     if len(y) == 0:
         return float("nan")
@@ -38,6 +108,11 @@ def accuracy(model: Model, task: Task, split: str = "test", params: dict[str, Te
 def predictions(model: Model, task: Task, split: str = "test", params: dict[str, Tensor] | None = None,
                 head: Classifier | None = None, batch_size: int = 512, device: str = "cpu") -> Tensor:
     """Predicted class index of every image of ``split`` [N] (the argmax :func:`accuracy` compares with y)."""
+    if is_text(task):
+        pred = text_scores(model, task, split, params, device).predictions
+        if pred is None:
+            raise TransportError(f"task {task.name}: texts without labels have no predictions")
+        return pred
     x, y = task.split(split)
     p = {k: v.to(device) for k, v in (params if params is not None else model.params).items()}
     h = (head or model.classifier(task.classnames)).to(device)
@@ -90,15 +165,19 @@ def check_alphas(alphas: Sequence[float], tau: TaskVector, theta: Mapping[str, T
 
 @dataclass
 class AlphaSweep:
+    """``val[i]``: the validation ``metric`` at ``alphas[i]`` ('accuracy', higher is better; 'loss', the
+    next-token loss of a plain text corpus, lower is better)."""
+
     alphas: list[float]
     val: list[float]
     best_alpha: float
     best_val: float
+    metric: str = "accuracy"
     tied: list[float] = field(default_factory=list)  # every alpha that reached best_val (best_alpha: smallest |alpha|)
 
     def to_dict(self) -> dict:
         return {"alphas": self.alphas, "val": self.val, "best_alpha": self.best_alpha, "best_val": self.best_val,
-                "tied": self.tied}
+                "metric": self.metric, "tied": self.tied}
 
 
 #: fewer examples per class than this in a split make its accuracies too coarse to compare methods by
@@ -119,17 +198,43 @@ def split_warnings(task: Task, sweep: Optional[AlphaSweep] = None) -> list[str]:
                        f"too few to {use} reliably (one example is {100 / max(1, len(y)):.1f} points)")
     if sweep is not None and len(sweep.tied) > 1:
         what = "every candidate" if len(sweep.tied) == len(sweep.alphas) else f"{len(sweep.tied)} candidates"
-        out.append(f"{what} tied at {100 * sweep.best_val:.1f}% on the validation split; alpha "
+        at = f"loss {sweep.best_val:.4g}" if sweep.metric == "loss" else f"{100 * sweep.best_val:.1f}%"
+        out.append(f"{what} tied at {at} on the validation split; alpha "
                    f"{sweep.best_alpha:g} is the smallest of them, not a measured best")
     return out
+
+
+def _sweep_text(target: Model, delta: TaskVector, task, grid: list[float], device: str, split: str,
+                on_alpha: Optional[Callable[[int, int], None]]) -> AlphaSweep:
+    """Validation accuracy (labelled) or next-token loss (a plain corpus) for each alpha."""
+    x, _ = task.split(split)
+    if len(x) == 0:
+        raise TransportError(f"task {task.name}: the {split} split holds no texts to choose alpha on (give more "
+                             "texts, or a fixed alpha)")
+    labelled = task.labelled
+    vals = []
+    for i, a in enumerate(grid):
+        sc = text_scores(target, task, split, delta.apply_to(target.params, a), device)
+        vals.append(int((sc.predictions == task.split(split)[1]).sum()) / len(x) if labelled else sc.loss)
+        if on_alpha is not None:
+            on_alpha(i + 1, len(grid))
+    if labelled:
+        best = max(range(len(grid)), key=lambda i: (vals[i], -abs(grid[i])))
+    else:
+        best = min(range(len(grid)), key=lambda i: (vals[i] if math.isfinite(vals[i]) else math.inf, abs(grid[i])))
+    tied = [grid[i] for i in range(len(grid)) if vals[i] == vals[best]]
+    return AlphaSweep(list(grid), vals, grid[best], vals[best], "accuracy" if labelled else "loss", tied=tied)
 
 
 def sweep_alpha(target: Model, delta: TaskVector, task: Task, grid: list[float], device: str = "cpu",
                 split: str = "val", on_alpha: Optional[Callable[[int, int], None]] = None) -> AlphaSweep:
     """Validation accuracy of theta_B + alpha * delta for each alpha; best = highest (ties: smallest alpha).
+    A plain text corpus: validation next-token loss; best = lowest (ties: smallest alpha).
 
     ``on_alpha(done, total)`` is called after each alpha (progress of a long sweep).
     """
+    if is_text(task):
+        return _sweep_text(target, delta, task, grid, device, split, on_alpha)
     head = target.classifier(task.classnames)
     accs = []
     for i, a in enumerate(grid):
@@ -138,4 +243,4 @@ def sweep_alpha(target: Model, delta: TaskVector, task: Task, grid: list[float],
             on_alpha(i + 1, len(grid))
     best = max(range(len(grid)), key=lambda i: (accs[i], -abs(grid[i])))
     tied = [grid[i] for i in range(len(grid)) if accs[i] == accs[best]]
-    return AlphaSweep(list(grid), accs, grid[best], accs[best], tied)
+    return AlphaSweep(list(grid), accs, grid[best], accs[best], tied=tied)

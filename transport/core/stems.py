@@ -57,6 +57,10 @@ class TextBatch:
         """Real tokens in the batch."""
         return int(self.mask.sum())
 
+    @property
+    def device(self) -> torch.device:
+        return self.ids.device
+
     def to(self, device: str | torch.device) -> "TextBatch":
         return TextBatch(self.ids.to(device), self.mask.to(device))
 
@@ -123,13 +127,25 @@ def image_tokens(params: dict[str, Tensor], arch: Arch, pixels: Tensor) -> Tenso
     return x
 
 
+def _transformed(t: Tensor) -> bool:
+    """Whether ``t`` is seen through a ``torch.func`` transform (vmap): its values cannot steer Python there,
+    so the range check runs before the transform (GradFix checks its samples' ids up front)."""
+    return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
+
+
+def check_token_ids(arch: Arch, ids: Tensor) -> None:
+    """A one-line TransportError unless every id lies in the vocabulary of ``arch``."""
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= arch.vocab_size):
+        raise TransportError(f"{arch.name}: token ids must lie in [0, {arch.vocab_size}), got "
+                             f"{int(ids.min())}..{int(ids.max())}")
+
+
 def token_embeddings(params: dict[str, Tensor], arch: Arch, ids: Tensor) -> Tensor:
     """Embeddings [N, T, d] of token ids [N, T] (plus learned positions 0..T-1)."""
     if ids.dim() != 2 or ids.is_floating_point():
         raise ValueError(f"token ids must be an integer tensor [N, T], got {tuple(ids.shape)} {ids.dtype}")
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= arch.vocab_size):
-        raise TransportError(f"{arch.name}: token ids must lie in [0, {arch.vocab_size}), got "
-                             f"{int(ids.min())}..{int(ids.max())}")
+    if not _transformed(ids):
+        check_token_ids(arch, ids)
     x = F.embedding(ids, params["embed.tokens"])
     if arch.position == "learned":
         t = ids.shape[1]
@@ -165,4 +181,4 @@ def sequence_mask(ids: Tensor, mask: Optional[Tensor]) -> Tensor:
     return mask.bool()
 
 
-__all__ = ["TextBatch", "Inputs", "model_inputs", "preprocess", "image_tokens", "token_embeddings", "rotary_tables", "rotate", "sequence_mask"]
+__all__ = ["TextBatch", "Inputs", "model_inputs", "preprocess", "image_tokens", "check_token_ids", "token_embeddings", "rotary_tables", "rotate", "sequence_mask"]

@@ -182,7 +182,8 @@ def check_compatible(info: MethodInfo, inputs: TransportInputs) -> None:
         raise TransportError(f"{info.name}: source and target depths differ ({a.layers} vs {b.layers} layers)")
     if info.data != "none" and inputs.task is None:
         raise TransportError(f"{info.name} needs {info.data} data: give --task or --data")
-    if info.data == "labelled" and not inputs.task.labelled:
+    # a plain text corpus serves as labelled data: a text is its own next-token target
+    if info.data == "labelled" and not inputs.task.labelled and getattr(inputs.task, "kind", "image") != "text":
         raise TransportError(f"{info.name} needs labelled data: {inputs.task.name} holds images without classes "
                              "(give an ImageFolder with one sub-folder per class)")
 

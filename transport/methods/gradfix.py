@@ -3,7 +3,10 @@
 ``prepare`` takes per-sample gradients of the target's own classification loss on K labelled
 samples per class (train split) with ``torch.func.vmap(grad(...))`` in micro-batches, and keeps a
 vote per parameter entry: the sum of the per-sample signs of the descent direction -grad l_n (majority
-vote) and the mean gradient g (mean vote, first-order diagnostics). Nothing is updated.
+vote) and the mean gradient g (mean vote, first-order diagnostics). Nothing is updated. On texts the
+loss is the language model's own next-token cross-entropy (see :mod:`transport.core.losses`): of the
+label word after the prompt for K texts per label, or of every real token for K texts of a plain corpus;
+each sample's loss reads only its real tokens.
 
 ``apply`` keeps the entries of tau whose sign agrees with the vote s (sign_mask m_i = 1 iff
 sign(tau_i) == s_i, ties s_i = 0 dropped): delta = m ⊙ tau. With s = sign(-g) this is a descent
@@ -23,7 +26,7 @@ import torch
 from transport.core.arch import Arch
 from transport.core.layout import param_axes, same_shapes
 from transport.core.losses import LossFn, task_loss
-from transport.core.stems import preprocess
+from transport.core.stems import TextBatch, check_token_ids, preprocess
 from transport.core.task_vector import TaskVector
 from transport.errors import TransportError
 from transport.files import read_safetensors, write_safetensors
@@ -49,12 +52,21 @@ VOTES_FILE, META_FILE = "votes.safetensors", "alignment.json"
 # ----------------------------------------------------------------------------------------------
 # per-sample gradients and the vote
 # ----------------------------------------------------------------------------------------------
-def per_sample_grads(loss_fn: LossFn, params: dict[str, Tensor], pixels: Tensor, labels: Tensor,
+def per_sample_grads(loss_fn: LossFn, params: dict[str, Tensor], pixels: Tensor | TextBatch, labels: Tensor,
                      names: Optional[list[str]] = None) -> tuple[dict[str, Tensor], Tensor]:
-    """Gradients of each sample's loss w.r.t. ``params[names]`` ([n, *shape] each) and the losses [n]."""
+    """Gradients of each sample's loss w.r.t. ``params[names]`` ([n, *shape] each) and the losses [n].
+
+    ``pixels``: preprocessed images, or a TextBatch (each sample is seen as a batch of one text with its
+    own mask, so its loss reads its real tokens only)."""
     names = list(params) if names is None else names
     wanted = set(names)
     frozen = {k: v for k, v in params.items() if k not in wanted}
+    if isinstance(pixels, TextBatch):
+        def one_text(p: dict[str, Tensor], ids: Tensor, mask: Tensor, y: Tensor) -> Tensor:
+            return loss_fn({**frozen, **p}, TextBatch(ids.unsqueeze(0), mask.unsqueeze(0)), y.unsqueeze(0)).sum()
+
+        grad_fn = torch.func.vmap(torch.func.grad_and_value(one_text), in_dims=(None, 0, 0, 0))
+        return grad_fn({k: params[k] for k in names}, pixels.ids, pixels.mask, labels)
 
     def one(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         return loss_fn({**frozen, **p}, x.unsqueeze(0), y.unsqueeze(0)).sum()
@@ -83,7 +95,7 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in text or "can't allocate" in text
 
 
-def auto_micro_batch(params: dict[str, Tensor], names: list[str], pixels: Tensor,
+def auto_micro_batch(params: dict[str, Tensor], names: list[str], pixels: Tensor | TextBatch,
                      arch: Optional[Arch] = None) -> int:
     """Samples per vmap call: per-sample gradients plus activations must fit a memory budget."""
     dev = pixels.device
@@ -91,8 +103,11 @@ def auto_micro_batch(params: dict[str, Tensor], names: list[str], pixels: Tensor
     grads = item * sum(params[k].numel() for k in names)
     acts = grads
     if arch is not None:  # saved activations of one sample, per block: ~10 d-wide and 2 m-wide rows per token
-        t, d, m = max(arch.tokens, 1), arch.width, arch.mlp_width
+        text = isinstance(pixels, TextBatch)
+        t, d, m = max(int(pixels.ids.shape[1]) if text else arch.tokens, 1), arch.width, arch.mlp_width
         acts = item * arch.layers * (t * (10 * d + 2 * m) + 2 * arch.heads * t * t)
+        if text:  # next-token logits, their softmax and its gradient at every position
+            acts += item * 3 * t * arch.vocab_size
     if dev.type == "cuda":
         budget = 0.5 * torch.cuda.mem_get_info(dev)[0]
     else:
@@ -112,7 +127,7 @@ class Votes:
     no_grad: list[str]  # tensors with an identically zero gradient on every sample: the loss does not reach them
 
 
-def collect_votes(loss_fn: LossFn, params: dict[str, Tensor], pixels: Tensor, labels: Tensor,
+def collect_votes(loss_fn: LossFn, params: dict[str, Tensor], pixels: Tensor | TextBatch, labels: Tensor,
                   names: Optional[list[str]] = None, micro_batch: int = 0, arch: Optional[Arch] = None,
                   progress: Progress = no_progress) -> Votes:
     """Per-sample gradient signs summed chunk by chunk (peak memory: one micro-batch of gradients).
@@ -131,8 +146,11 @@ def collect_votes(loss_fn: LossFn, params: dict[str, Tensor], pixels: Tensor, la
     b_used, i, loss_sum = b, 0, 0.0
     while i < n:
         j = min(n, i + b)
+        chunk = pixels[i:j]
+        if isinstance(chunk, TextBatch):
+            chunk = chunk.trimmed()  # the chunk's longest text sets its length; shorter texts are masked
         try:
-            grads, losses = per_sample_grads(loss_fn, params, pixels[i:j], labels[i:j], names)
+            grads, losses = per_sample_grads(loss_fn, params, chunk, labels[i:j], names)
         except RuntimeError as e:
             if not _is_oom(e) or b == 1:
                 raise
@@ -143,7 +161,7 @@ def collect_votes(loss_fn: LossFn, params: dict[str, Tensor], pixels: Tensor, la
             continue
         if not bool(torch.isfinite(losses).all()):
             raise TransportError("gradfix: the loss is not finite on the labelled samples (NaN/Inf in the "
-                                 "images or the model)")
+                                 f"{'texts' if isinstance(pixels, TextBatch) else 'images'} or the model)")
         loss_sum += float(losses.double().sum())
         for k in names:  # one sample at a time, in place: the fewest passes over the per-sample gradients
             g = grads.pop(k)
@@ -383,7 +401,13 @@ def prepare(inputs: TransportInputs, options: dict, progress: Progress = no_prog
     loss_fn, _ = task_loss(target, task, inputs.device)
     params = {k: v.detach().to(inputs.device) for k, v in target.params.items()}
     dtype = next(iter(params.values())).dtype
-    pixels = preprocess(target.arch, x.to(inputs.device)).to(dtype)
+    if isinstance(x, TextBatch):
+        if target.arch.stem != "tokens":
+            raise TransportError(f"gradfix: task {task.name} holds texts, {target.ref} reads images")
+        check_token_ids(target.arch, x.ids)  # before the per-sample transform, where values cannot be checked
+        pixels = x.to(inputs.device)
+    else:
+        pixels = preprocess(target.arch, x.to(inputs.device)).to(dtype)
     progress(0.0, f"gradfix: per-sample gradients of {len(y)} samples on {inputs.device}")
     skip = set(invariant_tensors(target.arch))
     names = [k for k in params if k not in skip]
