@@ -150,6 +150,11 @@ def expectation(setup: Optional[Setup]) -> str:
     if not setup.pair:
         return ("Custom models: no known outcome. Compare the method with the naive row and the target's "
                 "zero-shot floor; a gain inside the sampling noise is no gain.")
+    if setup.pair.startswith("text:"):  # a text zoo pair
+        from transport.zoo import text_store
+
+        found = next((p for p in text_store.pairs() if f"text:{p.key}" == setup.pair), None)
+        return "" if found is None else f"What to expect on the text pair {found.key}: {found.expected}"
     z = _zoo()
     found = next((p for p in (z.pairs() if z else []) if p.key == setup.pair), None)
     return "" if found is None else f"What to expect on {found.key}: {found.expected}"

@@ -120,10 +120,11 @@ def test_cli_runs_on_a_text_zoo_pair(tiny_text_zoo, tmp_path, capsys):
     data = text_store.task_file("codeprose", tiny_text_zoo)
     rc = main(["run", "--source-pre", "zoo:text/A", "--source-ft", "zoo:text/A+codeprose", "--target",
                "zoo:text/B_control", "--oracle", "zoo:text/B_control+codeprose", "--method", "transfusion",
-               "--data", str(data), "--out", str(tmp_path / "out"), "--no-progress"])
+               "--data", str(data), "--alpha", "1", "--out", str(tmp_path / "out"), "--no-progress"])
     assert rc == 0, capsys.readouterr().err
     rep = json.loads((tmp_path / "out" / "report.json").read_text())
     acc = rep["accuracies"]
-    # TransFusion finds the hidden shuffle of the control pair: the source's fine-tune, on the target
+    # TransFusion finds the hidden shuffle of the control pair: at alpha = 1 the source's fine-tune, on the target
     assert acc["transfusion"] == pytest.approx(acc["oracle"])
+    assert rep["perplexities"]["transfusion"] == pytest.approx(rep["perplexities"]["oracle"], rel=1e-4)
     assert acc["source_finetuned"] == pytest.approx(acc["oracle"])

@@ -406,6 +406,25 @@ def _prepare_root(r: Path, force: bool, fingerprint: dict, progress: bool) -> Op
     return None
 
 
+def _marker_progress(r: Path, on_progress: Optional[Callable[[float, str], None]]) -> Callable[[float, str], None]:
+    """Progress written into the build marker's first line (``FRACTION MESSAGE``, at most every percent), so
+    another process (the app) can show a build running in the background; then ``on_progress``."""
+    last = [-1.0]
+
+    def report(frac: float, msg: str) -> None:
+        if frac - last[0] >= 0.01 or frac >= 1.0:
+            last[0] = frac
+            marker = r / ".zoo-building"
+            if marker.exists():
+                tmp = r / f".zoo-building.tmp-{os.getpid()}"
+                tmp.write_text(f"{frac:.3f} {msg}\nincomplete build; run `python -m transport.zoo.text_build --force`\n")
+                os.replace(tmp, marker)
+        if on_progress is not None:
+            on_progress(frac, msg)
+
+    return report
+
+
 def build(root: Optional[str | os.PathLike] = None, variant: str = "full", seeds: Optional[list[int]] = None,
           force: bool = False, progress: bool = True, workers: Optional[int] = None,
           on_progress: Optional[Callable[[float, str], None]] = None) -> dict:
@@ -434,9 +453,8 @@ def build(root: Optional[str | os.PathLike] = None, variant: str = "full", seeds
     lib = read_stdlib()
     task_files = write_tasks(r, cfg)
     n_workers = workers if workers is not None else max(1, min(2, os.cpu_count() or 1))
-    bar = progress_bar(total_units(cfg), f"text ({variant})", progress)
-    if on_progress is not None:
-        bar = CallbackBar(bar, total_units(cfg), f"text ({variant})", on_progress)
+    bar = CallbackBar(progress_bar(total_units(cfg), f"text ({variant})", progress), total_units(cfg),
+                      f"text ({variant})", _marker_progress(r, on_progress))
     models: dict[int, list[dict]] = {s: [] for s in cfg.seeds}
     rows: list[dict] = []
     losses: dict[str, float] = {}
