@@ -11,7 +11,7 @@ from viz.common import THIN, color_of, empty_figure, finish, label_of
 
 def _visible(tok: str) -> str:
     """A token as drawn in a cell: whitespace made visible."""
-    return tok.replace(" ", "␣").replace("\n", "⏎").replace("\t", "⇥") or "∅"
+    return tok.replace(" ", "·").replace("\n", "\\n").replace("\t", "\\t") or "(empty)"
 
 
 def label_figure(report) -> go.Figure:

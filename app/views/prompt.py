@@ -83,7 +83,7 @@ with ui.guarded():
               "Token-level colouring: after each prompt token, how far the version's next-token distribution is from "
               "the reference's (KL divergence, nats). White: the same prediction there.", filename="prompt-kl")
     ui.figure(vtext.next_token_figure(report), f"prompt-next-{setup.signature()}",
-              "The most likely next tokens of each version (␣ is a space, ⏎ a line break).", filename="prompt-next")
+              "The most likely next tokens of each version (· is a space, \\n a line break).", filename="prompt-next")
     ui.figure(vtext.continuation_figure(report), f"prompt-cont-{setup.signature()}",
               "Greedy continuation of each version; orange cells differ from the reference's token at that "
               "position.", filename="prompt-continuation")
