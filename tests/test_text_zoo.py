@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from transport.cli import main
-from transport.core.evaluate import accuracy
 from transport.core.forward import encode
 from transport.core.symmetry import apply_permutation
 from transport.core.task_vector import TaskVector

@@ -34,28 +34,25 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from transport import families
 from transport.core.arch import Arch
-from transport.core.model import Model
 from transport.core.symmetry import Perms, apply_permutation
 from transport.core.vocab import map_rows, token_table, vocab_map
 from transport.errors import TransportError
 from transport.files import write_safetensors
-from transport.methods.theseus_inputs import tokenizer_identity
-from transport.sources import from_canonical, init_params, load_hf
-from transport.text import DEFAULT_TEMPLATE, load_text_file
+from transport.sources import init_params
+from transport.text import DEFAULT_TEMPLATE
 from transport.zoo import workers as zoo_workers
 from transport.core.symmetry import flatten
 from transport.zoo.shuffle import grow_params, random_shuffle
 from transport.zoo.text_corpus import make_tokenizer, pretraining_texts, read_stdlib, vocab_size
 from transport.zoo.text_store import MANIFEST, TEXT_PAIRS, TEXT_ZOO_FORMAT, read_manifest, text_zoo_root
+from transport.zoo.text_files import PRETRAINED, load_directory, load_tasks, save_directory
 from transport.zoo.text_tasks import task_rows, write_task
 from transport.zoo.text_train import finetune, grow_depth, pretrain, texts_batch
 from transport.zoo.train import TrainConfig
 from transport.zoo.workers import CallbackBar, InlineQueue, Ticker, children_cpu, drain, init_worker, progress_bar
 
 Tensor = torch.Tensor
-PRETRAINED = ("A", "B_control", "B_next", "B_next_unshuffled", "B_indep", "W_grown", "W_indep", "D_grown", "V_vocab")
 FAMILY = "hf_llama"
 
 
@@ -148,38 +145,6 @@ _DESCRIPTIONS = {
 # ----------------------------------------------------------------------------------------------
 # files
 # ----------------------------------------------------------------------------------------------
-def _quiet_transformers() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
-
-def save_directory(path: Path, arch: Arch, params: dict[str, Tensor], tokenizer) -> Path:
-    """A Hugging Face ``save_pretrained`` directory (config, safetensors weights, tokenizer), written to a
-    temporary sibling and renamed into place."""
-    _quiet_transformers()
-    fam = families.get(arch.family)
-    module = fam.init_module(arch, 0)
-    missing, unexpected = module.load_state_dict(from_canonical(params, arch), strict=False)
-    missing = [k for k in missing if not fam.table.ignored(k)]
-    if missing or unexpected:  # pragma: no cover - the family's own names
-        raise TransportError(f"{path}: cannot save: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    module.save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
-    return path
-
-
-def load_directory(path: Path, arch: Arch) -> Model:
-    m = load_hf(str(path))
-    out = m.with_params(m.params)
-    out.arch = arch
-    return out
-
-
 class _Writer:
     """Saves the models of one seed and remembers their manifest records."""
 
@@ -221,12 +186,6 @@ def write_tasks(root: Path, cfg: TextZooConfig) -> dict[str, dict]:
         out[t] = {"file": str(p.relative_to(root)), "sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
                   "template": DEFAULT_TEMPLATE}
     return out
-
-
-def load_tasks(root: Path, cfg: TextZooConfig, tokenizer, context: int) -> dict:
-    """Every task tokenised by ``tokenizer`` (what ``transport run --data`` does with the target's)."""
-    return {t: load_text_file(root / "tasks" / f"{t}.jsonl", tokenizer, len(tokenizer), context, DEFAULT_TEMPLATE, 0,
-                              tokenizer_identity(tokenizer) or "") for t in cfg.tasks}
 
 
 def drawer(cfg: TextZooConfig, tokenizer) -> Callable[[np.random.Generator, int], object]:

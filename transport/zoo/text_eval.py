@@ -24,6 +24,7 @@ from transport.zoo import workers as zoo_workers
 from transport.core.symmetry import unflatten
 from transport.zoo.shuffle import widening_map
 from transport.zoo.text_corpus import make_tokenizer
+from transport.zoo.text_files import PRETRAINED, load_directory, load_tasks
 from transport.zoo.text_store import TEXT_PAIRS
 from transport.zoo.text_train import depth_map
 
@@ -33,8 +34,6 @@ KEYS = ("zero_shot_target", "naive", "true_map", "source_finetuned", "oracle")
 
 def evaluate_seed(root: Path, cfg, seed: int, records: dict[str, dict]) -> dict:
     """The phenomenon rows of one seed and each pretrained model's next-token loss on held-out task texts."""
-    from transport.zoo.text_build import PRETRAINED, load_directory, load_tasks
-
     torch.set_num_threads(1)
     archs, grid = cfg.archs(), list(cfg.alpha_grid)
 

@@ -14,10 +14,9 @@ from typing import Optional
 
 from transport.cache import cache_root
 from transport.core.arch import Arch
-from transport.core.symmetry import Perms
+from transport.core.symmetry import Perms, unflatten
 from transport.errors import TransportError
 from transport.files import read_safetensors
-from transport.core.symmetry import unflatten
 
 TEXT_ZOO_FORMAT = 1
 MANIFEST = "manifest.json"
