@@ -16,7 +16,7 @@ def test_sidebar_offers_text_zoo_pairs(tiny_text_zoo, tmp_path, monkeypatch):
     assert at.radio(key="setup-mode").options == ["text zoo pair", "custom models"]
     from transport.zoo import text_store
 
-    assert at.radio(key="setup-text-pair").options == [p.key for p in text_store.pairs()]
+    assert at.radio(key="setup-text-pair").options == [p.title for p in text_store.pairs()]
     assert any("What to expect on the text pair control" in i.value for i in at.info)
 
 
