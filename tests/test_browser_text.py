@@ -91,7 +91,7 @@ def test_text_pair_pages_in_a_real_browser(text_server):
             _open(page, "Prompt")
             page.get_by_text("Predicted label: p(label word | prompt)").first.wait_for(timeout=120_000)
             _no_error(page)
-            box = page.get_by_label("Prompt")
+            box = page.get_by_role("textbox", name="Prompt")
             box.fill("for key, value in items.items():\nLabel:")
             box.press("Control+Enter")
             _idle(page)
