@@ -98,7 +98,18 @@ def noise_band(run: Run, correct_m=None, correct_z=None) -> NoiseBand:
     (when the per-image outcomes are given), added in quadrature: two independent sources of noise on one
     change of accuracy. Labelled 'seed spread' whenever the zoo's seeds are part of it."""
     bands = []
-    if run.setup.pair:
+    if run.setup.pair.startswith("text:"):  # a text zoo pair: its own table, the task named by its file
+        from pathlib import Path
+
+        from transport.zoo import text_store
+
+        # naive addition carries real signal on texts (token rows are never shuffled), so only the seeds'
+        # zero-shot spread is the null band here
+        rows = [{**r, "naive": None} for r in text_store.phenomenon_table()]
+        band = seed_band(rows, run.setup.pair[5:], Path(run.setup.task).stem)
+        if band is not None:
+            bands.append(band)
+    elif run.setup.pair:
         z = _zoo()
         if z is not None:
             band = seed_band(z.phenomenon_table(), run.setup.pair, run.setup.task)
@@ -150,6 +161,11 @@ def expectation(setup: Optional[Setup]) -> str:
     if not setup.pair:
         return ("Custom models: no known outcome. Compare the method with the naive row and the target's "
                 "zero-shot floor; a gain inside the sampling noise is no gain.")
+    if setup.pair.startswith("text:"):  # a text zoo pair
+        from transport.zoo import text_store
+
+        found = next((p for p in text_store.pairs() if f"text:{p.key}" == setup.pair), None)
+        return "" if found is None else f"What to expect on the text pair {found.key}: {found.expected}"
     z = _zoo()
     found = next((p for p in (z.pairs() if z else []) if p.key == setup.pair), None)
     return "" if found is None else f"What to expect on {found.key}: {found.expected}"
@@ -213,6 +229,14 @@ def recovery_for(run: Run) -> Optional[dict]:
     name = hidden_shuffle_target(run.setup)
     perms = getattr(run.prepared.alignment, "perms", None)
     z = _zoo()
+    if run.setup.pair in ("text:control", "text:next") and perms is not None:  # the text zoo's hidden shuffle
+        from transport.zoo import text_store
+
+        name = run.setup.target.ref[len(text_store.PREFIX):]
+        key = ("recovery", "text", name)
+        if key not in run.memo:
+            run.memo[key] = permutation_recovery(perms, text_store.true_permutation(name), run.arch)
+        return run.memo[key]
     if not name or perms is None or z is None:
         return None
     key = ("recovery", name)

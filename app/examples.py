@@ -35,13 +35,22 @@ def section(run: Run) -> None:
     c2.metric("test examples of this kind", f"{len(idx)} of {len(y)}")
     big = ui.presenting()  # for a projector: fewer, larger tiles with larger captions
     shown = SHOWN // 2 if big else SHOWN
-    ui.figure(vx.flip_grid(x, y, preds, idx[:shown], task.classnames, cols=6 if big else 8, font=17 if big else 11,
-                           title=f"{vx.FLIP_KINDS[kind].capitalize()}: {min(shown, len(idx))} of {len(idx)}"),
-              f"ex-grid-{run.id}-{kind}",
-              "Test inputs as the models see them (the task's transform applied). Under each: its true class, then "
-              "every model's prediction, green when right, red when wrong. target = zero-shot, naive = theta_B + "
-              "alpha tau, then the method and the oracle at the alphas of the accuracy table.",
-              filename=f"flips-{run.method}-{kind}")
+    if getattr(task, "kind", "image") == "text":  # texts: a table of the prompts and every model's label word
+        tok, names = run.loaded.target.tokenizer, task.classnames
+        rows = [{"text": tok.decode(x.ids[i][x.mask[i]].tolist()) if tok is not None else str(x.ids[i].tolist()),
+                 "true": names[int(y[i])], **{k: names[int(p[i])] for k, p in preds.items()}} for i in idx[:shown]]
+        st.dataframe(rows, hide_index=True)
+        st.caption("Test prompts (the task's template applied) with the true label word and every model's "
+                   "predicted label word at the alphas of the accuracy table.")
+    else:
+        ui.figure(vx.flip_grid(x, y, preds, idx[:shown], task.classnames, cols=6 if big else 8,
+                               font=17 if big else 11,
+                               title=f"{vx.FLIP_KINDS[kind].capitalize()}: {min(shown, len(idx))} of {len(idx)}"),
+                  f"ex-grid-{run.id}-{kind}",
+                  "Test inputs as the models see them (the task's transform applied). Under each: its true class, "
+                  "then every model's prediction, green when right, red when wrong. target = zero-shot, naive = "
+                  "theta_B + alpha tau, then the method and the oracle at the alphas of the accuracy table.",
+                  filename=f"flips-{run.method}-{kind}")
     keys = {"target": "zero_shot_target", "naive": "naive"}
     ui.figure(vx.per_class_accuracy(y, preds, task.classnames, keys), f"ex-class-{run.id}",
               "Test accuracy of every model on each class: a transfer can help some classes and hurt others "

@@ -122,7 +122,8 @@ class ModelRef:
             s = p.stat()
             stat = f"{s.st_size}:{s.st_mtime_ns}"
         if self.ref.startswith("zoo:"):
-            stat = os.environ.get("TRANSPORT_ZOO_DIR", "")
+            stat = os.environ.get("TRANSPORT_TEXT_ZOO_DIR" if self.ref.startswith("zoo:text/") else "TRANSPORT_ZOO_DIR",
+                                  "")
         return json.dumps([self.ref, self.arch, self.task_vector, stat])
 
     @property
@@ -203,6 +204,24 @@ def _load_task(name: str, image_size: int, cache: MemoryCache) -> tuple[Task, st
     return cache.get_or_make(f"task:{name}:{image_size}", make)
 
 
+def _load_text_task(path: str, target: Model, h_target: str, cache: MemoryCache) -> tuple[Any, str]:
+    """A text task file read with the target's tokenizer (the models' token ids are checked by the transfer,
+    after a vocabulary map where the source's vocabulary differs)."""
+    from transport.pipeline import load_text_task
+    from transport.textfile import is_text_file
+
+    def make() -> tuple[Any, str]:
+        if not path or not is_text_file(path):
+            raise TransportError(f"{target.ref} reads token ids: give a text file (.jsonl or .csv with a 'text' "
+                                 f"column), not '{path}'")
+        t = load_text_task(path, target, [])
+        x, y = t.split("train")
+        tensors = {"ids": x.ids, "mask": x.mask, **({"y": y} if y is not None else {})}
+        return t, disk_cache.hash_tensors(tensors)
+
+    return cache.get_or_make(f"text-task:{path}:{h_target}", make)
+
+
 def load_setup(setup: Setup, cache: MemoryCache = DEFAULT_CACHE, progress: Progress = lambda f, m: None) -> Loaded:
     """Load (or fetch) the models and the task of ``setup``; a task-vector file gives source_ft = pre + tau."""
     progress(0.0, f"loading source {setup.source_pre.short}")
@@ -244,8 +263,22 @@ def load_setup(setup: Setup, cache: MemoryCache = DEFAULT_CACHE, progress: Progr
         if not same_shapes(oracle.arch, tgt.arch):
             raise TransportError(f"oracle {oracle.ref} ({oracle.arch.name}) does not have the target's "
                                  f"architecture ({tgt.arch.name})")
+    if tgt.arch.stem == "tokens" and pre.arch.stem == "tokens":
+        # another vocabulary (a new release's tokenizer): both source models' rows moved to the target's tokens
+        # by token identity first, as the transfer does, so every page sees one vocabulary
+        from transport.core.vocab import to_target_vocabulary
+
+        def make_mapped() -> tuple[Model, Model, str, str]:
+            p, f, _ = to_target_vocabulary(pre, ft, tgt)
+            return p, f, disk_cache.hash_tensors(p.params), disk_cache.hash_tensors(f.params)
+
+        if pre.arch.vocab_size != tgt.arch.vocab_size or pre.tokenizer is not None:
+            pre, ft, h_pre, h_ft = cache.get_or_make(f"vocab:{h_pre}:{h_ft}:{h_tgt}", make_mapped)
     progress(0.08, f"loading task {setup.task}")
-    task, h_task = _load_task(setup.task, max(pre.arch.image_size, tgt.arch.image_size), cache)
+    if tgt.arch.stem == "tokens":  # texts: a JSONL / CSV file tokenised by the target's tokenizer
+        task, h_task = _load_text_task(setup.task, tgt, h_tgt, cache)
+    else:
+        task, h_task = _load_task(setup.task, max(pre.arch.image_size, tgt.arch.image_size), cache)
     tau = cache.get_or_make(f"tau:{h_pre}:{h_ft}", lambda: TaskVector.from_models(pre.params, ft.params, pre.arch))
     return Loaded(pre, ft, tgt, oracle, task, tau, {"source_pre": h_pre, "source_ft": h_ft, "target": h_tgt,
                                                        "task": h_task}, adapter)

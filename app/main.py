@@ -22,6 +22,7 @@ PAGES = [
     st.Page(str(HERE / "views" / "transfusion.py"), title="TransFusion", icon=":material/shuffle:"),
     st.Page(str(HERE / "views" / "gradfix.py"), title="GradFix", icon=":material/exposure:"),
     st.Page(str(HERE / "views" / "theseus.py"), title="Theseus", icon=":material/open_in_full:"),
+    st.Page(str(HERE / "views" / "prompt.py"), title="Prompt", icon=":material/keyboard:"),
     st.Page(str(HERE / "views" / "compare.py"), title="Compare", icon=":material/compare_arrows:"),
     st.Page(str(HERE / "views" / "debug.py"), title="Debug a transfer", icon=":material/bug_report:"),
 ]

@@ -144,10 +144,14 @@ def model_picker(label: str, key: str, allow_task_vector: bool = False, zoo_defa
 
 
 def task_picker(key: str = "task") -> Optional[str]:
-    kind = st.radio("Task", ["built-in", "ImageFolder directory"], horizontal=True, key=f"{key}-kind")
+    kind = st.radio("Task", ["built-in", "ImageFolder directory", "text file"], horizontal=True, key=f"{key}-kind")
     if kind == "built-in":
         names = zoo_lists()["tasks"] if zoo_ready() else logic.builtin_task_names()
         return st.selectbox("Built-in task", names, key=f"{key}-name")
+    if kind == "text file":  # for language models: read with the target's tokenizer
+        path = st.text_input("Text file (.jsonl / .csv with a 'text' and an optional 'label' column)",
+                             key=f"{key}-textfile").strip()
+        return path or None
     path = st.text_input("ImageFolder directory (one sub-folder per class)", key=f"{key}-dir").strip()
     return path or None
 
@@ -167,10 +171,13 @@ def sidebar_setup() -> Optional[Setup]:
     ready = zoo_ready()
     if not ready:
         build_zoo_button()
-    modes = (["demo zoo pair"] if ready else []) + ["custom models"]
+    from app import text_zoo
+
+    text_zoo.sidebar_status()
+    modes = (["demo zoo pair"] if ready else []) + ([text_zoo.MODE] if text_zoo.ready() else []) + ["custom models"]
     with sb:
         mode = st.radio("Models", modes, horizontal=True, key="setup-mode")
-        setup = _pick_setup(mode)
+        setup = text_zoo.pick_pair() if mode == text_zoo.MODE else _pick_setup(mode)
         with st.expander("Evaluation"):
             device = st.selectbox("Device", devices(), key="setup-device")
             grid = st.text_input("alpha grid LO:HI:N (empty: 0 to 2 in steps of 0.1)", key="setup-grid").strip()

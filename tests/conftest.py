@@ -41,3 +41,21 @@ def tiny_zoo(tmp_path_factory):
             os.environ.pop("TRANSPORT_ZOO_DIR", None)
         else:
             os.environ["TRANSPORT_ZOO_DIR"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_text_zoo(tmp_path_factory):
+    """The test variant of the text zoo, built once per session; TRANSPORT_TEXT_ZOO_DIR points at it meanwhile."""
+    from transport.zoo.text_build import build as build_text_zoo
+
+    root = tmp_path_factory.mktemp("text_zoo")
+    build_text_zoo(root, variant="test", progress=False, workers=1)
+    old = os.environ.get("TRANSPORT_TEXT_ZOO_DIR")
+    os.environ["TRANSPORT_TEXT_ZOO_DIR"] = str(root)
+    try:
+        yield root
+    finally:
+        if old is None:
+            os.environ.pop("TRANSPORT_TEXT_ZOO_DIR", None)
+        else:
+            os.environ["TRANSPORT_TEXT_ZOO_DIR"] = old

@@ -422,6 +422,7 @@ def test_sessions_do_not_share_selections(app, zoo_dir):
 
 def test_missing_zoo_offers_to_build(tmp_path, monkeypatch):
     monkeypatch.setenv("TRANSPORT_ZOO_DIR", str(tmp_path / "no-zoo"))
+    monkeypatch.setenv("TRANSPORT_TEXT_ZOO_DIR", str(tmp_path / "no-text-zoo"))
     at = AppTest.from_file(APP, default_timeout=60).run()
     assert not at.exception
     assert any("not built" in w.value for w in at.warning)

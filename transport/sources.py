@@ -3,6 +3,7 @@ models and task vectors written in their family's own names.
 
 References:
   ``zoo:NAME[@SEED]``           a model of the built-in demo zoo (``python -m transport zoo build``)
+  ``zoo:text/NAME[@SEED]``      a model of the text demo zoo (``python -m transport.zoo.text_build``)
   ``open_clip:ARCH:TAG``        open_clip architecture + pretrained tag; TAG ``none`` = random init; the image
                                 tower, or with ``#text`` the text tower (``open_clip:ViT-B-32:openai#text``)
   ``hf:ORG/NAME`` or a HF dir   a Hugging Face model directory (``config.json`` + weights, sharded or not; its
@@ -43,6 +44,7 @@ from transport.files import (
     write_safetensors,
 )
 from transport.hub import resolve_dir
+from transport.zoo import text_store
 
 Tensor = torch.Tensor
 
@@ -127,6 +129,8 @@ def parse_arch(name: str) -> Arch:
         base, tower = split_tower(name)
         model_name = base.split(":", 2)[1]
         return open_clip_text_arch(model_name) if tower == "text" else open_clip_arch(model_name)
+    if name.startswith(text_store.PREFIX):
+        return text_store.arch_of(name[len(text_store.PREFIX):])
     if name.startswith("zoo:"):
         return zoo.arch_of(name[len("zoo:"):])
     if name.startswith("hf:") or Path(name).is_dir():
@@ -149,6 +153,8 @@ def load_model(ref: str, arch: Arch | str | None = None, trust_pickle: bool = Fa
     """Resolve a reference to a :class:`Model` (canonical params validated: keys, shapes, dtypes, NaN/Inf)."""
     if isinstance(arch, str):
         arch = parse_arch(arch)
+    if ref.startswith(text_store.PREFIX):
+        return load_text_zoo_model(ref[len(text_store.PREFIX):])
     if ref.startswith("zoo:"):
         return load_zoo_model(ref[len("zoo:"):])
     if ref.startswith("open_clip:"):
@@ -166,6 +172,19 @@ def load_zoo_model(name: str, root: Optional[str | os.PathLike] = None) -> Model
     path, arch, canonical_ref = zoo.locate(name, root)
     model = load_file_model(str(path), arch)
     return model.with_params(model.params, ref=canonical_ref)
+
+
+def load_text_zoo_model(name: str, root: Optional[str | os.PathLike] = None) -> Model:
+    """A model of the text demo zoo (``A``, ``A+codeprose``, ``V_vocab@1``...): its Hugging Face directory, with
+    the reference ``zoo:text/NAME@SEED`` and the architecture name the zoo's manifest records."""
+    path, ref = text_store.locate(name, root)
+    arch = text_store.arch_of(name, root)
+    model = load_hf(str(path))
+    if model.arch.differences(arch):
+        raise TransportError(f"{path}: the directory does not hold the architecture the text zoo records "
+                             f"({'; '.join(model.arch.differences(arch))})")
+    return Model(arch, model.params, ref, model.head, model.zero_shot, {**model.meta, "zoo_dir": str(path)},
+                 model.tokenizer)
 
 
 def load_hf(ref: str) -> Model:
@@ -336,7 +355,8 @@ def load_task_vector(path: str | os.PathLike, arch: Optional[Arch] = None, trust
     return tv
 
 
-__all__ = ["load_model", "load_zoo_model", "load_file_model", "load_hf", "save_model", "parse_arch", "hf_arch", "to_canonical",
+__all__ = ["load_model", "load_zoo_model", "load_text_zoo_model", "load_file_model", "load_hf", "save_model", "parse_arch",
+           "hf_arch", "to_canonical",
            "from_canonical", "family_shapes", "hf_arch_from_config", "tower_state_dict", "family_of", "task_vector_state_dict",
            "save_task_vector", "checkpoint_state_dict", "checkpoint_naming", "load_task_vector", "task_vector_bytes",
            "resolve_arch", "scaling_metadata", "SCALING_NOTE", "tiny_arch", "open_clip_arch", "init_params",
