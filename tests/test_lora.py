@@ -437,6 +437,7 @@ def test_app_compare_page_shows_the_rank_kept(vits, tmp_path, monkeypatch):
     from streamlit.testing.v1 import AppTest
 
     monkeypatch.setenv("TRANSPORT_ZOO_DIR", str(tmp_path / "no-zoo"))
+    monkeypatch.setenv("TRANSPORT_TEXT_ZOO_DIR", str(tmp_path / "no-text-zoo"))
     monkeypatch.setenv("TRANSPORT_APP_DIR", str(tmp_path / "app-out"))
     at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app" / "main.py"), default_timeout=240).run()
     for key, ref in (("src", vits / "A"), ("tgt", vits / "B")):
