@@ -51,7 +51,7 @@ from transport.zoo.store import (
     ZooEntry,
     _file,
     _perm_file,
-    _read_manifest,
+    read_manifest,
     _root,
     list_models,
 )
@@ -362,7 +362,7 @@ def build(root: Optional[str | os.PathLike] = None, variant: str = "full", seeds
         cfg = replace(cfg, seeds=tuple(int(s) for s in seeds))
     r = _root(root)
     fingerprint = cfg.fingerprint()
-    old = _read_manifest(r)
+    old = read_manifest(r)
     if old is not None and not force and old.get("format", 0) < ZOO_FORMAT:
         if progress:  # our own cache from an older release of this package: rebuild it, nothing else is touched
             print(f"the zoo at {r} has format {old.get('format')}, this version needs {ZOO_FORMAT}: rebuilding",

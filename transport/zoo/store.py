@@ -104,7 +104,8 @@ def _perm_file(root: Path, name: str, seed: int) -> Path:
     return root / f"seed{seed}" / f"{name}.perm.safetensors"
 
 
-def _read_manifest(root: Path) -> Optional[dict]:
+def read_manifest(root: Path) -> Optional[dict]:
+    """The manifest a zoo build wrote last at ``root`` (None when absent or unreadable)."""
     try:
         return json.loads((root / MANIFEST).read_text())
     except (OSError, ValueError):
@@ -113,7 +114,7 @@ def _read_manifest(root: Path) -> Optional[dict]:
 
 def _manifest(root: Optional[str | os.PathLike]) -> tuple[Path, dict]:
     r = _root(root)
-    m = _read_manifest(r)
+    m = read_manifest(r)
     if m is None:
         raise TransportError(f"the demo zoo is not built at {r}; run `python -m transport zoo build`")
     return r, m
@@ -121,7 +122,7 @@ def _manifest(root: Optional[str | os.PathLike]) -> tuple[Path, dict]:
 
 def is_built(root: Optional[str | os.PathLike] = None) -> bool:
     """True when a complete zoo (its manifest, written last) is at ``root``."""
-    return _read_manifest(_root(root)) is not None
+    return read_manifest(_root(root)) is not None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,7 +141,7 @@ def seeds(root: Optional[str | os.PathLike] = None) -> list[int]:
 
 def tasks(root: Optional[str | os.PathLike] = None) -> list[str]:
     """The downstream tasks: those of the built zoo at ``root``, else those of the full zoo."""
-    m = _read_manifest(_root(root))
+    m = read_manifest(_root(root))
     return list(m["tasks"]) if m is not None else list(DEFAULT_TASKS)
 
 
@@ -207,5 +208,5 @@ def grown_task_vector(tau: TaskVector, name: str = "W_grown", root: Optional[str
     return TaskVector(wide, widening_map(tau.tensors, tau.arch, wide, true_permutation(name, root)))
 
 
-__all__ = ["ZooEntry", "ZooPair", "ZOO_FORMAT", "MANIFEST", "pairs", "zoo_root", "is_built", "list_models", "seeds",
+__all__ = ["ZooEntry", "ZooPair", "ZOO_FORMAT", "MANIFEST", "read_manifest", "pairs", "zoo_root", "is_built", "list_models", "seeds",
            "tasks", "locate", "arch_of", "true_permutation", "phenomenon_table", "build_info", "grown_task_vector"]

@@ -45,7 +45,8 @@ from transport.zoo import workers as zoo_workers
 from transport.core.symmetry import flatten
 from transport.zoo.shuffle import grow_params, random_shuffle
 from transport.zoo.text_corpus import make_tokenizer, pretraining_texts, read_stdlib, vocab_size
-from transport.zoo.text_store import MANIFEST, TEXT_PAIRS, TEXT_ZOO_FORMAT, read_manifest, text_zoo_root
+from transport.zoo.store import MANIFEST, read_manifest
+from transport.zoo.text_store import TEXT_PAIRS, TEXT_ZOO_FORMAT, text_zoo_root
 from transport.zoo.text_files import PRETRAINED, load_directory, load_tasks, save_directory
 from transport.zoo.text_tasks import task_rows, write_task
 from transport.zoo.text_train import finetune, grow_depth, pretrain, texts_batch

@@ -6,7 +6,6 @@ tokenizer; ``zoo:text/NAME[@SEED]`` references load them through :func:`transpor
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +15,10 @@ from transport.cache import cache_root
 from transport.core.arch import Arch
 from transport.core.symmetry import Perms, unflatten
 from transport.errors import TransportError
+from transport.zoo.store import read_manifest
 from transport.files import read_safetensors
 
 TEXT_ZOO_FORMAT = 1
-MANIFEST = "manifest.json"
 PREFIX = "zoo:text/"
 DEFAULT_TEXT_TASKS = ("codeprose", "module", "brackets")
 
@@ -65,13 +64,6 @@ def text_zoo_root() -> Path:
 
 def _root(root: Optional[str | os.PathLike]) -> Path:
     return Path(root) if root is not None else text_zoo_root()
-
-
-def read_manifest(root: Path) -> Optional[dict]:
-    try:
-        return json.loads((root / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _manifest(root: Optional[str | os.PathLike]) -> tuple[Path, dict]:
