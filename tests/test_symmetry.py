@@ -28,25 +28,9 @@ from transport.core.symmetry import (
 from transport.errors import TransportError
 from transport.methods.transfusion import align
 
+from planted_decoders import decoder, random_params
+
 Tensor = torch.Tensor
-
-
-def decoder(**kw) -> Arch:
-    base = dict(family="test", name="test:decoder", width=32, layers=2, heads=4, kv_heads=2, mlp_width=48,
-                mlp="gated", act="silu", norm="rms", norm_eps=1e-6, qkv_bias=False, o_bias=False, mlp_bias=False,
-                position="rope", causal=True, stem="tokens", vocab_size=50, context=0, readout="lm",
-                tied_embeddings=True, ln_pre=False)
-    base.update(kw)
-    return Arch(**base)
-
-
-def random_params(arch: Arch, seed: int = 0) -> dict[str, Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for k, info in param_axes(arch).items():
-        t = torch.randn(info.shape, generator=g, dtype=torch.float64)
-        out[k] = 1.0 + 0.2 * t if info.block in ("ln1", "ln2", "ln_post", "ln_pre") and not info.is_bias else 0.3 * t
-    return out
 
 
 def logits(params, arch, ids):
