@@ -28,6 +28,7 @@ from transport.core.model import Model
 from transport.pipeline import Prepared, TransferResult, on_target, prepare, transfer
 from transport.core.task_vector import TaskVector
 from transport.core.layout import same_shapes
+from transport.tower_only import tower_view
 from transport.sources import load_task_vector
 from transport.lora import is_adapter_dir
 
@@ -147,10 +148,13 @@ class Setup:
     device: str = "cpu"
     alpha_grid: str = ""  # 'LO:HI:N'; '' = the default grid
     pair: str = ""  # the demo zoo's pair key ('control', 'next', ...) when the models are a zoo pair
+    tower_only: bool = False  # towers differing only in their output projection: move the tower alone
 
     def signature(self) -> str:
         parts = [self.source_pre.key(), self.source_ft.key(), self.target.key(), self.task,
                  self.oracle.key() if self.oracle else "", self.seed, self.device, self.alpha_grid]
+        if self.tower_only:  # older signatures stay as they were
+            parts.append("tower_only")
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
     @property
@@ -173,6 +177,15 @@ class Loaded:
     tau: TaskVector
     hashes: dict[str, str]
     adapter: Optional[Any] = None  # the source's PEFT LoRA adapter when source_ft is one (transport.lora.Adapter)
+    tower_only: bool = False  # the setup moves the tower alone (transport.tower_only)
+
+    def moved_source(self) -> tuple[Model, tuple[str, ...]]:
+        """The source pretrained model the methods see (in the target's architecture when moving the tower
+        alone) and the target tensors left out of the transport."""
+        if not self.tower_only:
+            return self.source_pre, ()
+        view = tower_view(self.source_pre, self.source_ft, self.target)
+        return view.source_pre, tuple(view.left_out)
 
     @property
     def tau_is_zero(self) -> bool:
@@ -281,7 +294,7 @@ def load_setup(setup: Setup, cache: MemoryCache = DEFAULT_CACHE, progress: Progr
         task, h_task = _load_task(setup.task, max(pre.arch.image_size, tgt.arch.image_size), cache)
     tau = cache.get_or_make(f"tau:{h_pre}:{h_ft}", lambda: TaskVector.from_models(pre.params, ft.params, pre.arch))
     return Loaded(pre, ft, tgt, oracle, task, tau, {"source_pre": h_pre, "source_ft": h_ft, "target": h_tgt,
-                                                       "task": h_task}, adapter)
+                                                       "task": h_task}, adapter, setup.tower_only)
 
 
 def rank_kept(run: "Run") -> str:
@@ -324,7 +337,7 @@ def incompatibility(name: str, loaded: Loaded) -> str:
     if info is None:
         return why
     try:
-        check_compatible(info, TransportInputs(loaded.source_pre, loaded.target, loaded.task))
+        check_compatible(info, TransportInputs(loaded.moved_source()[0], loaded.target, loaded.task))
     except TransportError as e:
         return str(e)
     return ""
@@ -414,10 +427,11 @@ def run_transfer(setup: Setup, method: str, options: Optional[dict] = None, shot
     t_load = time.perf_counter() - t0
     opts = {**info.options, **(options or {})}
     on = opts.pop("on", None)  # composition: apply `method` to what method `on` transported
-    check_compatible(info, TransportInputs(loaded.source_pre, loaded.target, loaded.task))
+    moved, left_out = loaded.moved_source()
+    check_compatible(info, TransportInputs(moved, loaded.target, loaded.task))
     if loaded.tau_is_zero:
         raise TransportError(ZERO_TAU)
-    inputs = TransportInputs(loaded.source_pre, loaded.target, loaded.task, shots, setup.seed, setup.device)
+    inputs = TransportInputs(moved, loaded.target, loaded.task, shots, setup.seed, setup.device, left_out=left_out)
     base = None
     t_prep = time.perf_counter()
     if on:
@@ -441,7 +455,7 @@ def run_transfer(setup: Setup, method: str, options: Optional[dict] = None, shot
     result = transfer(loaded.source_pre, loaded.source_ft, loaded.target, method, loaded.task,
                       options=opts, alpha=alpha, shots=shots, seed=setup.seed, alpha_grid=grid,
                       device=setup.device, oracle=loaded.oracle, progress=later, use_cache=True, on=on,
-                      prepared=prepared, prepared_on=base)
+                      prepared=prepared, prepared_on=base, tower_only=setup.tower_only)
     baselines = _cross_width_baseline(loaded, result, grid, alpha, setup.device,
                                       lambda f, m: progress(hi + (1.0 - hi) * f, m)) if cross else {}
     progress(1.0, "done")

@@ -185,9 +185,13 @@ def sidebar_setup() -> Optional[Setup]:
                 from transport.core.evaluate import parse_alpha_grid
 
                 parse_alpha_grid(grid)  # a bad grid is reported here, once
+            tower_only = st.checkbox("Move the tower alone (output projections differ)", key="setup-tower-only",
+                                     help="for source and target towers that differ only in their output "
+                                          "projection: tau moves over every tensor both share, the projection's "
+                                          "update is left at zero (dropped when the target has none)")
         if setup is None:
             return None
-        return replace(setup, device=device, alpha_grid=grid)
+        return replace(setup, device=device, alpha_grid=grid, tower_only=tower_only)
 
 
 def _pick_setup(mode: str) -> Optional[Setup]:

@@ -4,7 +4,11 @@ Random-init ViT-B-16 visual tower (open_clip config), 10 classes x K = 2 = 20 ra
 a random normalised 10-way head. Each measurement runs in its own process so peak memory (RSS on
 CPU, allocated memory on CUDA) belongs to that measurement alone.
 
-    python -m bench.gradfix [--device cpu|cuda] [--threads N] [--micro-batch 0 2 4] [--repeat 1]
+    python -m bench.gradfix [--device cpu|cuda] [--threads N] [--micro-batch 0 2 4] [--repeat 1] [--load N]
+
+``--load N`` measures everything twice: idle, then while N busy-loop processes (each pinned to one core,
+the last cores first) share the machine; the bench starts and stops them and prints both tables and the
+loaded / idle ratios.
 """
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ import argparse
 import gc
 import json
 import os
+import subprocess
+import sys
 import time
 
 import torch
@@ -82,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--micro-batch", type=int, nargs="+", default=[0], help="0 = automatic")
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--load", type=int, default=0, help="also measure under N pinned busy-loop processes")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.threads:
@@ -90,7 +97,41 @@ def main(argv: list[str] | None = None) -> None:
         mode, mb = a.worker.split(":")
         print(json.dumps(worker(mode, a.arch, a.classes, a.shots, a.device, int(mb))))
         return
-    load0 = os.getloadavg()[0]
+    if a.load:
+        idle = _measure(a)
+        procs = _start_load(a.load)
+        try:
+            time.sleep(1.0)
+            loaded = _measure(a)
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait()
+        _print(a, idle, "idle")
+        _print(a, loaded, f"{a.load} busy-loop process(es) pinned to one core each")
+        print(f"\n{'loaded / idle':<22}{'wall':>8}{'cpu':>8}")
+        for r0, r1 in zip(idle, loaded):
+            print(f"{_name(r0):<22}{r1['seconds'] / r0['seconds']:>8.2f}{r1['cpu_seconds'] / r0['cpu_seconds']:>8.2f}")
+        return
+    _print(a, _measure(a), f"load average at start {os.getloadavg()[0]:.1f}")
+
+
+def _start_load(n: int) -> list:
+    """n busy-loop processes, each pinned to one core (the last cores first) where the OS allows it."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    procs = []
+    for k in range(n):
+        pin = f"import os; os.sched_setaffinity(0, {{{cores[-1 - k % len(cores)]}}})\n" if cores else ""
+        procs.append(subprocess.Popen([sys.executable, "-c", pin + "while True:\n    pass"]))
+    return procs
+
+
+def _name(r: dict) -> str:
+    return "bare fwd+bwd (batch)" if r["mode"] == "bare" else \
+        f"prepare mb={r['micro_batch_used']}" + (" (auto)" if r["requested_mb"] == 0 else "")
+
+
+def _measure(a) -> list:
     runs = [("bare", 0)] + [("prepare", mb) for mb in a.micro_batch]
     rows = []
     for _ in range(a.repeat):
@@ -98,16 +139,18 @@ def main(argv: list[str] | None = None) -> None:
             r = run_child("bench.gradfix", ["--worker", f"{mode}:{mb}", "--arch", a.arch, "--classes", str(a.classes),
                                             "--shots", str(a.shots), "--device", a.device, "--threads", str(a.threads)])
             rows.append({**r, "requested_mb": mb})
+    return rows
+
+
+def _print(a, rows: list, condition: str) -> None:
     bare = min(r["seconds"] for r in rows if r["mode"] == "bare")
     bare_cpu = min(r["cpu_seconds"] for r in rows if r["mode"] == "bare")
-    print(f"GradFix prepare vs bare forward+backward: {a.arch}, {a.classes} classes x K={a.shots} "
+    print(f"\nGradFix prepare vs bare forward+backward: {a.arch}, {a.classes} classes x K={a.shots} "
           f"= {a.classes * a.shots} images, device {a.device}, threads {a.threads or torch.get_num_threads()}, "
-          f"load average at start {load0:.1f}")
+          f"{condition}")
     print(f"{'run':<22}{'wall s':>8}{'x bare':>8}{'cpu s':>8}{'x bare':>8}{'peak GiB':>10}{'base GiB':>10}")
     for r in rows:
-        name = "bare fwd+bwd (batch)" if r["mode"] == "bare" else \
-            f"prepare mb={r['micro_batch_used']}" + (" (auto)" if r["requested_mb"] == 0 else "")
-        print(f"{name:<22}{r['seconds']:>8.2f}{r['seconds'] / bare:>8.2f}{r['cpu_seconds']:>8.2f}"
+        print(f"{_name(r):<22}{r['seconds']:>8.2f}{r['seconds'] / bare:>8.2f}{r['cpu_seconds']:>8.2f}"
               f"{r['cpu_seconds'] / bare_cpu:>8.2f}{r['peak_bytes'] / 2**30:>10.2f}{r['base_bytes'] / 2**30:>10.2f}")
     print("wall: elapsed; cpu: process user+system time (robust when other work shares the CPU); peak: the "
           "process's peak RSS during the run (cpu) or peak allocated memory (cuda); base: resident before the run")

@@ -13,7 +13,8 @@ model it loaded included; ``base`` is the RSS after the imports, before any mode
 model's float32 parameters): ``load`` (one directory streamed into canonical tensors), ``transfusion``
 (both models loaded, then ``prepare``: weight matching), ``gradfix`` (``prepare``'s per-sample sign votes of
 the next-token loss on 32 sequences of 128 tokens vs one bare forward + backward of the same loss on the
-same batch), ``theseus`` (0.5B-shaped -> 1.5B-shaped, 32 calibration sequences of 128 tokens). Seconds are
+same batch, 8 sequences per backward with the gradients accumulated), ``theseus`` (0.5B-shaped -> 1.5B-shaped,
+32 calibration sequences of 128 tokens). Seconds are
 wall and CPU (user + system of the process, all threads: the robust measure on a shared machine).
 
 ``--scale S`` shrinks every width (head counts kept, head widths scaled, even), MLP width, vocabulary and
@@ -125,9 +126,12 @@ def worker(row: str, a_dir: Path, b_dir: Path, scale: float) -> dict:
             params = {k: v.detach().clone().requires_grad_(True) for k, v in B.params.items()}
             batch = task.split("train")[0]
             labels = torch.zeros(len(batch), dtype=torch.long)
+            step = 8  # sequences per backward, gradients accumulated: 32 at once need ~30 GB at the 0.5B shape
             for _ in range(2):  # the second pass is timed: the first pays one-time costs (allocator, threads)
                 t1, c1 = time.perf_counter(), cpu_seconds()
-                losses.lm_loss(B.arch)(params, batch, labels).mean().backward()
+                for s in range(0, len(batch), step):
+                    (losses.lm_loss(B.arch)(params, batch[s:s + step], labels[s:s + step]).sum()
+                     / len(batch)).backward()
                 out["bare_s"], out["bare_cpu_s"] = time.perf_counter() - t1, cpu_seconds() - c1
             del params
             inputs = TransportInputs(A, B, task, shots=N_SEQ, seed=0)

@@ -35,9 +35,8 @@ from transport.methods import gradfix
 from transport.core.model import Model
 from transport.core.task_vector import TaskVector
 from transport.sources import load_zoo_model
+from transport.zoo.train import fewshot_finetune
 
-FT_LRS = (1e-3, 3e-3)
-FT_STEPS = (5, 10, 20, 40, 80, 160, 320)
 ORDERING = ("naive", "few-shot FT", "GradFix", "oracle mask")  # the paper's ordering, weakest first
 METHODS = ("zero-shot B", "naive", "TransFusion", "few-shot FT", "GradFix", "GradFix mean", "GradFix on TF",
            "random mask", "oracle mask", "B fine-tuned")
@@ -47,31 +46,6 @@ def tuned(target: Model, delta: TaskVector, task: Task, grid: list[float], devic
     """Test accuracy of theta_B + alpha delta with alpha chosen on validation; (accuracy, alpha)."""
     sw = sweep_alpha(target, delta, task, grid, device)
     return accuracy(target, task, "test", delta.apply_to(target.params, sw.best_alpha), device=device), sw.best_alpha
-
-
-def fewshot_finetune(model: Model, task: Task, shots: int, seed: int, device: str = "cpu",
-                     lrs: tuple[float, ...] = FT_LRS, steps: tuple[int, ...] = FT_STEPS) -> tuple[float, dict]:
-    """Fine-tune B's tower (its head frozen) on K samples per class with AdamW, full batch.
-
-    The learning rate and the number of steps (0 = no fine-tuning included) are chosen on the validation
-    split; returns the test accuracy of the chosen run and the choice.
-    """
-    from transport.zoo.train import Augment, TrainConfig, train
-
-    x, y = task.shots(shots, seed)
-    head = model.classifier(task.classnames)
-    best = (accuracy(model, task, "val", device=device), 0, 0.0, model.params)
-    for lr in lrs:
-        cfg = TrainConfig(steps=max(steps), batch_size=len(y), lr=lr, augment=Augment(shift=0), seed=seed,
-                          train_head=False)
-        res = train(model.params, head, model.arch, x, y, cfg, snapshot_at=tuple(steps))
-        for s in steps:
-            p = res.snapshots[s][0]
-            v = accuracy(model, task, "val", p, head, device=device)
-            if v > best[0]:
-                best = (v, s, lr, p)
-    acc = accuracy(model, task, "test", best[3], head, device=device)
-    return acc, {"val": best[0], "steps": best[1], "lr": best[2]}
 
 
 def run_one(A: Model, A_ft: Model, B: Model, B_ft: Model, task: Task, shots: list[int], seed: int, grid: list[float],

@@ -4,11 +4,12 @@ Takes A and a same-width target of a built zoo (default ``B_indep``), fine-tunes
 each recipe (learning rate x steps, batch 64, the zoo's AdamW schedule, head frozen) and reports, per
 recipe: the two fine-tunes' test accuracy, the K-shot vote's agreement with sign(tau_B), naive,
 GradFix and the oracle mask sign(tau_B) (alpha on validation), next to zero-shot B and few-shot
-fine-tuning of B (:func:`bench.zoo_gradfix.fewshot_finetune`, same protocol). ``--clip-head`` first
+fine-tuning of B (:func:`transport.zoo.train.fewshot_finetune`, same protocol). ``--clip-head`` first
 re-pretrains A and B_indep from the zoo's seeds with a CLIP-like head (unit features, unit class
 embeddings, fixed logit scale, no bias) instead of the zoo's linear head.
 
-    python -m bench.zoo_recipes [--root DIR] [--tasks hflip rot90] [--seed 0] [--clip-head [--scale 10]]
+    python -m bench.zoo_recipes [--root DIR] [--source A --target B_indep] [--tasks hflip rot90] [--seed 0]
+        [--recipes 0 1] [--clip-head [--scale 10]]
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from typing import Optional
 
 import torch
 
-from bench.zoo_gradfix import fewshot_finetune, tuned
+from bench.zoo_gradfix import tuned
+from transport.zoo.train import fewshot_finetune
 from transport.core.evaluate import accuracy, default_alpha_grid
 from transport.core.heads import Classifier
 from transport.core.model import Model
@@ -48,7 +50,8 @@ def clip_like_pretrain(name: str, seed: int, scale: float) -> Model:
     return Model(arch, r.params, f"{name}@{seed} (CLIP-like head)", Classifier(unit, None, True, scale, list(DIGIT_NAMES)))
 
 
-def one_task(A: Model, B: Model, tname: str, seed: int, shots: int) -> list[str]:
+def one_task(A: Model, B: Model, tname: str, seed: int, shots: int,
+             recipes: tuple[tuple[float, int], ...] = RECIPES) -> list[str]:
     """The printed lines of one task: zero-shot and few-shot FT, then one line per recipe."""
     from transport.zoo.train import Augment, TrainConfig, finetune
 
@@ -58,7 +61,7 @@ def one_task(A: Model, B: Model, tname: str, seed: int, shots: int) -> list[str]
     fs, choice = fewshot_finetune(B, task, shots, seed)
     out = [f"{tname}: zero-shot A {100 * accuracy(A, task):.1f}, B {100 * accuracy(B, task):.1f}; few-shot FT of B "
            f"(K = {shots}) {100 * fs:.1f} (lr {choice['lr']:g}, {choice['steps']} steps)"]
-    for lr, steps in RECIPES:
+    for lr, steps in recipes:
         c0 = time.process_time()
         cfg = TrainConfig(steps=steps, batch_size=64, lr=lr, augment=Augment(shift=0), seed=seed)
         ra, rb = finetune(A, x, y, cfg.with_seed(2 * seed + 1)), finetune(B, x, y, cfg.with_seed(2 * seed + 2))
@@ -80,7 +83,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", default=None, help="zoo directory (default: $TRANSPORT_ZOO_DIR or the cache)")
+    ap.add_argument("--source", default="A", help="the source's pretrained zoo model (W_grown: a 2x wider pair)")
     ap.add_argument("--target", default="B_indep")
+    ap.add_argument("--recipes", nargs="+", type=int, default=None,
+                    help="indices into RECIPES (default: all); 0 is the zoo's own")
     ap.add_argument("--tasks", nargs="+", default=["hflip", "rot90"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shots", type=int, default=2)
@@ -99,10 +105,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not zoo.is_built(a.root):
             print("the demo zoo is not built; run `python -m transport zoo build` (or give --root)", file=sys.stderr)
             return 2
-        A, B = load_zoo_model(f"A@{a.seed}", a.root), load_zoo_model(f"{a.target}@{a.seed}", a.root)
-        print(f"the zoo's A and {a.target} (seed {a.seed}), test accuracy %:")
+        A, B = load_zoo_model(f"{a.source}@{a.seed}", a.root), load_zoo_model(f"{a.target}@{a.seed}", a.root)
+        print(f"the zoo's {a.source} and {a.target} (seed {a.seed}), test accuracy %:")
+    recipes = RECIPES if a.recipes is None else tuple(RECIPES[i] for i in a.recipes)
     for t in a.tasks:
-        print("\n".join(one_task(A, B, t, a.seed, a.shots)), flush=True)
+        print("\n".join(one_task(A, B, t, a.seed, a.shots, recipes)), flush=True)
     return 0
 
 

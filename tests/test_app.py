@@ -479,3 +479,35 @@ def test_model_ref_key_follows_file_content(tmp_path):
     os.utime(f, ns=(1, 1))
     f.write_bytes(b"22")
     assert logic.ModelRef(str(f)).key() != k1
+
+
+def test_gradfix_page_says_when_the_papers_ordering_fails_with_the_measured_share(app):
+    if not built("gradfix"):
+        pytest.skip("gradfix not built")
+    from transport.zoo import ordering
+    from transport.zoo.train import fewshot_finetune
+
+    at = app
+    pick_pair(at, "indep")
+    at.switch_page("views/gradfix.py").run()
+    press(at, "gf-run")
+    ok(at)
+    run = the_run(at, "gradfix")
+    # the four rows measured again here, independently of the page
+    task, B = run.loaded.task, run.loaded.target
+    ft, _ = fewshot_finetune(B, task, run.shots, run.setup.seed)
+    oracle_delta = get_method("gradfix").apply(run.prepared.alignment, run.loaded.tau, 1.0,
+                                               {"variant": "oracle", "oracle_tau": logic.oracle_tau(run)})
+    acc = {"naive": run.result.accuracies["naive"], "GradFix": run.result.accuracies["gradfix"],
+           "few-shot FT": ft, "K": run.shots,
+           "oracle mask": ordering.tuned_accuracy(B, oracle_delta, task, list(run.result.sweep.alphas))}
+    share = logic.oracle_agreement(run)["agreement_total"]
+    texts = [m.value for m in at.markdown]
+    failed = [t for t in texts if "does not hold" in t]
+    if ordering.ordered(acc):
+        assert not failed and any(t.startswith("On this pair the paper's ordering holds") for t in texts)
+    else:
+        assert len(failed) == 1 and f"on only {100 * share:.0f}% of the voted entries" in failed[0]
+        a, b = ordering.failures(acc)[0]
+        assert f"{ordering.LABELS[b]} {100 * acc[b]:.1f}% is not above {ordering.LABELS[a]} {100 * acc[a]:.1f}%" \
+            in failed[0]

@@ -487,3 +487,27 @@ def test_gradfix_on_transfusion_composes_exactly(task, tmp_path):
     assert not composed.transported.allclose(plain.transported)
     with pytest.raises(TransportError, match="^cannot compose gradfix with itself$"):
         transfer(src, ft, tgt, "gradfix", on="gradfix", **kw)
+
+
+def test_votes_do_not_depend_on_threads_or_micro_batch(task):
+    """One sample per worker (micro-batch 1, any number of workers) gives byte-identical votes and mean
+    gradients; vmap micro-batches give the same vote."""
+    target = model(1, torch.float64)
+    start = torch.get_num_threads()
+    runs = {}
+    try:
+        for threads in (1, 2):
+            for mb in (1, 3):
+                torch.set_num_threads(threads)
+                runs[threads, mb] = prepare(inputs(target, task, shots=1), {"micro_batch": mb})
+                assert torch.get_num_threads() == threads  # restored after the vote
+    finally:
+        torch.set_num_threads(start)
+    a = runs[1, 1]
+    for key, b in runs.items():
+        for k in a.counts:
+            assert torch.equal(a.counts[k], b.counts[k]), (key, k)
+            torch.testing.assert_close(a.grad[k], b.grad[k], atol=1e-12, rtol=1e-9)
+            if key[1] == 1:
+                assert torch.equal(a.grad[k], b.grad[k]), (key, k)
+        assert b.mean_loss == pytest.approx(a.mean_loss, rel=1e-12)

@@ -482,3 +482,22 @@ def test_token_id_checks(tok, tmp_path):
     with pytest.raises(TransportError) as e:
         check_token_ids(retagged, target, [])
     assert str(e.value) == f"task r was tokenised by {theirs}, not by the target's tokenizer ({mine})"
+
+
+@pytest.mark.parametrize("labels", [True, False], ids=["label-word", "every-token"])
+def test_one_text_at_a_time_votes_equal_the_batched_path(labels):
+    """Plain autograd one text at a time (the language-model-scale path) votes as vmap over a micro-batch,
+    the tied embedding counted once (one tensor, both roles' gradients summed before its sign is taken)."""
+    target = random_decoder(ARCH, 1)
+    assert ARCH.tied_embeddings
+    task = random_texts(48, 0, labels)
+    x, y = task.shots(4, 0)
+    loss_fn, _ = task_loss(target, task)
+    one = collect_votes(loss_fn, target.params, x, y, micro_batch=1)
+    many = collect_votes(loss_fn, target.params, x, y, micro_batch=len(y))
+    assert one.micro_batch == 1 and many.micro_batch == len(y) and set(one.counts) == set(target.params)
+    for k in many.counts:
+        assert torch.equal(one.counts[k], many.counts[k]), k
+        torch.testing.assert_close(one.grad[k], many.grad[k], atol=1e-12, rtol=1e-9)
+    assert one.mean_loss == pytest.approx(many.mean_loss, rel=1e-12)
+    assert int(one.counts["embed.tokens"].abs().max()) <= len(y)

@@ -64,3 +64,36 @@ def test_loss_along_the_masked_tau_starts_downhill_as_first_order_says(pair):
     # the mean vote over the same shots: a small step lowers their loss by about alpha <g, delta>
     assert rows[0]["shots"] < 0 and rows[0]["shots"] == pytest.approx(rows[0]["first_order"], rel=0.2)
     assert rows[1]["logit_norm"] > 0
+
+
+def test_ordering_note_appears_exactly_when_the_ordering_fails_and_names_the_measured_share():
+    from transport.zoo import ordering
+
+    held = {"naive": 0.30, "few-shot FT": 0.40, "GradFix": 0.50, "oracle mask": 0.80, "K": 2}
+    assert ordering.ordered(held) and ordering.note(held, 0.734) is None
+    tie = {**held, "GradFix": 0.40}  # strict: a tie with few-shot fine-tuning is not above it
+    assert not ordering.ordered(tie) and ordering.failures(tie) == [("few-shot FT", "GradFix")]
+    assert "GradFix 40.0% is not above" in ordering.note(tie, 0.5)
+    lost = {**held, "GradFix": 0.333, "few-shot FT": 0.554}
+    said = ordering.note(lost, 0.6049)
+    assert said is not None and said.count(". ") == 0 and said.endswith(".")  # one sentence
+    assert "on only 60% of the voted entries" in said and "K = 2" in said
+    assert "GradFix 33.3% is not above few-shot fine-tuning of the target 55.4%" in said
+    assert "the mask keeps little of what helps" in said
+    only_oracle = {**held, "oracle mask": 0.45}  # GradFix beats fine-tuning; only the oracle mask is below it
+    s2 = ordering.note(only_oracle, 0.9)
+    assert "the oracle mask 45.0% is not above GradFix 50.0%" in s2 and "keeps little" not in s2
+
+
+def test_ordering_measure_takes_known_rows_and_fine_tunes_on_the_same_shots(pair):
+    from transport.core.evaluate import accuracy
+    from transport.zoo import ordering
+
+    A, B, task, tau, tau_b = pair
+    m = ordering.measure(B, task, 1, 0, [0.0, 1.0], {"oracle mask": tau_b}, {"naive": 0.123, "GradFix": 0.456})
+    assert m["naive"] == 0.123 and m["GradFix"] == 0.456 and m["K"] == 1
+    # alpha 1 on tau_B is B's own fine-tune: the oracle row is at least what validation picks between B and it
+    assert m["oracle mask"] in (accuracy(B, task), accuracy(B, task, "test", tau_b.apply_to(B.params, 1.0)))
+    from transport.zoo.train import FEWSHOT_STEPS
+
+    assert m["ft_choice"]["steps"] in (0,) + FEWSHOT_STEPS

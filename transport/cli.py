@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--full-model-names", action="store_true",
                    help="open_clip targets: write task_vector.safetensors under the whole CLIP model's names "
                         "(visual.*, for model.load_state_dict) instead of the image tower's (model.visual)")
+    r.add_argument("--tower-only", action="store_true",
+                   help="towers that differ only in their output projection: move the tower alone (the projection's "
+                        "update is left at zero, or dropped when the target has none; the report names what)")
     r.add_argument("--no-cache", action="store_true", help="recompute the alignment even if it is cached")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="any option the method declares")
@@ -389,9 +392,13 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     models = [m for m in (target, source_pre, source_ft, oracle) if m is not None]
     task = _load_task(args, target, models, [info, base_info], grid)
     # Fail before any long computation: architecture, data needs, heads to evaluate with.
+    moved = source_pre
+    if args.tower_only:
+        from transport.tower_only import tower_view
+        moved = tower_view(source_pre, source_ft, target).source_pre
     for m in (info, base_info):
         if m is not None:
-            check_compatible(m, TransportInputs(source_pre, target, task, args.shots, args.seed, device))
+            check_compatible(m, TransportInputs(moved, target, task, args.shots, args.seed, device))
     if task is not None and not task.labelled and getattr(task, "kind", "image") == "text":
         print(f"note: {args.data} holds texts without labels: perplexity only"
               + ("" if args.alpha is not None else " (alpha chosen on the validation loss)"), file=sys.stderr)
@@ -404,7 +411,7 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         result = cli_transfer(args, transfer)(source_pre, source_ft, target, info.name, task=task, options=options, alpha=args.alpha,
                           alpha_grid=grid, shots=args.shots, seed=args.seed, device=device, oracle=oracle,
                           progress=bar, use_cache=use_cache, evaluate=task is not None,
-                          on=base_info.name if base_info else None)
+                          on=base_info.name if base_info else None, tower_only=args.tower_only)
     finally:
         bar.close()
     _write_run(args, argv, out, inputs, result, source_pre, target, info, base_info, task, device)

@@ -20,6 +20,7 @@ from transport.errors import TransportError, warn
 from transport.methods import (MethodInfo, Progress, TransportInputs, check_compatible, get_method, no_progress,
                                resolve_device)
 from transport.methods.theseus_inputs import shares_token_ids, tokenizer_identity
+from transport.tower_only import left_out_line, tower_view
 
 
 @dataclass
@@ -164,7 +165,7 @@ def _evaluate(result: TransferResult, timings: dict[str, float], source_pre: Mod
     Progress: 0.75-0.95 over the sweeps, one step per alpha; 0.95-1.0 over the test accuracies.
     """
     name = result.method
-    naive_too = name != "naive" and same_shapes(source_pre.arch, target.arch)
+    naive_too = name != "naive" and same_shapes(tau.arch, target.arch)
     sweeps = (1 + int(naive_too)) if alpha is None else 0
     t2 = time.perf_counter()
 
@@ -229,7 +230,7 @@ def transfer(source_pre: Model, source_ft: Model, target: Model, method: str, ta
              shots: int = 2, seed: int = 0, device: str | None = "cpu", oracle: Optional[Model] = None,
              progress: Progress = no_progress, use_cache: bool = True, cache_dir: Optional[Path] = None,
              evaluate: bool = True, on: Optional[str] = None, prepared: Optional[Prepared] = None,
-             prepared_on: Optional[Prepared] = None) -> TransferResult:
+             prepared_on: Optional[Prepared] = None, tower_only: bool = False) -> TransferResult:
     """Transport tau = source_ft - source_pre onto ``target`` with ``method``; evaluate when a task is given.
 
     alpha: fixed if given, else chosen on the task's validation split over ``alpha_grid``.
@@ -237,6 +238,8 @@ def transfer(source_pre: Model, source_ft: Model, target: Model, method: str, ta
     mask on TransFusion's pi(tau)); both alignments are prepared (and cached) on the same inputs.
     prepared / prepared_on: alignments the caller already holds for these inputs (from :func:`prepare`),
     used instead of preparing (or loading from the cache) again.
+    tower_only: towers that differ only in their output projection move the tower alone
+    (:mod:`transport.tower_only`): the projection's update is zero (or dropped); the report names what was left out.
     """
     device = resolve_device(device)
     if not same_shapes(source_pre.arch, source_ft.arch):
@@ -247,12 +250,19 @@ def transfer(source_pre: Model, source_ft: Model, target: Model, method: str, ta
     # line when they cannot be matched); the map's counts go into the report's diagnostics
     source_pre, source_ft, vocabulary = to_target_vocabulary(source_pre, source_ft, target)
     check_token_ids(task, target, [source_pre, source_ft, oracle], vocab_map=vocabulary)
-    tau = TaskVector.from_models(source_pre.params, source_ft.params, source_pre.arch)
+    left_out: dict[str, str] = {}
+    moved_pre, moved_ft = source_pre, source_ft
+    if tower_only:
+        view = tower_view(source_pre, source_ft, target)
+        moved_pre, moved_ft, left_out = view.source_pre, view.source_ft, view.left_out
+        if left_out:
+            warn(left_out_line(left_out))
+    tau = TaskVector.from_models(moved_pre.params, moved_ft.params, moved_pre.arch)
     # images without classes: no accuracies; texts: perplexity always, accuracy with labels
     scored = task is not None and evaluate and (task.labelled or is_text(task))
     check_alphas([alpha] if alpha is not None else (alpha_grid or default_alpha_grid()) if scored else [1.0],
                  tau, target.params)
-    inputs = TransportInputs(source_pre, target, task, shots, seed, device)
+    inputs = TransportInputs(moved_pre, target, task, shots, seed, device, left_out=tuple(left_out))
     base = None
     name = method if isinstance(method, str) else method.name
     if on is not None:
@@ -277,6 +287,9 @@ def transfer(source_pre: Model, source_ft: Model, target: Model, method: str, ta
                                     "task": task.name if task else "", "shots": str(shots), "seed": str(seed)})
     if vocabulary is not None:
         result.diagnostics["vocabulary"] = vocabulary
+    if left_out:
+        result.diagnostics["tower_only"] = {"left_out": left_out}
+        result.warnings.append(left_out_line(left_out))
     if task is not None and task.labelled and "labelled" in (prep.method.data, base.method.data if base else ""):
         result.shots_per_class = task.shot_counts(shots)
     if scored:

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Iterable, Mapping, Optional
 
 import torch
 
@@ -221,14 +222,25 @@ def _head_from_state(sd: Mapping[str, Tensor], md: Mapping[str, str], what: str)
     return Classifier(w.float(), None if b is None else b.float(), normalize=normalize, classnames=names)
 
 
-def resolve_arch(path: str | os.PathLike, md: Mapping[str, str], arch: Optional[Arch]) -> Arch:
+_DECODER_KEY = re.compile(r"(^|\.)(layers\.\d+\.(self_attn|mlp)\.|h\.\d+\.(attn|mlp)\.c_)")
+
+
+def arch_hint(keys: Iterable[str]) -> str:
+    """What ``--arch`` could be for a file holding ``keys``: a Hugging Face decoder's names
+    (``model.layers.0.self_attn.q_proj.weight``, GPT-2's ``h.0.attn.c_attn.weight``) or an image tower's."""
+    if any(_DECODER_KEY.search(k) for k in keys):
+        return "--arch hf:ORG/NAME, a model directory or a config.json"
+    return "e.g. open_clip:ViT-B-16"
+
+
+def resolve_arch(path: str | os.PathLike, md: Mapping[str, str], arch: Optional[Arch],
+                 keys: Iterable[str] = ()) -> Arch:
     """The architecture to read a file with: the one given, which must not contradict the one the file
-    records (``arch`` metadata); else the recorded one."""
+    records (``arch`` metadata); else the recorded one. ``keys``: the file's tensor names (for the hint)."""
     recorded = Arch.from_json(md["arch"]) if "arch" in md else None
     if arch is None:
         if recorded is None:
-            raise TransportError(f"{path}: the file does not say its architecture; pass --arch "
-                                 "(e.g. open_clip:ViT-B-16)")
+            raise TransportError(f"{path}: the file does not say its architecture; pass --arch ({arch_hint(keys)})")
         return recorded
     if recorded is not None:
         diffs = [d.replace(" vs ", " in the file, ", 1) + " by --arch" for d in recorded.differences(arch)]
@@ -245,7 +257,7 @@ def load_file_model(path: str, arch: Optional[Arch], trust_pickle: bool = False)
     Hugging Face directory it names, or open_clip's own)."""
     given = arch
     sd, md = read_checkpoint(path, trust_pickle, lazy=True)
-    arch = resolve_arch(path, md, arch)
+    arch = resolve_arch(path, md, arch, sd)
     fam = family_of(arch)
     if not getattr(fam, "streams", False) and isinstance(sd, LazyWeights):
         sd, md = read_checkpoint(path, trust_pickle)
@@ -333,7 +345,7 @@ def load_task_vector(path: str | os.PathLike, arch: Optional[Arch] = None, trust
     sd, md = read_checkpoint(path, trust_pickle)
     if arch is None and "arch" not in md:
         raise TransportError(f"{path}: no architecture in the file's metadata; pass --arch")
-    arch = resolve_arch(path, md, arch)
+    arch = resolve_arch(path, md, arch, sd)
     fam = family_of(arch)
     table = fam.table
     tower = {table.alias(k): v for k, v in fam.tower(sd, arch).items()}

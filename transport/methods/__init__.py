@@ -57,6 +57,7 @@ class TransportInputs:
     seed: int = 0
     device: str = "cpu"
     source_finetuned: Optional[Model] = None  # only for oracle-style diagnostics; prepare must not need it
+    left_out: tuple[str, ...] = ()  # target tensors outside the transport (tower only): their update stays zero
 
 
 @dataclass(frozen=True)
@@ -187,8 +188,8 @@ def arch_difference(a: Arch, b: Arch) -> str:
     diff = a.differences(b, ignore=_COSMETIC) or a.differences(b, ignore=("name",))
     out = ", ".join(diff) or "tensor shapes"
     if diff and all(d.startswith("output_dim ") for d in diff):
-        out += (" only: the towers match but one has an output projection the other lacks (theseus maps the "
-                "shared tower; the projection's update is dropped or left at zero)")
+        out += (" only: the towers match but their output projections differ (theseus maps the shared tower; "
+                "pass --tower-only to move the tower alone: the projection's update is dropped or left at zero)")
     return out
 
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -74,6 +76,29 @@ def per_sample_grads(loss_fn: LossFn, params: dict[str, Tensor], pixels: Tensor 
     grad_fn = torch.func.vmap(torch.func.grad_and_value(one), in_dims=(None, 0, 0))
     grads, losses = grad_fn({k: params[k] for k in names}, pixels, labels)
     return grads, losses
+
+
+def one_sample_grads(loss_fn: LossFn, params: dict[str, Tensor], pixels: Tensor | TextBatch, labels: Tensor,
+                     names: list[str]) -> tuple[dict[str, Tensor], Tensor]:
+    """Like :func:`per_sample_grads` for one sample with plain autograd: no vmap, so the only extra memory is
+    one gradient per parameter (at language-model scale vmap's batched intermediates do not fit)."""
+    wanted = set(names)
+    leaves = {k: params[k].detach().requires_grad_(True) for k in names}
+    full = {k: (leaves[k] if k in wanted else v) for k, v in params.items()}
+    with torch.enable_grad():
+        loss = loss_fn(full, pixels, labels).sum()
+        grads = torch.autograd.grad(loss, [leaves[k] for k in names], allow_unused=True)
+    out = {k: (torch.zeros_like(params[k]) if g is None else g).unsqueeze(0) for k, g in zip(names, grads)}
+    return out, loss.detach().reshape(1)
+
+
+def sample_workers() -> int:
+    """Samples computed side by side on CPU: torch's thread setting, at most the cores this process may use."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(torch.get_num_threads(), cores))
 
 
 def invariant_tensors(arch: Arch) -> list[str]:
@@ -144,34 +169,11 @@ def collect_votes(loss_fn: LossFn, params: dict[str, Tensor], pixels: Tensor | T
     gsum = {k: torch.zeros_like(params[k]) for k in names}
     b = micro_batch if micro_batch > 0 else auto_micro_batch(params, names, pixels, arch)
     b_used, i, loss_sum = b, 0, 0.0
+    if b == 1 and pixels.device.type == "cpu" and n > 1:
+        loss_sum, i = _side_by_side(loss_fn, params, pixels, labels, names, counts, gsum, cdtype, progress), n
     while i < n:
-        j = min(n, i + b)
-        chunk = pixels[i:j]
-        if isinstance(chunk, TextBatch):
-            chunk = chunk.trimmed()  # the chunk's longest text sets its length; shorter texts are masked
-        try:
-            grads, losses = per_sample_grads(loss_fn, params, chunk, labels[i:j], names)
-        except RuntimeError as e:
-            if not _is_oom(e) or b == 1:
-                raise
-            b = max(1, b // 2)
-            b_used = min(b_used, b)
-            if pixels.device.type == "cuda":
-                torch.cuda.empty_cache()
-            continue
-        if not bool(torch.isfinite(losses).all()):
-            raise TransportError("gradfix: the loss is not finite on the labelled samples (NaN/Inf in the "
-                                 f"{'texts' if isinstance(pixels, TextBatch) else 'images'} or the model)")
-        loss_sum += float(losses.double().sum())
-        for k in names:  # one sample at a time, in place: the fewest passes over the per-sample gradients
-            g = grads.pop(k)
-            if 0 in g.stride():  # an expanded (broadcast) gradient cannot be overwritten in place
-                g = g.contiguous()
-            for gi in g.unbind(0):
-                gsum[k].add_(gi)
-                counts[k].sub_(gi.sign_().to(cdtype))  # sum_n sign(-g_n)
-            del g
-        i = j
+        i, b, b_used, loss_sum = _one_chunk(loss_fn, params, pixels, labels, names, counts, gsum, cdtype,
+                                            i, b, b_used, loss_sum)
         progress(i / n, f"gradfix: gradients of {i}/{n} samples")
     grad = {}
     for k in names:
@@ -181,6 +183,85 @@ def collect_votes(loss_fn: LossFn, params: dict[str, Tensor], pixels: Tensor | T
     counts = {k: v.cpu() for k, v in counts.items()}
     no_grad = [k for k in names if not counts[k].any() and not grad[k].any()]
     return Votes(counts, grad, n, loss_sum / n, b_used, no_grad)
+
+
+def _side_by_side(loss_fn: LossFn, params: dict[str, Tensor], pixels: Tensor | TextBatch, labels: Tensor,
+                  names: list[str], counts: dict[str, Tensor], gsum: dict[str, Tensor], cdtype: torch.dtype,
+                  progress: Progress) -> float:
+    """One sample per worker thread, each on one torch thread, folded in sample order.
+
+    Samples run side by side instead of splitting each operation over threads: no thread waits at a
+    parallel region's barrier for a starved sibling when another process holds a core, and every sample's
+    gradient is computed by the same single-threaded kernels whatever the worker count, so the vote and the
+    mean gradient are byte-identical for any count.
+    """
+    n, workers, start = len(labels), sample_workers(), torch.get_num_threads()
+
+    def grads_of(i: int) -> tuple[dict[str, Tensor], Tensor]:
+        chunk = pixels[i:i + 1]
+        return one_sample_grads(loss_fn, params, chunk.trimmed() if isinstance(chunk, TextBatch) else chunk,
+                                labels[i:i + 1], names)
+
+    loss_sum = 0.0
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            pending = [pool.submit(grads_of, i) for i in range(min(workers, n))]
+            for i in range(n):
+                grads, losses = pending.pop(0).result()
+                if i + workers < n:
+                    pending.append(pool.submit(grads_of, i + workers))
+                loss_sum += _fold(grads, losses, pixels, names, counts, gsum, cdtype)
+                del grads
+                progress((i + 1) / n, f"gradfix: gradients of {i + 1}/{n} samples")
+    finally:
+        torch.set_num_threads(start)
+    return loss_sum
+
+
+def _fold(grads: dict[str, Tensor], losses: Tensor, pixels: Tensor | TextBatch, names: list[str],
+          counts: dict[str, Tensor], gsum: dict[str, Tensor], cdtype: torch.dtype) -> float:
+    """Add per-sample gradients [b, *shape] into the sum and their descent signs into the vote; the loss sum."""
+    if not bool(torch.isfinite(losses).all()):
+        raise TransportError("gradfix: the loss is not finite on the labelled samples (NaN/Inf in the "
+                             f"{'texts' if isinstance(pixels, TextBatch) else 'images'} or the model)")
+    for k in names:  # one sample at a time, in place: the fewest passes over the per-sample gradients
+        g = grads.pop(k)
+        if 0 in g.stride():  # an expanded (broadcast) gradient cannot be overwritten in place
+            g = g.contiguous()
+        for gi in g.unbind(0):
+            gsum[k].add_(gi)
+            counts[k].sub_(gi.sign_().to(cdtype))  # sum_n sign(-g_n)
+        del g
+    return float(losses.double().sum())
+
+
+def _one_chunk(loss_fn: LossFn, params: dict[str, Tensor], pixels: Tensor | TextBatch, labels: Tensor,
+               names: list[str], counts: dict[str, Tensor], gsum: dict[str, Tensor], cdtype: torch.dtype,
+               i: int, b: int, b_used: int, loss_sum: float) -> tuple[int, int, int, float]:
+    """Fold samples i..i+b into the vote (one sample: plain autograd; more: vmap); halves b on out-of-memory."""
+    n = len(labels)
+    while True:
+        j = min(n, i + b)
+        chunk = pixels[i:j]
+        if isinstance(chunk, TextBatch):
+            chunk = chunk.trimmed()  # the chunk's longest text sets its length; shorter texts are masked
+        try:
+            if j - i == 1:
+                grads, losses = one_sample_grads(loss_fn, params, chunk, labels[i:j], names)
+            else:
+                grads, losses = per_sample_grads(loss_fn, params, chunk, labels[i:j], names)
+        except RuntimeError as e:
+            if not _is_oom(e) or b == 1:
+                raise
+            b = max(1, b // 2)
+            b_used = min(b_used, b)
+            if pixels.device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        break
+    loss_sum += _fold(grads, losses, pixels, names, counts, gsum, cdtype)
+    return j, b, b_used, loss_sum
 
 
 # ----------------------------------------------------------------------------------------------
@@ -409,7 +490,7 @@ def prepare(inputs: TransportInputs, options: dict, progress: Progress = no_prog
     else:
         pixels = preprocess(target.arch, x.to(inputs.device)).to(dtype)
     progress(0.0, f"gradfix: per-sample gradients of {len(y)} samples on {inputs.device}")
-    skip = set(invariant_tensors(target.arch))
+    skip = set(invariant_tensors(target.arch)) | set(inputs.left_out)  # left out: no vote, passed through
     names = [k for k in params if k not in skip]
     votes = collect_votes(loss_fn, params, pixels, y.to(inputs.device), names=names,
                           micro_batch=int(opts["micro_batch"]), arch=target.arch, progress=progress)

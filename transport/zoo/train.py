@@ -20,6 +20,7 @@ from transport.core.heads import Classifier
 from transport.core.layout import param_axes
 from transport.core.model import Model
 from transport.core.stems import preprocess
+from transport.data import Task
 from transport.errors import TransportError
 from transport.sources import init_params as family_init
 
@@ -182,4 +183,37 @@ def finetune(model: Model, images: Tensor, labels: Tensor, cfg: TrainConfig,
                  on_step=on_step)
 
 
-__all__ = ["Augment", "TrainConfig", "TrainResult", "init_params", "init_head", "train", "finetune"]
+# The few-shot fine-tuning baseline's choices (learning rate x step count, picked on validation).
+FEWSHOT_LRS = (1e-3, 3e-3)
+FEWSHOT_STEPS = (5, 10, 20, 40, 80, 160, 320)
+
+
+def fewshot_finetune(model: Model, task: Task, shots: int, seed: int, device: str = "cpu",
+                     lrs: tuple[float, ...] = FEWSHOT_LRS,
+                     steps: tuple[int, ...] = FEWSHOT_STEPS) -> tuple[float, dict]:
+    """Fine-tune the tower of ``model`` (its head frozen) on K samples per class with AdamW, full batch.
+
+    The shots are ``task.shots(shots, seed)``, the ones GradFix votes on. The learning rate and the number of
+    steps (0 = the model itself) are chosen on the validation split, the split that chooses every transported
+    update's alpha; returns the test accuracy of the chosen run and the choice.
+    """
+    from transport.core.evaluate import accuracy
+
+    x, y = task.shots(shots, seed)
+    head = model.classifier(task.classnames)
+    best = (accuracy(model, task, "val", device=device), 0, 0.0, model.params)
+    for lr in lrs:
+        cfg = TrainConfig(steps=max(steps), batch_size=len(y), lr=lr, augment=Augment(shift=0), seed=seed,
+                          train_head=False)
+        res = train(model.params, head, model.arch, x, y, cfg, snapshot_at=tuple(steps))
+        for s in steps:
+            p = res.snapshots[s][0]
+            v = accuracy(model, task, "val", p, head, device=device)
+            if v > best[0]:
+                best = (v, s, lr, p)
+    acc = accuracy(model, task, "test", best[3], head, device=device)
+    return acc, {"val": best[0], "steps": best[1], "lr": best[2]}
+
+
+__all__ = ["Augment", "TrainConfig", "TrainResult", "init_params", "init_head", "train", "finetune",
+           "fewshot_finetune", "FEWSHOT_LRS", "FEWSHOT_STEPS"]
