@@ -107,8 +107,9 @@ with ui.guarded():
             ui.figure(vg.oracle_heatmap(oracle), f"gf-oracle-{run.id}",
                       "Why the mask works or not: " + vg.ORACLE_DEFINITION + " The oracle is "
                       f"{run.loaded.oracle.ref}, the target fine-tuned on the task.", filename="gradfix-oracle")
-        st.markdown(oracle_note(run, oracle))
-        said = ordering_note(run, oracle)
+        said = ordering_note(run, oracle)  # when the ordering fails, its sentence carries the share itself
+        if said is None or "does not hold" not in said:
+            st.markdown(oracle_note(run, oracle))
         if said is not None:
             st.markdown(said)
 
