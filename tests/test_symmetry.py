@@ -197,3 +197,45 @@ def test_older_vision_descriptions_still_read():
         Arch.from_json(json.dumps({**old, "bogus": 1}))
     with pytest.raises(TransportError, match="do not split into 3 key/value groups"):
         decoder(kv_heads=3)
+
+
+def test_sliced_objective_equals_the_whole_tensor_objective(monkeypatch):
+    """Large tensors are permuted and multiplied in row slices (an LLM's embedding); the objective is the same
+    sum, whichever axes the permutation moves (the embedding's columns, the MLP rows, the heads)."""
+    import transport.methods.weight_matching as wm
+
+    arch = decoder(width=64, heads=8, mlp_width=96, vocab_size=300)
+    A = {k: v.float() for k, v in random_params(arch, seed=1).items()}
+    B = {k: v.float() for k, v in random_params(arch, seed=2).items()}
+    Pi = random_permutation(arch, seed=3, kinds=("res", "mlp", "heads", "query", "within_vo"))
+    whole = wm.matching_objective(A, B, Pi, arch)
+    direct = sum(float((apply_permutation({k: A[k]}, Pi, arch)[k].double() * B[k].double()).sum()) for k in A)
+    assert whole == direct
+    monkeypatch.setattr(wm, "INNER_SLICE", 37)  # every tensor over 148 entries goes slice by slice
+    sliced = wm.matching_objective(A, B, Pi, arch)
+    assert abs(sliced - whole) <= 1e-12 * abs(whole) and sliced != 0.0
+
+
+def test_weight_matching_without_cached_similarities_finds_the_same_permutations(monkeypatch):
+    """Above the memory budget a variable's similarity is rebuilt at each visit instead of updated: the same
+    planted permutations come back, and the recorded objective is still the true one."""
+    import transport.methods.weight_matching as wm
+
+    arch = decoder(width=64, heads=8, mlp_width=96)
+    A = {k: v.float() for k, v in random_params(arch, seed=7).items()}
+    Pi = random_permutation(arch, seed=8, kinds=("res", "mlp", "heads", "query", "within_vo"))
+    B = apply_permutation(A, Pi, arch)
+    kept: list[bool] = []
+    real = wm.WeightMatcher._may_cache
+    monkeypatch.setattr(wm.WeightMatcher, "_may_cache", lambda self, v, S: kept.append(real(self, v, S)) or kept[-1])
+    full = align(A, B, arch, within="separate")
+    assert kept and all(kept)
+    kept.clear()
+    monkeypatch.setattr(wm, "CACHE_MIN_BYTES", 0)
+    monkeypatch.setattr(wm, "CACHE_SHARE", 0.0)
+    lean = align(A, B, arch, within="separate")
+    assert kept and not any(kept)
+    for s, p in Pi.items():
+        assert perm_equal(lean.perms[s], p) and perm_equal(full.perms[s], p), s
+    obj = lean.diagnostics()["objective_per_sweep"]
+    assert abs(obj[-1] - wm.matching_objective(A, B, lean.perms, arch)) <= 1e-6 * abs(obj[-1])  # float32 gains

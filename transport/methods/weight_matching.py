@@ -62,6 +62,7 @@ class _Var:
     seen: dict[str, int] = field(default_factory=dict)  # neighbour versions S was built from
     used: dict[str, Perm] = field(default_factory=dict)  # neighbour perms S was built from
     duals: Optional[Tensor] = None  # column potentials certifying the last solve (warm start of the next)
+    cached: Optional[bool] = None  # keeps S between visits (decided at the first visit, within the budget)
 
 
 @dataclass
@@ -92,14 +93,39 @@ def _cols(q: Tensor, idx: Tensor, tiles: int) -> Tensor:
     return (base + q[idx][None, :]).reshape(-1)
 
 
+#: similarities kept between visits for incremental updates: at most this share of one model's bytes, or this
+#: floor (ViT-B/16's twelve 3072 x 3072 MLP similarities, 0.45 GB, all stay; an LLM's do not)
+CACHE_SHARE = 0.25
+CACHE_MIN_BYTES = 512 << 20
+
+#: tensors above this many entries have their float64 inner product summed in row slices of about this size
+INNER_SLICE = 1 << 22
+
+
+def _permuted_inner(name: str, a: Tensor, b: Tensor, perms: Mapping[str, Perm], arch: Arch) -> float:
+    """<b, pi(a)> accumulated in float64. A large tensor (an LLM's embedding: 136M entries at 0.5B) is
+    permuted and multiplied in row slices, so neither its permuted copy nor its float64 copies exist whole
+    (they would be 2.7 GB there)."""
+    if a.numel() <= 4 * INNER_SLICE or a.dim() < 2:
+        pa = apply_permutation({name: a}, perms, arch)[name]
+        return float((pa.double() * b.to(pa.device).double()).sum())
+    idx = [axis_index(perms[ax.space], ax.role).to(a.device) if ax is not None and ax.space in perms else None
+           for ax in param_axes(arch)[name].axes]
+    rows = max(1, INNER_SLICE // (a.numel() // a.shape[0]))
+    total = 0.0
+    for i in range(0, a.shape[0], rows):
+        sl = a[i:i + rows] if idx[0] is None else a.index_select(0, idx[0][i:i + rows])
+        for d, ix in enumerate(idx[1:], start=1):
+            if ix is not None:
+                sl = sl.index_select(d, ix)
+        total += float((sl.double() * b[i:i + rows].to(sl.device).double()).sum())
+    return total
+
+
 def matching_objective(theta_A: Mapping[str, Tensor], theta_B: Mapping[str, Tensor], perms: Mapping[str, Perm],
                        arch: Arch) -> float:
     """sum_t <W_B^t, pi(W_A^t)>, the quantity weight matching maximises."""
-    total = 0.0
-    for k in param_axes(arch):
-        a = apply_permutation({k: theta_A[k]}, perms, arch)[k]
-        total += float((a.double() * theta_B[k].to(a.device).double()).sum())
-    return total
+    return sum(_permuted_inner(k, theta_A[k], theta_B[k], perms, arch) for k in param_axes(arch))
 
 
 class WeightMatcher:
@@ -152,14 +178,19 @@ class WeightMatcher:
                     acc[key] = st
                 st_all = acc
             else:
-                st = torch.zeros(v.size, v.size, device=device)
-                for mb, ma, _ in static.get("all", []):
-                    st += mb @ ma.t()
+                st_all = {}
+                if static.get("all"):  # an MLP variable has none: no [n, n] zeros kept per layer
+                    st = torch.zeros(v.size, v.size, device=device)
+                    for mb, ma, _ in static["all"]:
+                        st += mb @ ma.t()
+                    st_all = {"all": st}
                 self.perms[s] = torch.arange(v.size, device=device)
-                st_all = {"all": st}
             self.version[s] = 0
             self.vars[s] = _Var(s, v.kind, v.size, st_all, parts)
         self.stats = MatchStats()
+        model_bytes = sum(t.numel() * t.element_size() for t in A.values())
+        self.cache_budget = max(CACHE_MIN_BYTES, int(CACHE_SHARE * model_bytes))
+        self.cache_bytes = 0
 
     def _acc(self, role: str) -> str:
         """The similarity accumulator a heads-axis role feeds: one for all roles, or the q/k and v/o orders."""
@@ -207,7 +238,7 @@ class WeightMatcher:
             total = sum(self._index(r, p.role).numel() for r, parts in v.parts.items() for p in parts)
             incremental = 2 * moved < total
         if v.S is None or not incremental:
-            S = v.static["all"].clone()
+            S = v.static["all"].clone() if "all" in v.static else torch.zeros(v.size, v.size, device=self.device)
             for r, parts in v.parts.items():
                 for p in parts:
                     q = self._index(r, p.role)
@@ -228,6 +259,15 @@ class WeightMatcher:
         return S
 
     # -- one variable -------------------------------------------------------------------------
+    def _may_cache(self, v: _Var, S: Tensor) -> bool:
+        """Whether v keeps its similarity for incremental updates: first come, first served within the budget
+        (so a 0.5B LLM's 24 MLP similarities, 2.3 GB, do not all stay resident; the others are rebuilt)."""
+        if v.cached is None:
+            size = S.numel() * S.element_size()
+            v.cached = self.cache_bytes + size <= self.cache_budget
+            self.cache_bytes += size if v.cached else 0
+        return v.cached
+
     def _neighbours_changed(self, v: _Var) -> bool:
         return any(self.version[r] != v.seen.get(r, -1) for r in v.parts)
 
@@ -242,7 +282,7 @@ class WeightMatcher:
             S_heads = self._heads_similarity(v)
         else:
             S = self._similarity(v, incremental=accelerate)
-            v.S = S if accelerate else None
+            v.S = S if accelerate and self._may_cache(v, S) else None
         v.seen = {r: self.version[r] for r in v.parts}
         v.used = {r: self.perms[r].clone() for r in v.parts}
         t1, c1 = time.perf_counter(), time.process_time()
