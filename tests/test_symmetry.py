@@ -211,7 +211,8 @@ def test_sliced_objective_equals_the_whole_tensor_objective(monkeypatch):
     whole = wm.matching_objective(A, B, Pi, arch)
     direct = sum(float((apply_permutation({k: A[k]}, Pi, arch)[k].double() * B[k].double()).sum()) for k in A)
     assert whole == direct
-    monkeypatch.setattr(wm, "INNER_SLICE", 37)  # every tensor over 148 entries goes slice by slice
+    monkeypatch.setattr(wm, "INNER_WHOLE", 148)  # every tensor over 148 entries goes slice by slice
+    monkeypatch.setattr(wm, "INNER_SLICE", 37)
     sliced = wm.matching_objective(A, B, Pi, arch)
     assert abs(sliced - whole) <= 1e-12 * abs(whole) and sliced != 0.0
 

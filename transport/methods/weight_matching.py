@@ -98,15 +98,17 @@ def _cols(q: Tensor, idx: Tensor, tiles: int) -> Tensor:
 CACHE_SHARE = 0.25
 CACHE_MIN_BYTES = 512 << 20
 
-#: tensors above this many entries have their float64 inner product summed in row slices of about this size
-INNER_SLICE = 1 << 22
+#: tensors above INNER_WHOLE entries have their float64 inner product summed in row slices of about INNER_SLICE
+#: entries (small slices: freed memory the allocator keeps stays small too)
+INNER_WHOLE = 1 << 24
+INNER_SLICE = 1 << 20
 
 
 def _permuted_inner(name: str, a: Tensor, b: Tensor, perms: Mapping[str, Perm], arch: Arch) -> float:
     """<b, pi(a)> accumulated in float64. A large tensor (an LLM's embedding: 136M entries at 0.5B) is
     permuted and multiplied in row slices, so neither its permuted copy nor its float64 copies exist whole
     (they would be 2.7 GB there)."""
-    if a.numel() <= 4 * INNER_SLICE or a.dim() < 2:
+    if a.numel() <= INNER_WHOLE or a.dim() < 2:
         pa = apply_permutation({name: a}, perms, arch)[name]
         return float((pa.double() * b.to(pa.device).double()).sum())
     idx = [axis_index(perms[ax.space], ax.role).to(a.device) if ax is not None and ax.space in perms else None
