@@ -82,7 +82,7 @@ class TextZooConfig:
     vocab_train: TrainConfig = TrainConfig(steps=60, batch_size=16, lr=2e-3, weight_decay=0.01)
     finetune: TrainConfig = TrainConfig(steps=200, batch_size=16, lr=2e-3, weight_decay=0.0)
     #: fine-tuning steps per task where they differ from ``finetune.steps`` (the brackets need the longest)
-    finetune_steps: tuple[tuple[str, int], ...] = (("codeprose", 120), ("brackets", 300), ("sorted", 200))
+    finetune_steps: tuple[tuple[str, int], ...] = (("codeprose", 100), ("brackets", 500), ("sorted", 200))
     per_class: tuple[tuple[str, int], ...] = (("codeprose", 200), ("brackets", 200), ("sorted", 200))
     alpha_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 
