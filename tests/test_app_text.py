@@ -59,3 +59,48 @@ def test_prompt_report_compares_versions(tiny_text_zoo):
     assert max(rep.divergence["zero_shot_target"]) > 1e-3
     with pytest.raises(TransportError, match="type a prompt first"):
         prompt_report(versions, B.tokenizer, "", "source_finetuned")
+
+
+def test_transfusion_and_theseus_pages_on_a_text_pair(tiny_text_zoo, tmp_path, monkeypatch):
+    """TransFusion draws the query heads inside each matched key/value group (the alignment's own order); the
+    Theseus page words its captions for texts and tokens, not images and class tokens."""
+    import numpy as np
+
+    from test_app import arr, charts, ok, press, the_run
+    from transport.zoo import text_store
+    from viz.transfusion import permutation_matrix
+
+    monkeypatch.setenv("TRANSPORT_ZOO_DIR", str(tmp_path / "no-vision-zoo"))
+    monkeypatch.setenv("TRANSPORT_APP_DIR", str(tmp_path / "app-out"))
+    at = AppTest.from_file(APP, default_timeout=240).run()
+    ok(at)
+    at.text_input(key="setup-grid").set_value("0:2:5").run()
+    at.radio(key="setup-text-pair").set_value("control").run()
+    at.switch_page("views/transfusion.py").run()
+    ok(at)
+    press(at, "tf-run")
+    ok(at)
+    run = the_run(at, "transfusion")
+    arch = run.loaded.target.arch
+    assert arch.group_size > 1
+    true = text_store.true_permutation("B_control", tiny_text_zoo)
+    for layer in range(arch.layers):
+        if layer:
+            at.slider(key=f"tf-layer-{run.id}").set_value(layer).run()
+            ok(at)
+        fig = next(f for f in charts(at) if f["layout"]["title"]["text"].startswith(f"Layer {layer}: query heads"))
+        z = arr(next(t for t in fig["data"] if t["type"] == "heatmap")["z"]).reshape(arch.heads, arch.heads)
+        hp = run.prepared.alignment.perms[f"heads:{layer}"]
+        want = permutation_matrix(hp.query_heads().reshape(-1).tolist())
+        assert np.array_equal(z, want), (layer, z, want)
+        # the control pair's hidden shuffle is recovered: the drawn query heads are the true ones
+        assert np.array_equal(z, permutation_matrix(true[f"heads:{layer}"].query_heads().reshape(-1).tolist()))
+
+    at.switch_page("views/theseus.py").run()
+    ok(at)
+    press(at, "th-run")
+    ok(at)
+    said = " ".join(c.value for c in at.caption)
+    assert "one text's activation at the last token of its prompt" in said
+    assert "image" not in said.replace("images; texts on language models", "") and "class token" not in said
+    assert "source -> target, same text" in [t.get("name") for f in charts(at) for t in f["data"]]

@@ -108,6 +108,8 @@ def test_text_pair_pages_in_a_real_browser(text_server):
                 _no_error(page)
                 page.get_by_text(text).first.wait_for(timeout=240_000)
                 assert _plotly(page, 1) >= 1
+                if title == "TransFusion":  # grouped-query attention: the query heads inside each matched group
+                    page.get_by_text("Query heads inside the matched key/value groups").first.wait_for(timeout=60_000)
                 _shot(page, shots / f"text-0{i}-{title.lower()}.png")
 
             _pick_pair(page, "Deeper release grown from A")
@@ -115,6 +117,8 @@ def test_text_pair_pages_in_a_real_browser(text_server):
             _run(page, "Run theseus")
             _no_error(page)
             page.get_by_text("Procrustes residual per activation space").first.wait_for(timeout=240_000)
+            # a text's point is its prompt's last token, not an image's class token
+            page.get_by_text("one text's activation at the last token of its prompt").first.wait_for(timeout=60_000)
             _shot(page, shots / "text-05-theseus.png")
 
             for i, title in enumerate(("Compare", "Debug a transfer"), start=6):

@@ -89,7 +89,7 @@ def test_next_release_naive_is_below_the_oracle(tiny_text_zoo):
 def test_task_splits_are_disjoint_and_stratified(tiny_text_zoo):
     tok = make_tokenizer()
     tasks = load_tasks(tiny_text_zoo, VARIANTS["test"], tok, VARIANTS["test"].context)
-    assert set(tasks) == {"codeprose", "module", "brackets"}
+    assert tuple(tasks) == text_store.DEFAULT_TEXT_TASKS == ("codeprose", "brackets", "sorted")
     for name, task in tasks.items():
         seen = {}
         for split in ("train", "val", "test"):
@@ -100,6 +100,29 @@ def test_task_splits_are_disjoint_and_stratified(tiny_text_zoo):
                 assert key not in seen, f"{name}: a text of {split} is also in {seen.get(key)}"
                 seen[key] = split
         assert len(set(task.label_ids.tolist())) == len(task.classnames)
+
+
+def test_synthetic_task_labels_are_right():
+    from transport.zoo.text_corpus import read_stdlib
+    from transport.zoo.text_tasks import BRACKET_PAIRS, SORT_LENGTH, is_balanced, is_sorted, task_rows
+
+    lib = read_stdlib()
+    rows = task_rows("brackets", lib, 0, 150)
+    assert [r["label"] for r in rows].count("yes") == 150 and len({r["text"] for r in rows}) == 300
+    for r in rows:  # a near miss: one bracket turned around keeps the length of a balanced string
+        assert is_balanced(r["text"]) == (r["label"] == "yes"), r
+        assert 2 * BRACKET_PAIRS[0] <= len(r["text"]) <= 2 * BRACKET_PAIRS[1], r
+    assert not is_balanced("([)]") and not is_balanced("((") and is_balanced("[{}]()")
+    rows = task_rows("sorted", lib, 0, 150)
+    assert [r["label"] for r in rows].count("no") == 150 and len({r["text"] for r in rows}) == 300
+    for r in rows:
+        xs = r["text"].split()
+        assert is_sorted(r["text"]) == (r["label"] == "yes") and len(set(xs)) == len(xs), r
+        assert SORT_LENGTH[0] <= len(xs) <= SORT_LENGTH[1] and all(len(c) == 1 for c in xs), r
+    assert is_sorted("0 9 a z") and not is_sorted("a 0")
+    # the tasks are the same on every call (seeded)
+    assert task_rows("sorted", lib, 0, 20) == task_rows("sorted", lib, 0, 20) != task_rows("sorted", lib, 1, 20)
+    assert len(task_rows("codeprose", lib, 0, 10)) == 20
 
 
 def test_zoo_references_load_with_tokenizer_and_vocabulary(tiny_text_zoo):

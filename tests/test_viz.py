@@ -78,6 +78,28 @@ def test_head_confidence_is_scale_free():
     assert math.isnan(transfusion.head_confidence(cost[:1, :1], [0], [float("inf")])[0])
 
 
+def test_query_head_permutation_inside_matched_groups():
+    from transport.core.symmetry import HeadPermutation
+
+    # 3 key/value groups of 2 query heads: target group g takes source group kv[g], its query slot a the
+    # source slot q[g][a] of that group
+    kv, q = [2, 0, 1], [[1, 0], [0, 1], [1, 0]]
+    layer = {"layer": 1, "head_perm": kv, "query_perm": q}
+    want = HeadPermutation(torch.tensor(kv), torch.tensor(q), torch.zeros(3, 4, dtype=torch.long),
+                           torch.zeros(3, 4, dtype=torch.long)).query_heads().reshape(-1).tolist()
+    assert transfusion.query_heads(layer) == want == [5, 4, 0, 1, 3, 2]
+    fig = transfusion.query_head_permutation(layer)
+    z = np.asarray(next(t for t in fig.data if t.type == "heatmap").z)
+    expected = np.zeros((6, 6), dtype=int)
+    expected[np.arange(6), want] = 1  # row: target query head, column: the source query head moved onto it
+    assert np.array_equal(z, expected) and not np.array_equal(z, expected.T)
+    # one outline per matched pair of groups, around target rows 2g..2g+1 and source columns 2kv[g]..
+    boxes = [(s.x0 + 0.5, s.y0 + 0.5) for s in fig.layout.shapes]
+    assert boxes == [(2 * kv[g], 2 * g) for g in range(3)]
+    assert _xy(fig) == ("source query head", "target query head")
+    assert fig.layout.title.text.startswith("Layer 1: query heads") and "(0/6 stay)" in fig.layout.title.text
+
+
 def test_within_head_permutation_matrix():
     p = transfusion.permutation_matrix([1, 2, 0])
     assert p.tolist() == [[0, 1, 0], [0, 0, 1], [1, 0, 0]]
@@ -263,6 +285,18 @@ def test_space_names_are_explained():
     assert theseus.describe_space("res:3a") == "residual stream in block 3 after the attention branch"
     fig = theseus.procrustes_residual({"maps": [{"space": "ctx:1", "residual_before": 1.0, "residual_after": 0.5}]})
     assert list(fig.data[0].customdata) == [theseus.describe_space("ctx:1")]
+    # a language model: token embeddings, no class token, a text prompt's last token per point
+    maps = [{"space": "embed", "residual_before": 1.0, "residual_after": 0.5},
+            {"space": "ln_post", "residual_before": 1.0, "residual_after": 0.5}]
+    fig = theseus.procrustes_residual({"maps": maps, "calibration": {"kind": "texts"}})
+    said = " ".join(fig.data[0].customdata) + " " + " ".join(theseus.space_legend(text=True).values())
+    assert "token embeddings" in said and "class token" not in said and "patch" not in said
+    assert "class token" in " ".join(theseus.procrustes_residual({"maps": maps}).data[0].customdata)
+    cap = theseus.pca_caption(12, text=True)
+    assert "one text's activation at the last token of its prompt" in cap and "image" not in cap
+    assert "class-token" in theseus.pca_caption(12) and "12 display images" in theseus.pca_caption(12)
+    pca = theseus.pca_figure(np.eye(4), np.eye(4), np.eye(4), None, dims=2, sample="text")
+    assert {t.name for t in pca.data} >= {"source -> target, same text", "all texts"}
 
 
 def test_fit_to_width_pads_and_truncates():

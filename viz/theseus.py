@@ -42,14 +42,15 @@ def pca_basis(target: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def pca_figure(target, source, mapped, labels: Optional[Sequence[int]], classnames: Optional[Sequence[str]] = None,
-               dims: int = 2, space: str = "", before=None) -> go.Figure:
+               dims: int = 2, space: str = "", before=None, sample: str = "image") -> go.Figure:
     """Target activations (circles) and source activations (crosses), coloured by class, in the target's
     principal axes: left, source zero-padded / truncated to the target width (before alignment; ``before``
     if given, else computed); right, the mapped source X_A T (after). Overlapping clouds per class = the map
     lines the two models up.
 
     target [n, d_B], source [n, d_A], mapped [n, d_B], labels [n] or None (one colour); one trace per
-    (panel, model, class).
+    (panel, model, class). ``sample``: what one point is drawn from (``"image"``, or ``"text"`` on a language
+    model), in the legend.
     """
     if dims not in (2, 3):
         raise ValueError("dims must be 2 or 3")
@@ -58,7 +59,7 @@ def pca_figure(target, source, mapped, labels: Optional[Sequence[int]], classnam
         return empty_figure("no activation sample", "PCA of activations")
     y = np.zeros(len(xb), dtype=int) if labels is None else _np(labels).astype(int)
     if labels is None:
-        classnames = ["all images"]
+        classnames = [f"all {sample}s"]
     mu, v = pca_basis(xb, dims)
     xn = fit_to_width(xa, xb.shape[1]) if before is None else _np(before)
     panels = {"before: source zero-padded/truncated": xn, "after: mapped source X_A T": xm}
@@ -69,9 +70,9 @@ def pca_figure(target, source, mapped, labels: Optional[Sequence[int]], classnam
     names = list(classnames) if classnames else []
     for col, (panel, xs) in enumerate(panels.items(), start=1):
         proj_s = (xs - mu) @ v
-        # one segment per image from its source point to its target point: shorter after the map
+        # one segment per image (text) from its source point to its target point: shorter after the map
         seg = _segments(proj_s, proj_t)
-        line = dict(name="source -> target, same image", legendgroup="segments", showlegend=(col == 1),
+        line = dict(name=f"source -> target, same {sample}", legendgroup="segments", showlegend=(col == 1),
                     mode="lines", line=dict(color="rgba(80,80,80,0.35)", width=1), hoverinfo="skip", meta=THIN)
         if dims == 3:
             fig.add_trace(go.Scatter3d(x=seg[0], y=seg[1], z=seg[2], **line), row=1, col=col)
@@ -107,6 +108,28 @@ def pca_figure(target, source, mapped, labels: Optional[Sequence[int]], classnam
     return fig
 
 
+def is_text(arch) -> bool:
+    """Whether a model reads tokens (a language model: texts, no class token) rather than images."""
+    return getattr(arch, "stem", "") == "tokens"
+
+
+def pca_caption(n: int, text: bool = False) -> str:
+    """What one point of :func:`pca_figure` is: an image's class token, or a text prompt's last token (the one
+    that predicts the label word; a text's sample is the first calibration texts, which also fit the maps)."""
+    if text:
+        return (f"Each point is one text's activation at the last token of its prompt (the token that predicts the "
+                f"label word), coloured by its label: circles from the target, crosses from the source, a grey line "
+                f"joins the two of the same text. {n} texts: the first of the calibration texts, which also fit "
+                "the maps (every token of a text is a row there; only the last one is drawn). Both panels use the "
+                "target's main directions (PCA); after the map the lines should be short and the crosses sit on "
+                "the circles of the same colour.")
+    return (f"Each point is one image's class-token activation, coloured by its class: circles from the target, "
+            f"crosses from the source, a grey line joins the two of the same image. {n} display images taken "
+            "class by class (not the calibration images, which fit the maps). Both panels use the target's main "
+            "directions (PCA); after the map the lines should be short and the crosses sit on the circles of the "
+            "same colour.")
+
+
 def _segments(a: np.ndarray, b: np.ndarray) -> list[list]:
     """Per coordinate, a_i, b_i, None for every row i: one line segment per pair, in one trace."""
     out = []
@@ -137,16 +160,33 @@ SPACE_LEGEND = {
 }
 
 
-def describe_space(space: str) -> str:
-    """One line saying what a Theseus activation space is, e.g. ``res:2m`` -> residual stream after block 2's MLP."""
-    if space in SPACE_LEGEND:
-        return SPACE_LEGEND[space]
+#: what differs on a language model (tokens, no class token; ``ln_post`` is read at every token)
+TEXT_SPACE_LEGEND = {
+    "embed": "token embeddings (one row per real token)",
+    "ln1:L": "block L: norm 1 output (attention input)",
+    "ln2:L": "block L: norm 2 output (MLP input)",
+    "ln_post": "final norm output (every token; the last one predicts the label word)",
+    "proj": "projection output",
+}
+
+
+def space_legend(text: bool = False) -> dict[str, str]:
+    """:data:`SPACE_LEGEND`, or its wording for a language model (``text``)."""
+    return {**SPACE_LEGEND, **TEXT_SPACE_LEGEND} if text else dict(SPACE_LEGEND)
+
+
+def describe_space(space: str, text: bool = False) -> str:
+    """One line saying what a Theseus activation space is, e.g. ``res:2m`` -> residual stream after block 2's MLP
+    (``text``: worded for a language model)."""
+    legend = space_legend(text)
+    if space in legend:
+        return legend[space]
     kind, _, where = space.partition(":")
     digits = "".join(ch for ch in where if ch.isdigit())
     if not digits:
         return space
     key = f"{kind}:L{where[len(digits):]}"
-    return SPACE_LEGEND[key].replace("block L", f"block {digits}") if key in SPACE_LEGEND else space
+    return legend[key].replace("block L", f"block {digits}") if key in legend else space
 
 
 #: where each kind of Theseus space sits inside a block, in forward order (``res`` with suffix a / m)
@@ -168,8 +208,10 @@ def _space_order(space: str) -> tuple:
 
 
 def procrustes_residual(diag: Mapping) -> go.Figure:
-    """Per activation space, ||X_A T - X_B|| / ||X_B|| before (zero-pad/truncate) and after the Procrustes map."""
+    """Per activation space, ||X_A T - X_B|| / ||X_B|| before (zero-pad/truncate) and after the Procrustes map
+    (spaces described for a language model when the maps were fitted on texts)."""
     maps = list(diag.get("maps") or [])
+    text = (diag.get("calibration") or {}).get("kind") == "texts"
     if not maps:
         return empty_figure("this alignment has no maps", "Procrustes residual")
     maps = sorted(maps, key=lambda m: _space_order(str(m["space"])))
@@ -181,7 +223,7 @@ def procrustes_residual(diag: Mapping) -> go.Figure:
         if all(v is None for v in ys):
             continue
         fig.add_trace(go.Scatter(x=x, y=[np.nan if v is None else float(v) for v in ys], mode="lines+markers",
-                                 name=name, line=dict(color=color), customdata=[describe_space(sp) for sp in x],
+                                 name=name, line=dict(color=color), customdata=[describe_space(sp, text) for sp in x],
                                  hovertemplate="%{x}: %{y:.3f}<br>%{customdata}<extra>" + name + "</extra>"))
     fig.update_xaxes(type="category", tickangle=-45)
     fig.update_yaxes(rangemode="tozero")

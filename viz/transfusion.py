@@ -1,5 +1,6 @@
-"""TransFusion figures: head assignment over its cost matrix, within-head permutations, how far the
-permutations move from identity per layer, and the weight-matching objective per sweep.
+"""TransFusion figures: head assignment over its cost matrix, query heads inside matched key/value groups,
+within-head permutations, how far the permutations move from identity per layer, and the weight-matching
+objective per sweep.
 
 Inputs are the method's ``diagnostics()`` dict (or one of its ``layers`` entries).
 """
@@ -99,6 +100,43 @@ def within_head_permutation(perm: Sequence[int], target_head: int, source_head: 
     return finish(fig, f"Within-head permutation: target head {target_head} <- source head {source_head} "
                        f"({fixed}/{n} dims stay)", f"source dim (head {source_head})",
                   f"target dim (head {target_head})", height=420)
+
+
+def query_heads(layer: Mapping) -> list[int]:
+    """Per target query head t (global index, group t // r), the source query head moved onto it:
+    ``kv[g] * r + query_perm[g][a]`` for t = g * r + a (``layer`` is one entry of the diagnostics' layers)."""
+    kv = [int(g) for g in layer["head_perm"]]
+    q = [[int(a) for a in row] for row in layer.get("query_perm") or [[0] for _ in kv]]
+    r = len(q[0]) if q else 1
+    return [kv[g] * r + q[g][a] for g in range(len(kv)) for a in range(r)]
+
+
+def query_head_permutation(layer: Mapping, title: str | None = None) -> go.Figure:
+    """Grouped-query attention: which source query head went to which target query head (row: target query
+    head, column: source query head; P[t, s] = 1). A query head never leaves its key/value group, so the ones
+    sit in the blocks of the matched groups (outlined: target group g <- source group ``head_perm[g]``)."""
+    kv = [int(g) for g in layer["head_perm"]]
+    src = query_heads(layer)
+    H, G = len(src), len(kv)
+    r = H // max(G, 1)
+    P = permutation_matrix(src)
+    heads = list(range(H))
+    group_of = [t // r for t in heads]
+    hover = [[f"target query head {t} (group {t // r}) vs source query head {s} (group {s // r})"
+              + ("<br><b>moved here</b>" if P[t, s] else "") for s in heads] for t in heads]
+    fig = go.Figure(go.Heatmap(z=P, x=heads, y=heads, showscale=False, zmin=0, zmax=1, name="P",
+                               colorscale=[[0, "#f7f7f7"], [1, "#d62728"]], text=hover,
+                               hovertemplate="%{text}<extra></extra>"))
+    for g, sg in enumerate(kv):  # the matched key/value groups
+        fig.add_shape(type="rect", x0=sg * r - 0.5, x1=sg * r + r - 0.5, y0=g * r - 0.5, y1=g * r + r - 0.5,
+                      line=dict(color="#1f77b4", width=2), fillcolor="rgba(0,0,0,0)")
+    fixed = sum(1 for t, s in enumerate(src) if t == s)
+    fig.update_yaxes(autorange="reversed", dtick=1 if H <= 32 else None, scaleanchor="x", constrain="domain")
+    fig.update_xaxes(dtick=1 if H <= 32 else None, constrain="domain")
+    fig.update_layout(showlegend=False, meta={"group_of_target": group_of, "group_size": r})
+    lay = layer.get("layer", "?")
+    return finish(fig, title or f"Layer {lay}: query heads inside the matched key/value groups ({fixed}/{H} stay)",
+                  "source query head", "target query head", height=max(360, min(700, 36 * H + 140)))
 
 
 def _moved(fixed, size) -> float:

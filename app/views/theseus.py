@@ -7,9 +7,10 @@ from app import common, ui
 from viz import theseus as vth
 
 st.title("Theseus: mapping activations across models (and widths)")
-st.caption("Theseus shows both pretrained models the same images and finds, for every layer, the rotation T "
-           "that best lines up the source's activations X_A with the target's X_B (a Procrustes problem). The "
-           "same rotations carry tau into the target, even when the target is wider.")
+st.caption("Theseus shows both pretrained models the same inputs (images; texts on language models, every real "
+           "token one row) and finds, for every layer, the rotation T that best lines up the source's activations "
+           "X_A with the target's X_B (a Procrustes problem). The same rotations carry tau into the target, even "
+           "when the target is wider.")
 
 with ui.guarded():
     setup = common.need_setup()
@@ -17,6 +18,7 @@ with ui.guarded():
     options, shots, pressed = common.run_controls(setup, "theseus", info, "th")
     run = common.run_or_notice(setup, "theseus", pressed, options, shots)
     common.summary(run)
+    text = vth.is_text(run.loaded.target.arch)  # a language model: texts and tokens, no class token
     diag = run.result.diagnostics or run.prepared.alignment.diagnostics()
     alignment = run.prepared.alignment
 
@@ -26,7 +28,7 @@ with ui.guarded():
               "green after the map. Lower is better. The space names are explained below the chart.",
               filename="theseus-residual")
     with st.expander("What the space names mean (res:2m, ctx:1, ...)"):
-        items = [f"`{k}`: {v}" for k, v in vth.SPACE_LEGEND.items()]
+        items = [f"`{k}`: {v}" for k, v in vth.space_legend(text).items()]
         half = (len(items) + 1) // 2
         left, right = st.columns(2)
         left.markdown("  \n".join(items[:half]))
@@ -40,24 +42,24 @@ with ui.guarded():
         raise ui.Stop
     st.subheader("Activations before and after the map")
     c1, c2 = st.columns([3, 1])
-    # the deepest space by default: at res:0 the class token is the same for every image
+    # the deepest space by default: at res:0 the class token (a prompt's last token) is the same for every sample
     space = c1.selectbox("Activation space (layer)", spaces, index=len(spaces) - 1, key=f"th-space-{run.id}",
-                         format_func=lambda sp: f"{sp}: {vth.describe_space(sp)}")
+                         format_func=lambda sp: f"{sp}: {vth.describe_space(sp, text)}")
     dims = c2.radio("PCA", [2, 3], horizontal=True, format_func=lambda d: f"{d}-D", key=f"th-dims-{run.id}")
     sample = samples[space]
     mapped = alignment.mapped_sample(space)
     if float(sample["target"].float().std(0).max()) < 1e-6:
-        st.caption(f"At {space} every image gives the same activation (the class token before any attention has "
+        st.caption(f"At {space} every text gives the same activation (the embedding of the prompt's last token, "
+                   "the same token in every prompt, before any attention has read the text), so all points "
+                   "coincide; pick a deeper layer." if text else
+                   f"At {space} every image gives the same activation (the class token before any attention has "
                    "seen the image), so all points coincide; pick a deeper layer.")
     before = alignment.naive_sample(space) if hasattr(alignment, "naive_sample") else None
     ui.figure(vth.pca_figure(sample["target"], sample["source"], mapped, sample.get("labels"),
-                             run.loaded.task.classnames, dims=int(dims), space=space, before=before),
-              f"th-pca-{run.id}-{space}-{dims}",
-              f"Each point is one image's class-token activation, coloured by its class: circles from the target, "
-              f"crosses from the source, a grey line joins the two of the same image. {len(sample['target'])} "
-              "display images taken class by class (not the calibration images, which fit the maps). Both panels "
-              "use the target's main directions (PCA); after the map the lines should be short and the crosses sit "
-              "on the circles of the same colour.", filename=f"theseus-pca-{space}")
+                             run.loaded.task.classnames, dims=int(dims), space=space, before=before,
+                             sample="text" if text else "image"),
+              f"th-pca-{run.id}-{space}-{dims}", vth.pca_caption(len(sample["target"]), text),
+              filename=f"theseus-pca-{space}")
     c1, c2 = st.columns(2)
     with c1:
         ui.figure(vth.singular_values(diag, space), f"th-sv-{run.id}-{space}",

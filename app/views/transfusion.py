@@ -33,6 +33,12 @@ with ui.guarded():
               "scale, comparable across pairs) are margin / (margin + chosen cost), the margin being how much "
               "worse the best alternative assignment is: 1 = exact and unique, near 0 = a toss-up.",
               filename=f"transfusion-heads-layer{layer}")
+    if int(diag.get("group_size") or 1) > 1:
+        st.subheader("Query heads inside the matched key/value groups")
+        ui.figure(vt.query_head_permutation(lay), f"tf-query-{run.id}-{layer}",
+                  "Under grouped-query attention the unit matched above is a key/value group. Inside a matched "
+                  "pair of groups (blue outlines) each target query head (row) takes one source query head "
+                  "(column, red): a query head never leaves its group.", filename=f"transfusion-query-heads-l{layer}")
 
     st.subheader("Inside one matched head")
     perm = lay["head_perm"]

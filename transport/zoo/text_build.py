@@ -63,7 +63,7 @@ class TextZooConfig:
 
     variant: str
     seeds: tuple[int, ...]
-    tasks: tuple[str, ...] = ("codeprose", "module", "brackets")
+    tasks: tuple[str, ...] = ("codeprose", "brackets", "sorted")
     width: int = 64
     layers: int = 2
     heads: int = 4
@@ -80,8 +80,10 @@ class TextZooConfig:
     grow_train: TrainConfig = TrainConfig(steps=60, batch_size=16, lr=2e-3, weight_decay=0.01)
     wide_pretrain: TrainConfig = TrainConfig(steps=200, batch_size=16, lr=4e-3, weight_decay=0.01)
     vocab_train: TrainConfig = TrainConfig(steps=60, batch_size=16, lr=2e-3, weight_decay=0.01)
-    finetune: TrainConfig = TrainConfig(steps=60, batch_size=16, lr=2e-3, weight_decay=0.0)
-    per_class: tuple[tuple[str, int], ...] = (("codeprose", 200), ("module", 100), ("brackets", 200))
+    finetune: TrainConfig = TrainConfig(steps=200, batch_size=16, lr=2e-3, weight_decay=0.0)
+    #: fine-tuning steps per task where they differ from ``finetune.steps`` (the brackets need the longest)
+    finetune_steps: tuple[tuple[str, int], ...] = (("codeprose", 100), ("brackets", 500), ("sorted", 200))
+    per_class: tuple[tuple[str, int], ...] = (("codeprose", 200), ("brackets", 200), ("sorted", 200))
     alpha_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 
     def arch(self, name: str, width: int = 0, layers: int = 0, extended: bool = False) -> Arch:
@@ -105,6 +107,10 @@ class TextZooConfig:
         pre = model.split("+")[0]
         return {"W_grown": "W", "W_indep": "W", "D_grown": "D", "V_vocab": "V"}.get(pre, "A")
 
+    def finetune_for(self, task: str) -> TrainConfig:
+        """The fine-tuning run of one task (``finetune`` with that task's steps)."""
+        return replace(self.finetune, steps=dict(self.finetune_steps).get(task, self.finetune.steps))
+
     def fingerprint(self) -> dict:
         d = asdict(self)
         d["format"] = TEXT_ZOO_FORMAT
@@ -120,8 +126,8 @@ VARIANTS: dict[str, TextZooConfig] = {
         grow_train=TrainConfig(steps=8, batch_size=8, lr=2e-3, weight_decay=0.01),
         wide_pretrain=TrainConfig(steps=20, batch_size=8, lr=4e-3, weight_decay=0.01),
         vocab_train=TrainConfig(steps=8, batch_size=8, lr=2e-3, weight_decay=0.01),
-        finetune=TrainConfig(steps=40, batch_size=8, lr=5e-3, weight_decay=0.0),
-        per_class=(("codeprose", 30), ("module", 12), ("brackets", 30)), alpha_grid=(0.0, 0.5, 1.0, 1.5)),
+        finetune=TrainConfig(steps=40, batch_size=8, lr=5e-3, weight_decay=0.0), finetune_steps=(),
+        per_class=(("codeprose", 30), ("brackets", 30), ("sorted", 30)), alpha_grid=(0.0, 0.5, 1.0, 1.5)),
 }
 
 
@@ -198,7 +204,7 @@ def _finetune_all(w: _Writer, name: str, params: dict[str, Tensor], tokenizer, t
     arch = w.archs[w.cfg.arch_key(name)]
     out = {}
     for t, task in tasks.items():
-        run = finetune(params, arch, task, w.cfg.finetune.with_seed(sub_seed(w.seed, f"finetune:{t}")), tick)
+        run = finetune(params, arch, task, w.cfg.finetune_for(t).with_seed(sub_seed(w.seed, f"finetune:{t}")), tick)
         w.save(f"{name}+{t}", run.params, tokenizer, t, name, run)
         out[t] = run.params
     return out
@@ -288,9 +294,9 @@ def _job_grown(root: str, cfg: TextZooConfig, seed: int) -> dict:
 
 
 def total_units(cfg: TextZooConfig) -> int:
-    nt, ft = len(cfg.tasks), cfg.finetune.steps
+    nt, ft = len(cfg.tasks), sum(cfg.finetune_for(t).steps for t in cfg.tasks)
     per_seed = (cfg.pretrain.steps * 2 + cfg.next_train.steps + cfg.wide_pretrain.steps + 2 * cfg.grow_train.steps
-                + cfg.vocab_train.steps + 7 * nt * ft + nt)
+                + cfg.vocab_train.steps + 7 * ft + nt)
     return per_seed * len(cfg.seeds)
 
 

@@ -18,9 +18,9 @@ from transport.errors import TransportError
 from transport.zoo.store import read_manifest
 from transport.files import read_safetensors
 
-TEXT_ZOO_FORMAT = 1
+TEXT_ZOO_FORMAT = 2
 PREFIX = "zoo:text/"
-DEFAULT_TEXT_TASKS = ("codeprose", "module", "brackets")
+DEFAULT_TEXT_TASKS = ("codeprose", "brackets", "sorted")
 
 
 @dataclass(frozen=True)

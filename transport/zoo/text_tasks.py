@@ -3,9 +3,10 @@ synthetic strings, deterministic from a seed.
 
 - ``codeprose``: a line of Python code or a line of English reference prose (``pydoc_data/topics.py``):
   label words ``code`` / ``prose``;
-- ``module``: three lines of source from one of four standard-library packages: ``asyncio`` / ``email`` /
-  ``unittest`` / ``xml``;
-- ``brackets``: a string of ``()[]{}``: balanced or not, ``yes`` / ``no``.
+- ``brackets``: a string of two to four pairs of ``()[]{}``: balanced or not (a balanced string with ONE
+  bracket turned around: made opening or closing, or of another kind), ``yes`` / ``no``;
+- ``sorted``: four to seven distinct letters or digits separated by spaces: in character order or not (the
+  same characters in a random other order), ``yes`` / ``no``.
 
 Each task is written as a JSON Lines file (``text``, ``label``) and read back with
 :func:`transport.text.load_text_file` (the seeded 60 / 15 / 25 % split per label, seed 0, the default
@@ -25,8 +26,10 @@ from transport.errors import TransportError
 from transport.files import write_atomic
 from transport.zoo.text_corpus import Stdlib, brackets_balanced
 
-TEXT_TASKS = ("codeprose", "module", "brackets")
-MODULES = ("asyncio", "email", "unittest", "xml")  # label words start with distinct letters
+TEXT_TASKS = ("codeprose", "brackets", "sorted")
+BRACKET_PAIRS = (2, 4)  # bracket pairs per string, inclusive
+SORT_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"  # in character order: digits before letters
+SORT_LENGTH = (4, 7)  # characters per string, inclusive
 LINE_CHARS = (16, 72)
 
 
@@ -93,37 +96,16 @@ def codeprose_rows(lib: Stdlib, rng: np.random.Generator, per_class: int) -> lis
     return rows
 
 
-def module_rows(lib: Stdlib, rng: np.random.Generator, per_class: int) -> list[dict]:
-    """Three consecutive non-blank code lines (stripped, at most 120 characters) of one package."""
-    rows = []
-    for m in MODULES:
-        snippets = []
-        for path, text in lib.files:
-            if not path.startswith(m + "/"):
-                continue
-            skip = _docstring_lines(text)
-            lines = [s for n, s in ((n, ln.strip()) for n, ln in enumerate(text.splitlines(), start=1))
-                     if s and n not in skip and not s.startswith("#")]
-            snippets += ["\n".join(lines[i:i + 3])[:120] for i in range(0, max(0, len(lines) - 2), 3)]
-        rows += [{"text": t, "label": m} for t in _draw(snippets, per_class, rng, f"module ({m})")]
-    return rows
-
-
 def _unbalance(s: str, rng: np.random.Generator) -> str:
-    """A near miss of a balanced string: two characters swapped or one closing bracket of another kind."""
-    for _ in range(100):
-        chars = list(s)
-        if rng.random() < 0.5:
-            i, j = (int(v) for v in rng.choice(len(chars), 2, replace=False))
-            chars[i], chars[j] = chars[j], chars[i]
-        else:
-            close = [i for i, c in enumerate(chars) if c in ")]}"]
-            i = close[int(rng.integers(len(close)))]
-            chars[i] = rng.choice([c for c in ")]}" if c != chars[i]])
-        t = "".join(chars)
-        if not is_balanced(t):
-            return t
-    raise TransportError("text zoo task brackets: could not unbalance a string")  # pragma: no cover
+    """A near miss of a balanced string: ONE bracket turned around (made opening or closing, or of another kind),
+    which always unbalances it."""
+    chars = list(s)
+    i = int(rng.integers(len(chars)))
+    chars[i] = str(rng.choice([c for c in "()[]{}" if c != chars[i]]))
+    t = "".join(chars)
+    if is_balanced(t):  # pragma: no cover - one changed bracket never balances
+        raise TransportError("text zoo task brackets: could not unbalance a string")
+    return t
 
 
 def is_balanced(s: str) -> bool:
@@ -140,7 +122,7 @@ def brackets_rows(rng: np.random.Generator, per_class: int) -> list[dict]:
     yes: dict[str, None] = {}
     no: dict[str, None] = {}
     while len(yes) < per_class or len(no) < per_class:
-        s = brackets_balanced(rng, int(rng.integers(3, 7)))
+        s = brackets_balanced(rng, int(rng.integers(BRACKET_PAIRS[0], BRACKET_PAIRS[1] + 1)))
         if len(yes) < per_class:
             yes[s] = None
         elif len(no) < per_class:
@@ -148,10 +130,33 @@ def brackets_rows(rng: np.random.Generator, per_class: int) -> list[dict]:
     return [{"text": t, "label": "yes"} for t in yes] + [{"text": t, "label": "no"} for t in no]
 
 
+def sorted_rows(rng: np.random.Generator, per_class: int) -> list[dict]:
+    """Distinct letters or digits separated by spaces (``"2 7 c k"``): in character order or not, ``yes`` /
+    ``no``. An unsorted string is a sorted draw put in a random other order."""
+    yes: dict[str, None] = {}
+    no: dict[str, None] = {}
+    while len(yes) < per_class or len(no) < per_class:
+        n = int(rng.integers(SORT_LENGTH[0], SORT_LENGTH[1] + 1))
+        xs = sorted(rng.choice(list(SORT_ALPHABET), size=n, replace=False).tolist())
+        if len(yes) < per_class:
+            yes[" ".join(xs)] = None
+            continue
+        ys = xs
+        while ys == xs:
+            ys = [str(c) for c in rng.permutation(xs)]
+        no[" ".join(ys)] = None
+    return [{"text": t, "label": "yes"} for t in yes] + [{"text": t, "label": "no"} for t in no]
+
+
+def is_sorted(s: str) -> bool:
+    xs = s.split()
+    return all(a < b for a, b in zip(xs, xs[1:]))
+
+
 _MAKERS: dict[str, Callable[[Stdlib, np.random.Generator, int], list[dict]]] = {
     "codeprose": codeprose_rows,
-    "module": module_rows,
     "brackets": lambda lib, rng, n: brackets_rows(rng, n),
+    "sorted": lambda lib, rng, n: sorted_rows(rng, n),
 }
 
 
@@ -171,4 +176,4 @@ def write_task(path: Path, rows: list[dict]) -> Path:
     return write_atomic(path, data)
 
 
-__all__ = ["TEXT_TASKS", "MODULES", "task_rows", "write_task", "is_balanced", "code_lines", "prose_lines"]
+__all__ = ["TEXT_TASKS", "task_rows", "write_task", "is_balanced", "is_sorted", "code_lines", "prose_lines"]
