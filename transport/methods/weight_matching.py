@@ -25,6 +25,7 @@ import torch
 from transport.core.arch import Arch
 from transport.core.assignment import SPARSE_MIN, lap_max, solve_assignment
 from transport.core.layout import param_axes
+from transport.core.memory import release_freed
 from transport.core.symmetry import HeadPermutation, Perm, Perms, apply_permutation, axis_index, permutation_spec
 from transport.errors import TransportError
 
@@ -97,6 +98,9 @@ def _cols(q: Tensor, idx: Tensor, tiles: int) -> Tensor:
 #: floor (ViT-B/16's twelve 3072 x 3072 MLP similarities, 0.45 GB, all stay; an LLM's do not)
 CACHE_SHARE = 0.25
 CACHE_MIN_BYTES = 512 << 20
+
+#: visits of variables whose similarity has at least this many bytes hand freed memory back to the OS
+TRIM_BYTES = 16 << 20
 
 #: tensors above INNER_WHOLE entries have their float64 inner product summed in row slices of about INNER_SLICE
 #: entries (small slices: freed memory the allocator keeps stays small too)
@@ -306,6 +310,8 @@ class WeightMatcher:
             bk["changes"] += 1
             self.perms[name] = new
             self.version[name] += 1
+        if v.kind != "heads" and v.size * v.size * 4 >= TRIM_BYTES:
+            release_freed()  # this visit's large temporaries (similarity, candidates) leave the resident set
         return gain
 
     def _solve(self, S: Tensor, cur: Tensor, accelerate: bool,
