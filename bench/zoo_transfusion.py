@@ -24,6 +24,7 @@ from typing import Optional
 
 import torch
 from transport.sources import load_zoo_model
+from transport.zoo.builder import PRETRAIN_TASK, VARIANTS
 
 from bench.common import require_zoo, spread_cell, tuned
 
@@ -58,10 +59,10 @@ def run(root: Optional[str], pairs: list[str], seeds: Optional[list[int]], tasks
     from transport.core.symmetry import apply_permutation
     from transport.core.task_vector import TaskVector
 
-    grid = list(zoo.VARIANTS[zoo.build_info(root)["variant"]].alpha_grid)
+    grid = list(VARIANTS[zoo.build_info(root)["variant"]].alpha_grid)
     seeds = seeds or zoo.seeds(root)
     tasks = tasks or zoo.tasks(root)
-    digits = digits_task(zoo.PRETRAIN_TASK)
+    digits = digits_task(PRETRAIN_TASK)
     rows, quality = [], []
     for seed in seeds:
         A = load_zoo_model(f"A@{seed}", root)
