@@ -32,21 +32,21 @@ PAIRS = {"control": "B_control", "next": "B_next", "indep": "B_indep"}
 MATCHINGS = ("weight", "activation")
 
 
-def _hidden_shuffle_agreement(perms: dict, arch, shuffle) -> dict[str, float]:
-    """Share of units the recovered permutation sends where the zoo's hidden shuffle does, per kind."""
-    from transport.core.symmetry import permutation_spec, split_head_permutation
+def _hidden_shuffle_agreement(perms: dict, arch, shuffle: dict) -> dict[str, float]:
+    """Share of units the recovered permutation sends where the zoo's hidden shuffle does, per kind
+    (``shuffle``: the zoo's true permutation, Perms keyed like ``perms``)."""
+    from transport.core.symmetry import permutation_spec
 
     hits: dict[str, list[float]] = {"residual": [], "heads": [], "within-head": [], "mlp": []}
     for s, v in permutation_spec(arch).items():
-        p = perms[s]
+        p, t = perms[s], shuffle[s]
         if v.kind == "res":
-            hits["residual"].append(float((p == shuffle.res).float().mean()))
+            hits["residual"].append(float((p == t).float().mean()))
         elif v.kind == "mlp":
-            hits["mlp"].append(float((p == shuffle.mlp[v.layer]).float().mean()))
+            hits["mlp"].append(float((p == t).float().mean()))
         else:
-            sig, _ = split_head_permutation(p, arch)
-            hits["heads"].append(float((sig == shuffle.heads[v.layer]).float().mean()))
-            hits["within-head"].append(float((p == shuffle.qk[v.layer]).float().mean()))
+            hits["heads"].append(float((p.kv == t.kv).float().mean()))
+            hits["within-head"].append(float((p.index("k") == t.index("k")).float().mean()))
     return {k: statistics.fmean(x) for k, x in hits.items()}
 
 

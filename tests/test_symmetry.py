@@ -231,11 +231,13 @@ def test_weight_matching_without_cached_similarities_finds_the_same_permutations
     monkeypatch.setattr(wm.WeightMatcher, "_may_cache", lambda self, v, S: kept.append(real(self, v, S)) or kept[-1])
     full = align(A, B, arch, within="separate")
     assert kept and all(kept)
+    assert full.diagnostics()["similarity_cache"]["rebuilt"] == 0
     kept.clear()
-    monkeypatch.setattr(wm, "CACHE_MIN_BYTES", 0)
-    monkeypatch.setattr(wm, "CACHE_SHARE", 0.0)
-    lean = align(A, B, arch, within="separate")
+    lean = align(A, B, arch, within="separate", cache_mib=0)  # the option: no similarity kept
     assert kept and not any(kept)
+    lean_cache, full_cache = lean.diagnostics()["similarity_cache"], full.diagnostics()["similarity_cache"]
+    assert lean_cache["budget_mib"] == 0.0 and lean_cache["kept"] == 0
+    assert lean_cache["rebuilt"] == full_cache["kept"] > 0
     for s, p in Pi.items():
         assert perm_equal(lean.perms[s], p) and perm_equal(full.perms[s], p), s
     obj = lean.diagnostics()["objective_per_sweep"]

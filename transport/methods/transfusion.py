@@ -59,6 +59,8 @@ SPEC = (
     Option("calibration", 128, "calibration images (or texts) for activation matching", minimum=0),
     Option("within", "shared", "within-head order: one shared by q, k, v and o (the paper's) or separate "
            "q/k and v/o orders (the larger symmetry group)", choices=WITHIN),
+    Option("cache_mib", -1, "memory (MiB) weight matching keeps similarities in between visits; more is faster "
+           "on wide MLPs, same permutations (-1: a quarter of one model, at least 512)", minimum=-1),
 )
 OPTIONS = {o.name: o.default for o in SPEC}
 ROLES = ("q", "k", "v", "o")
@@ -332,12 +334,15 @@ def _diagnostics(arch: Arch, perms: Perms, matching: str, within: str, costs: di
     return {"method": "transfusion", "matching": matching, "within": within, "sweeps": int(stats.sweeps),
             "kv_heads": int(arch.kv_heads), "group_size": int(arch.group_size),
             "objective_per_sweep": [float(x) for x in stats.objective], "layers": layers, "residual": residual,
-            "timings": {k: float(v) for k, v in timings.items()}}
+            "timings": {k: float(v) for k, v in timings.items()},
+            "similarity_cache": {"budget_mib": stats.cache_budget / 2**20, "kept": stats.cached,
+                                 "rebuilt": stats.uncached}}
 
 
 def align(theta_A: Mapping[str, Tensor], theta_B: Mapping[str, Tensor], arch: Arch, matching: str = "weight",
           max_iter: int = 100, seed: int = 0, device: str = "cpu", calibration: Optional[Tensor] = None,
-          accelerate: bool = True, progress: Progress = no_progress, within: str = "shared") -> TransFusionAlignment:
+          accelerate: bool = True, progress: Progress = no_progress, within: str = "shared",
+          cache_mib: int = -1) -> TransFusionAlignment:
     """All TransFusion permutations aligning theta_A to theta_B (canonical tensors of ``arch``)."""
     if matching not in MATCHINGS:
         raise TransportError(f"transfusion: unknown matching '{matching}' (use {' or '.join(MATCHINGS)})")
@@ -360,7 +365,8 @@ def align(theta_A: Mapping[str, Tensor], theta_B: Mapping[str, Tensor], arch: Ar
     timings["head_assignment"] = t2 - t1
     progress(0.05, "transfusion: matching")
     if matching == "weight":
-        wm = WeightMatcher(theta_A, theta_B, arch, groups, device, within)
+        wm = WeightMatcher(theta_A, theta_B, arch, groups, device, within,
+                           None if int(cache_mib) < 0 else int(cache_mib) << 20)
         stats = wm.run(max_iter, seed, accelerate, lambda f, m: progress(0.05 + 0.95 * f, m))
         perms: Perms = {k: v.to("cpu") for k, v in wm.perms.items()}
         del wm
@@ -399,7 +405,7 @@ def prepare(inputs: TransportInputs, options: dict, progress: Progress = no_prog
                                  "(--task or --data)")
         calib = inputs.task.calibration(max(1, int(opts["calibration"])), int(opts["seed"]))
     return align(inputs.source.params, inputs.target.params, b, opts["matching"], int(opts["max_iter"]),
-                 int(opts["seed"]), inputs.device, calib, True, progress, opts["within"])
+                 int(opts["seed"]), inputs.device, calib, True, progress, opts["within"], int(opts["cache_mib"]))
 
 
 def apply(alignment: TransFusionAlignment, tau: TaskVector, alpha: float = 1.0,

@@ -77,6 +77,9 @@ class MatchStats:
     hungarian_s: float = 0.0
     sweeps_s: float = 0.0
     dense_solves: int = 0
+    cache_budget: int = 0  # bytes of similarities kept between visits at most
+    cached: int = 0  # variables whose similarity is kept (updated incrementally) / rebuilt at each visit
+    uncached: int = 0
     by_kind: dict = field(default_factory=dict)  # kind -> counters and CPU seconds (benchmarks)
 
 
@@ -142,7 +145,8 @@ class WeightMatcher:
     """
 
     def __init__(self, theta_A: Mapping[str, Tensor], theta_B: Mapping[str, Tensor], arch: Arch,
-                 groups: dict[int, HeadPermutation], device: str = "cpu", within: str = "shared"):
+                 groups: dict[int, HeadPermutation], device: str = "cpu", within: str = "shared",
+                 cache_budget: Optional[int] = None):
         if within not in WITHIN:
             raise TransportError(f"transfusion: within must be one of {', '.join(WITHIN)}, got {within!r}")
         self.arch, self.device = arch, device
@@ -195,7 +199,9 @@ class WeightMatcher:
             self.vars[s] = _Var(s, v.kind, v.size, st_all, parts)
         self.stats = MatchStats()
         model_bytes = sum(t.numel() * t.element_size() for t in A.values())
-        self.cache_budget = max(CACHE_MIN_BYTES, int(CACHE_SHARE * model_bytes))
+        self.cache_budget = (max(CACHE_MIN_BYTES, int(CACHE_SHARE * model_bytes)) if cache_budget is None
+                             else int(cache_budget))
+        self.stats.cache_budget = self.cache_budget
         self.cache_bytes = 0
 
     def _acc(self, role: str) -> str:
@@ -272,6 +278,8 @@ class WeightMatcher:
             size = S.numel() * S.element_size()
             v.cached = self.cache_bytes + size <= self.cache_budget
             self.cache_bytes += size if v.cached else 0
+            self.stats.cached += int(v.cached)
+            self.stats.uncached += int(not v.cached)
         return v.cached
 
     def _neighbours_changed(self, v: _Var) -> bool:
