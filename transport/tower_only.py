@@ -14,13 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from transport.core.arch import Arch
 from transport.core.layout import canonical_shapes, same_shapes
 from transport.core.model import Model
 from transport.errors import TransportError
-
-#: fields that do not change a tensor's shape or the function (names, input normalisation)
-COSMETIC = ("name", "family", "mean", "std")
+from transport.methods import COSMETIC, only_projection_differs
 
 
 @dataclass(frozen=True)
@@ -30,12 +27,6 @@ class TowerView:
     source_pre: Model
     source_ft: Model
     left_out: dict[str, str]  # tensor name -> why its update is zero or dropped
-
-
-def only_projection_differs(a: Arch, b: Arch) -> bool:
-    """The two towers are one architecture up to their output projection."""
-    diff = a.differences(b, ignore=COSMETIC)
-    return bool(diff) and all(d.startswith("output_dim ") for d in diff)
 
 
 def tower_view(source_pre: Model, source_ft: Model, target: Model) -> TowerView:
@@ -64,17 +55,12 @@ def tower_view(source_pre: Model, source_ft: Model, target: Model) -> TowerView:
                            "update left at zero")
 
     def view(m: Model) -> Model:
-        params = {k: (v if k in mine and mine[k] == shapes[k] else torch.zeros(shapes[k], dtype=v.dtype))
-                  for k, v in _with_missing(m.params, shapes).items() if k in shapes}
+        dtype = next(iter(m.params.values())).dtype
+        params = {k: m.params[k] if mine.get(k) == shape else torch.zeros(shape, dtype=dtype)
+                  for k, shape in shapes.items()}
         return Model(arch, params, m.ref, None, None, dict(m.meta), m.tokenizer)
 
     return TowerView(view(source_pre), view(source_ft), left_out)
-
-
-def _with_missing(params: dict[str, torch.Tensor], shapes: dict) -> dict[str, torch.Tensor]:
-    """``params`` plus a placeholder for every tensor of ``shapes`` it lacks (filled with zeros by the caller)."""
-    dtype = next(iter(params.values())).dtype
-    return {**params, **{k: torch.zeros(0, dtype=dtype) for k in shapes if k not in params}}
 
 
 def left_out_line(left_out: dict[str, str]) -> str:
@@ -82,4 +68,4 @@ def left_out_line(left_out: dict[str, str]) -> str:
     return "tower only: left out of the transport: " + "; ".join(f"{k} ({why})" for k, why in left_out.items())
 
 
-__all__ = ["TowerView", "tower_view", "only_projection_differs", "left_out_line", "COSMETIC"]
+__all__ = ["TowerView", "tower_view", "left_out_line"]

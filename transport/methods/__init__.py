@@ -179,15 +179,21 @@ def available_methods() -> list[str]:
 
 
 #: fields that do not change a tensor's shape or the function (names, input normalisation)
-_COSMETIC = ("name", "family", "mean", "std")
+COSMETIC = ("name", "family", "mean", "std")
+
+
+def only_projection_differs(a: Arch, b: Arch) -> bool:
+    """The two towers are one architecture up to their output projection."""
+    diff = a.differences(b, ignore=COSMETIC)
+    return bool(diff) and all(d.startswith("output_dim ") for d in diff)
 
 
 def arch_difference(a: Arch, b: Arch) -> str:
     """The fields two architectures differ in, source value first (e.g. ``output_dim 512 vs 0``); when only the
     output projection differs, the ways to move the rest."""
-    diff = a.differences(b, ignore=_COSMETIC) or a.differences(b, ignore=("name",))
+    diff = a.differences(b, ignore=COSMETIC) or a.differences(b, ignore=("name",))
     out = ", ".join(diff) or "tensor shapes"
-    if diff and all(d.startswith("output_dim ") for d in diff):
+    if only_projection_differs(a, b):
         out += (" only: the towers match but their output projections differ (theseus maps the shared tower; "
                 "pass --tower-only to move the tower alone: the projection's update is dropped or left at zero)")
     return out
