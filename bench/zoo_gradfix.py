@@ -35,9 +35,9 @@ from transport.methods import gradfix
 from transport.core.model import Model
 from transport.core.task_vector import TaskVector
 from transport.sources import load_zoo_model
+from transport.zoo.ordering import ORDERING, ordered
 from transport.zoo.train import fewshot_finetune
 
-ORDERING = ("naive", "few-shot FT", "GradFix", "oracle mask")  # the paper's ordering, weakest first
 METHODS = ("zero-shot B", "naive", "TransFusion", "few-shot FT", "GradFix", "GradFix mean", "GradFix on TF",
            "random mask", "oracle mask", "B fine-tuned")
 
@@ -95,11 +95,6 @@ def _cell(vals: list[float]) -> str:
     m = 100 * statistics.fmean(vals)
     s = 100 * statistics.pstdev(vals) if len(vals) > 1 else 0.0
     return f"{m:4.1f}" + (f"±{s:.1f}" if len(vals) > 1 else "")
-
-
-def ordered(acc: dict) -> bool:
-    """naive < few-shot FT < GradFix < oracle mask (strictly) on these accuracies."""
-    return all(acc[a] < acc[b] for a, b in zip(ORDERING, ORDERING[1:]))
 
 
 def summarize(results: list[dict], methods: list[str]) -> tuple[str, list[dict]]:

@@ -39,11 +39,9 @@ def paper_ordering(run) -> Optional[dict]:
     return run.memo["paper_ordering"]
 
 
-def ordering_note(run, oracle: dict) -> Optional[str]:
-    """The paper's ordering on this run in one sentence: why it fails (measured), or that it holds."""
-    m = paper_ordering(run)
-    if m is None:
-        return None
+def ordering_note(m: dict, oracle: dict) -> str:
+    """The paper's ordering on this run (``paper_ordering``) in one sentence: why it fails (measured), or that
+    it holds."""
     failed = ordering.note(m, oracle["agreement_total"])
     if failed is not None:
         return failed
@@ -107,11 +105,11 @@ with ui.guarded():
             ui.figure(vg.oracle_heatmap(oracle), f"gf-oracle-{run.id}",
                       "Why the mask works or not: " + vg.ORACLE_DEFINITION + " The oracle is "
                       f"{run.loaded.oracle.ref}, the target fine-tuned on the task.", filename="gradfix-oracle")
-        said = ordering_note(run, oracle)  # when the ordering fails, its sentence carries the share itself
-        if said is None or "does not hold" not in said:
+        m = paper_ordering(run)
+        if m is None or ordering.ordered(m):  # a failed ordering's sentence carries the share itself
             st.markdown(oracle_note(run, oracle))
-        if said is not None:
-            st.markdown(said)
+        if m is not None:
+            st.markdown(ordering_note(m, oracle))
 
     st.subheader("Drill into one weight matrix")
     rows, cols, _, _ = vg.block_table(diag, "agreement")
