@@ -108,11 +108,6 @@ def pca_figure(target, source, mapped, labels: Optional[Sequence[int]], classnam
     return fig
 
 
-def is_text(arch) -> bool:
-    """Whether a model reads tokens (a language model: texts, no class token) rather than images."""
-    return getattr(arch, "stem", "") == "tokens"
-
-
 def pca_caption(n: int, text: bool = False) -> str:
     """What one point of :func:`pca_figure` is: an image's class token, or a text prompt's last token (the one
     that predicts the label word; a text's sample is the first calibration texts, which also fit the maps)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import streamlit as st
 
 from app import common, ui
+from transport.core.evaluate import is_text
 from viz import theseus as vth
 
 st.title("Theseus: mapping activations across models (and widths)")
@@ -18,7 +19,7 @@ with ui.guarded():
     options, shots, pressed = common.run_controls(setup, "theseus", info, "th")
     run = common.run_or_notice(setup, "theseus", pressed, options, shots)
     common.summary(run)
-    text = vth.is_text(run.loaded.target.arch)  # a language model: texts and tokens, no class token
+    text = is_text(run.loaded.task)  # a language model: texts and tokens, no class token
     diag = run.result.diagnostics or run.prepared.alignment.diagnostics()
     alignment = run.prepared.alignment
 
