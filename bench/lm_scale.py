@@ -147,6 +147,8 @@ def worker(row: str, a_dir: Path, b_dir: Path, scale: float) -> dict:
         out["prepare_s"], out["prepare_cpu_s"] = time.perf_counter() - t1, cpu_seconds() - c1
         if row == "theseus":
             out["depth_map"] = alignment.diagnostics().get("depth", {}).get("map")
+            out["phases"] = {k: [round(v, 1), round(alignment.info["cpu_timings"].get(k, 0.0), 1)]
+                             for k, v in alignment.info["timings"].items()}
     out["peak_gib"] = peak_bytes("cpu") / 2**30
     return out
 
@@ -169,6 +171,9 @@ def _table(results: list[tuple[str, str, dict]], scale: float) -> None:
         if "bare_s" in r:
             print(f"{'':<12}  {'':>16}  gradfix prepare / bare forward+backward: {r['prepare_cpu_s'] / r['bare_cpu_s']:.2f}x "
                   "CPU seconds")
+        if r.get("phases"):
+            print(f"{'':<12}  {'':>16}  phases, wall s (cpu s): "
+                  + ", ".join(f"{k} {w:.1f} ({c:.1f})" for k, (w, c) in r["phases"].items()))
         if r.get("depth_map") is not None:
             print(f"{'':<12}  {'':>16}  depth map (target layer -> source layer): {r['depth_map']}")
 

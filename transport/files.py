@@ -131,6 +131,11 @@ class LazyWeights(Mapping[str, Tensor]):
                           {rename(k): h for k, h in self._header.items()}, self.dtype)
         return out
 
+    def subset(self, keep) -> "LazyWeights":
+        """The tensors whose key satisfies ``keep(key)``, nothing read."""
+        return LazyWeights({k: w for k, w in self._where.items() if keep(k)},
+                           {k: h for k, h in self._header.items() if keep(k)}, self.dtype)
+
     def __getitem__(self, key: str) -> Tensor:
         if self._last is not None and self._last[0] == key:
             return self._last[1]

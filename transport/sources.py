@@ -150,8 +150,13 @@ def parse_arch(name: str) -> Arch:
 # ----------------------------------------------------------------------------------------------
 # models
 # ----------------------------------------------------------------------------------------------
-def load_model(ref: str, arch: Arch | str | None = None, trust_pickle: bool = False, seed: int = 0) -> Model:
-    """Resolve a reference to a :class:`Model` (canonical params validated: keys, shapes, dtypes, NaN/Inf)."""
+def load_model(ref: str, arch: Arch | str | None = None, trust_pickle: bool = False, seed: int = 0,
+               stream: bool = False) -> Model:
+    """Resolve a reference to a :class:`Model` (canonical params validated: keys, shapes, dtypes, NaN/Inf).
+
+    ``stream``: a model in safetensors files (a Hugging Face directory, a language model's file) keeps its
+    tensors in the files and reads them block by block when asked for
+    (:class:`~transport.core.streamed.StreamedParams`); other sources load resident as always."""
     if isinstance(arch, str):
         arch = parse_arch(arch)
     if ref.startswith(text_store.PREFIX):
@@ -161,11 +166,11 @@ def load_model(ref: str, arch: Arch | str | None = None, trust_pickle: bool = Fa
     if ref.startswith("open_clip:"):
         return load_open_clip_text(ref, seed) if split_tower(ref)[1] == "text" else load_open_clip(ref, seed=seed)
     if ref.startswith("hf:") or (Path(ref).is_dir() and (Path(ref) / "config.json").exists()):
-        return load_hf(ref)
+        return load_hf(ref, stream)
     if Path(ref).is_dir() and (Path(ref) / "adapter_config.json").is_file():
         raise TransportError(f"{ref}: a PEFT LoRA adapter, not a model: give it as --source-ft (or --task-vector) "
                              "with the model it adapts as --source-pre")
-    return load_file_model(ref, arch, trust_pickle)
+    return load_file_model(ref, arch, trust_pickle, stream)
 
 
 def load_zoo_model(name: str, root: Optional[str | os.PathLike] = None) -> Model:
@@ -188,8 +193,9 @@ def load_text_zoo_model(name: str, root: Optional[str | os.PathLike] = None) -> 
                  model.tokenizer)
 
 
-def load_hf(ref: str) -> Model:
-    """``hf:ORG/NAME`` or a HF directory -> Model (canonical tower, head / zero-shot when present)."""
+def load_hf(ref: str, stream: bool = False) -> Model:
+    """``hf:ORG/NAME`` or a HF directory -> Model (canonical tower, head / zero-shot when present); ``stream``:
+    see :func:`load_model`."""
     directory = resolve_dir(ref)
     cfg = hf_common.load_config(directory)
     name = hf_common.arch_name(ref, directory)
@@ -197,7 +203,7 @@ def load_hf(ref: str) -> Model:
     fam.arch_from_config(cfg, directory, name, set())  # unsupported configurations fail before reading weights
     sd = read_weights(directory)
     arch = fam.arch_from_config(cfg, directory, name, set(sd))
-    return fam.load_directory(directory, cfg, ref, sd, arch)
+    return fam.load_directory(directory, cfg, ref, sd, arch, stream=stream)
 
 
 def _head_from_state(sd: Mapping[str, Tensor], md: Mapping[str, str], what: str) -> Optional[Classifier]:
@@ -250,7 +256,7 @@ def resolve_arch(path: str | os.PathLike, md: Mapping[str, str], arch: Optional[
     return arch
 
 
-def load_file_model(path: str, arch: Optional[Arch], trust_pickle: bool = False) -> Model:
+def load_file_model(path: str, arch: Optional[Arch], trust_pickle: bool = False, stream: bool = False) -> Model:
     """A checkpoint file -> Model: its tower (wherever the file keeps it), the head it carries, and the
     zero-shot heads of a text tower it holds too (an open_clip CLIP dict). A language model's safetensors file
     streams (one tensor at a time); with ``arch`` given, the model gets that architecture's tokenizer (the
@@ -262,7 +268,9 @@ def load_file_model(path: str, arch: Optional[Arch], trust_pickle: bool = False)
     if not getattr(fam, "streams", False) and isinstance(sd, LazyWeights):
         sd, md = read_checkpoint(path, trust_pickle)
     head = _head_from_state(sd, md, str(path))
-    params = {k: v.float() for k, v in to_canonical(sd, arch, what=str(path)).items()}
+    streams = stream and getattr(fam, "streams", False) and isinstance(sd, LazyWeights)
+    params = (fam.streamed(sd, arch, str(path)) if streams else
+              {k: v.float() for k, v in to_canonical(sd, arch, what=str(path)).items()})
     zero_shot = fam.file_zero_shot(sd, arch, str(path))
     tokenizer = fam.file_tokenizer(arch, explicit=given is not None)
     return Model(arch, params, ref=str(path), head=head, zero_shot=zero_shot, meta=md, tokenizer=tokenizer)

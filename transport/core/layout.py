@@ -43,6 +43,7 @@ from typing import Optional
 import torch
 
 from transport.core.arch import Arch
+from transport.core.streamed import StreamedParams
 from transport.errors import TransportError
 from transport.files import all_finite
 
@@ -197,10 +198,14 @@ def check_params(params: dict[str, Tensor], arch: Arch, what: str) -> None:
         raise TransportError(f"{what}: missing tensors for {arch.name}: {_names(missing)}")
     if extra:
         raise TransportError(f"{what}: unexpected tensors for {arch.name}: {_names(extra)}")
+    streamed = isinstance(params, StreamedParams)  # shapes from the headers; values are checked as they are read
     for k, shape in want.items():
-        if tuple(params[k].shape) != shape:
-            raise TransportError(f"{what}: shape mismatch for {k}: got {tuple(params[k].shape)}, "
+        got = params.shape(k) if streamed else tuple(params[k].shape)
+        if got != shape:
+            raise TransportError(f"{what}: shape mismatch for {k}: got {got}, "
                                  f"{arch.name} needs {shape}")
+    if streamed:
+        return
     for k in want:
         t = params[k]
         if not t.is_floating_point():

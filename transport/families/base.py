@@ -9,6 +9,7 @@ import torch
 from transport.core.arch import Arch
 from transport.core.model import Model
 from transport.errors import TransportError
+from transport.files import LazyWeights
 from transport.families.table import NameTable, load_table
 
 Tensor = torch.Tensor
@@ -37,6 +38,8 @@ class Family:
     # -- names ----------------------------------------------------------------------------------
     def tower(self, sd: Mapping[str, Tensor], arch: Arch) -> dict[str, Tensor]:
         """The transported tower's tensors from a (prefix-stripped) state dict of this family."""
+        if isinstance(sd, LazyWeights):
+            return sd.subset(lambda k: not k.startswith(HEAD_PREFIXES))
         return {k: v for k, v in sd.items() if not k.startswith(HEAD_PREFIXES)}
 
     def file_zero_shot(self, sd: Mapping[str, Tensor], arch: Arch, what: str):
@@ -52,6 +55,15 @@ class Family:
         tower = self.tower(sd, arch)
         self.table.check_tensors(tower, arch, what, self.squeezable)
         return self.table.to_canonical(tower, arch, what)
+
+    def streamed(self, sd: Mapping[str, Tensor], arch: Arch, what: str = "checkpoint") -> Mapping[str, Tensor]:
+        """:meth:`to_canonical` read block by block when asked for (:class:`~transport.core.streamed.StreamedParams`)
+        when ``sd`` is a :class:`~transport.files.LazyWeights`; else the same tensors, resident."""
+        tower = self.tower(sd, arch)
+        if not isinstance(tower, LazyWeights):
+            return {k: v.float() for k, v in self.to_canonical(sd, arch, what).items()}
+        self.table.check_tensors(tower, arch, what, self.squeezable)
+        return self.table.streamed(tower, arch, what)
 
     def from_canonical(self, params: Mapping[str, Tensor], arch: Arch) -> dict[str, Tensor]:
         return self.table.from_canonical(params, arch)
@@ -72,7 +84,8 @@ class Family:
     def arch_from_config(self, cfg: Any, directory: Any, name: str, keys: Optional[set[str]]) -> Arch:
         raise NotImplementedError
 
-    def load_directory(self, directory: Any, cfg: Any, ref: str, sd: dict[str, Tensor]) -> Model:
+    def load_directory(self, directory: Any, cfg: Any, ref: str, sd: dict[str, Tensor], arch: Arch,
+                       stream: bool = False) -> Model:
         raise NotImplementedError
 
     # -- contract tests -------------------------------------------------------------------------

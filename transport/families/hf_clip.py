@@ -60,8 +60,10 @@ class HFClipFamily(Family):
                     act=activation_name(v, name), norm_eps=float(v.layer_norm_eps), ln_pre=True, patch_bias=False,
                     mean=mean, std=std)
 
-    def load_directory(self, directory: Path, cfg: Any, ref: str, sd: dict[str, Tensor], arch: Arch) -> Model:
-        params = {k: v.float() for k, v in self.to_canonical(sd, arch, str(directory)).items()}
+    def load_directory(self, directory: Path, cfg: Any, ref: str, sd: dict[str, Tensor], arch: Arch,
+                       stream: bool = False) -> Model:
+        params = (self.streamed(sd, arch, str(directory)) if stream else
+                  {k: v.float() for k, v in self.to_canonical(sd, arch, str(directory)).items()})
         zero_shot = None
         if cfg.model_type == "clip" and "text_projection.weight" in sd and has_tokenizer(directory):
             scale = float(sd["logit_scale"].float().exp()) if "logit_scale" in sd else 100.0

@@ -142,8 +142,10 @@ class DecoderFamily(Family):
         directory = local_dir(arch.name) if explicit else None
         return load_tokenizer(directory, arch.vocab_size) if directory is not None else None
 
-    def load_directory(self, directory: Path, cfg: Any, ref: str, sd: dict[str, Tensor], arch: Arch) -> Model:
-        params = {k: v.float() for k, v in self.to_canonical(sd, arch, str(directory)).items()}
+    def load_directory(self, directory: Path, cfg: Any, ref: str, sd: dict[str, Tensor], arch: Arch,
+                       stream: bool = False) -> Model:
+        params = (self.streamed(sd, arch, str(directory)) if stream else
+                  {k: v.float() for k, v in self.to_canonical(sd, arch, str(directory)).items()})
         meta = {"family": self.name, "hf_model_type": str(cfg.model_type),
                 "hf_architectures": ",".join(getattr(cfg, "architectures", None) or [])}
         return Model(arch, params, ref=ref, meta=meta, tokenizer=load_tokenizer(directory, arch.vocab_size))

@@ -45,9 +45,12 @@ class HFViTFamily(Family):
                     act=activation_name(cfg, name), norm_eps=float(cfg.layer_norm_eps), ln_pre=False,
                     patch_bias=True, mean=mean, std=std)
 
-    def load_directory(self, directory: Path, cfg: Any, ref: str, sd: dict[str, Tensor], arch: Arch) -> Model:
-        params = {k: v.float() for k, v in self.to_canonical(sd, arch, str(directory)).items()}
-        body = {k[len("vit."):] if k.startswith("vit.") else k: v for k, v in sd.items()}
+    def load_directory(self, directory: Path, cfg: Any, ref: str, sd: dict[str, Tensor], arch: Arch,
+                       stream: bool = False) -> Model:
+        params = (self.streamed(sd, arch, str(directory)) if stream else
+                  {k: v.float() for k, v in self.to_canonical(sd, arch, str(directory)).items()})
+        body = {k[len("vit."):] if k.startswith("vit.") else k: sd[k] for k in sd  # the head alone: nothing else read
+                if k.removeprefix("vit.").startswith("classifier.")}
         head = None
         if "classifier.weight" in body:
             w = body["classifier.weight"].float()

@@ -27,7 +27,8 @@ from typing import Mapping, Optional
 import torch
 
 from transport.core.arch import Arch
-from transport.core.layout import check_params, param_axes
+from transport.core.layout import canonical_shapes, check_params, param_axes
+from transport.core.streamed import StreamedParams
 from transport.errors import TransportError
 from transport.files import LazyWeights
 
@@ -123,10 +124,8 @@ class NameTable:
             return sd.renamed(self.alias)
         return {self.alias(k): v for k, v in sd.items()}
 
-    def to_canonical(self, sd: Mapping[str, Tensor], arch: Arch, what: str = "checkpoint") -> dict[str, Tensor]:
-        """Family-named tower state dict -> canonical tensors (validated: keys, shapes, dtypes, NaN/Inf).
-
-        ``sd`` may be a :class:`~transport.files.LazyWeights`: each tensor is then read when its entry needs it."""
+    def _entries(self, sd: Mapping[str, Tensor], arch: Arch, what: str) -> tuple[Mapping[str, Tensor], list[Entry]]:
+        """``sd`` under current spellings and the arch's entries, after the missing / unexpected keys check."""
         sd = self.aliased(sd)
         entries = self.expand(arch)
         wanted = {e.key for e in entries}
@@ -136,35 +135,70 @@ class NameTable:
         extra = [k for k in sd if k not in wanted and not self.ignored(k)]
         if extra:
             raise TransportError(f"{what}: unexpected keys for {arch.name}: {_names(extra)}")
+        return sd, entries
+
+    @staticmethod
+    def _canonical(e: Entry, t: Tensor, fused: dict[str, list[tuple[int, str]]], arch: Arch, what: str) -> Tensor:
+        """The canonical tensor of entry ``e`` from its stored tensor ``t`` (bit-exact)."""
+        if e.kind in ("fused", "fused_t"):
+            sizes = fused[e.key]
+            axis = 0 if e.kind == "fused" else 1
+            total = sum(s for s, _ in sizes)
+            if t.dim() < axis + 1 or t.shape[axis] != total:
+                raise TransportError(f"{what}: shape mismatch for {e.key}: got {tuple(t.shape)}, {arch.name} "
+                                     f"needs {total} along axis {axis}")
+            start = sum(s for s, c in sizes[:e.part])
+            t = t.narrow(axis, start, sizes[e.part][0])
+            if e.kind == "fused_t":
+                t = t.t() if t.dim() == 2 else t
+        elif e.kind == "unsqueeze1":
+            t = t.reshape(t.shape[-1]) if t.dim() == 3 and t.shape[:2] == (1, 1) else t
+        elif e.kind == "unsqueeze0":
+            t = t[0] if t.dim() == 3 and t.shape[0] == 1 else t
+        elif e.kind == "transpose":
+            t = t.t()
+        return t.contiguous()
+
+    def to_canonical(self, sd: Mapping[str, Tensor], arch: Arch, what: str = "checkpoint") -> dict[str, Tensor]:
+        """Family-named tower state dict -> canonical tensors (validated: keys, shapes, dtypes, NaN/Inf).
+
+        ``sd`` may be a :class:`~transport.files.LazyWeights`: each tensor is then read when its entry needs it."""
+        sd, entries = self._entries(sd, arch, what)
         fused = self._fused_sizes(entries, arch)
         out: dict[str, Tensor] = {}
         for e in entries:
-            if e.kind == "tied":
-                continue
-            t = sd[e.key]
-            if e.kind in ("fused", "fused_t"):
-                sizes = fused[e.key]
-                axis = 0 if e.kind == "fused" else 1
-                total = sum(s for s, _ in sizes)
-                if t.dim() < axis + 1 or t.shape[axis] != total:
-                    raise TransportError(f"{what}: shape mismatch for {e.key}: got {tuple(t.shape)}, {arch.name} "
-                                         f"needs {total} along axis {axis}")
-                start = sum(s for s, c in sizes[:e.part])
-                t = t.narrow(axis, start, sizes[e.part][0])
-                if e.kind == "fused_t":
-                    t = t.t() if t.dim() == 2 else t
-            elif e.kind == "unsqueeze1":
-                t = t.reshape(t.shape[-1]) if t.dim() == 3 and t.shape[:2] == (1, 1) else t
-            elif e.kind == "unsqueeze0":
-                t = t[0] if t.dim() == 3 and t.shape[0] == 1 else t
-            elif e.kind == "transpose":
-                t = t.t()
-            out[e.canon] = t.contiguous()
+            if e.kind != "tied":
+                out[e.canon] = self._canonical(e, sd[e.key], fused, arch, what)
+        self._check_tied(sd, entries, out, what)
+        check_params(out, arch, what)
+        return out
+
+    @staticmethod
+    def _check_tied(sd: Mapping[str, Tensor], entries: list[Entry], out: Mapping[str, Tensor], what: str) -> None:
         for e in entries:
             if e.kind == "tied" and e.key in sd and not torch.equal(sd[e.key], out[e.canon].to(sd[e.key].dtype)):
                 raise TransportError(f"{what}: {e.key} should be tied to the token embedding but holds other values")
-        check_params(out, arch, what)
-        return out
+
+    def streamed(self, sd: LazyWeights, arch: Arch, what: str = "checkpoint", keep: int = 2) -> StreamedParams:
+        """:meth:`to_canonical` without reading: keys and shapes are checked now (from the headers), each
+        canonical tensor is read from ``sd`` when asked for, block by block (:class:`StreamedParams`)."""
+        sd, entries = self._entries(sd, arch, what)
+        fused = self._fused_sizes(entries, arch)
+        by_canon = {e.canon: e for e in entries if e.kind != "tied"}
+        tied = [e for e in entries if e.kind == "tied" and e.key in sd]
+        if tied:  # a stored second copy of the token embedding: checked once (two tensors read, then freed)
+            self._check_tied(sd, tied, {e.canon: self._canonical(by_canon[e.canon], sd[by_canon[e.canon].key],
+                                                                 fused, arch, what) for e in tied}, what)
+        shapes = canonical_shapes(arch)
+        lacking = [k for k in shapes if k not in by_canon]
+        if lacking:
+            raise TransportError(f"{what}: missing tensors for {arch.name}: {_names(lacking)}")
+
+        def read(name: str) -> Tensor:
+            e = by_canon[name]
+            return self._canonical(e, sd[e.key], fused, arch, what)
+
+        return StreamedParams(shapes, read, what, keep)
 
     def from_canonical(self, params: Mapping[str, Tensor], arch: Arch) -> dict[str, Tensor]:
         """Canonical tensors -> the family's own names and shapes (fused keys re-fused; partial input: only

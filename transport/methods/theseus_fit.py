@@ -10,7 +10,7 @@ block j: each model runs the blocks in between unrecorded. Source sites are rena
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 
@@ -65,8 +65,7 @@ class Fit:
     def __init__(self, inputs: TransportInputs, o: dict, calib: Calibration, heads: str):
         self.A, self.B, self.o, self.calib, self.heads = inputs.source, inputs.target, o, calib, heads
         self.device = torch.device(inputs.device)
-        self.pa = {k: v.to(self.device) for k, v in self.A.params.items()}
-        self.pb = {k: v.to(self.device) for k, v in self.B.params.items()}
+        self.pa, self.pb = _on(self.A.params, self.device), _on(self.B.params, self.device)
         self.acc: dict[str, CrossCovariance] = {}
         self.maps: dict[str, Tensor] = {}
         self.map_info: list[dict] = []
@@ -205,29 +204,36 @@ class Fit:
 
     # -- depth --------------------------------------------------------------------------------
     def streams(self) -> tuple[list[Tensor], list[Tensor]]:
-        """Every k-th calibration row of both models' residual streams entering each block and leaving the last."""
+        """Every k-th calibration row of both models' residual streams entering each block and leaving the last.
+
+        Block-major (every chunk through block l before block l + 1), so a streamed model reads each block once."""
         A, B = self.A, self.B
         cal = self.calib
         total = int(cal.samples.mask.sum()) if cal.text else len(cal) * B.arch.tokens
-        stride, offset = row_stride(total), 0
-        out: tuple[list[list[Tensor]], list[list[Tensor]]] = ([[] for _ in range(A.arch.layers + 1)],
-                                                              [[] for _ in range(B.arch.layers + 1)])
+        stride = row_stride(total)
+        chunks = list(cal.calibration_chunks())
+        out: tuple[list[Tensor], list[Tensor]] = ([], [])
         t0, c0 = time.perf_counter(), time.process_time()
-        for ci in cal.calibration_chunks():
-            x, mask = cal.chunk(ci, self.device)
-            n = None
-            for side, (p, arch) in enumerate(((self.pa, A.arch), (self.pb, B.arch))):
-                h = embed(p, arch, model_inputs(arch, x))
-                for l in range(arch.layers + 1):
-                    rows = cal.rows(h, mask, B.arch.tokens)
+        for side, (p, arch) in enumerate(((self.pa, A.arch), (self.pb, B.arch))):
+            hs, masks = [], []
+            for ci in chunks:
+                x, mask = cal.chunk(ci, self.device)
+                hs.append(embed(p, arch, model_inputs(arch, x)))
+                masks.append(mask)
+            for l in range(arch.layers + 1):
+                offset, kept = 0, []
+                for k in range(len(chunks)):
+                    rows = cal.rows(hs[k], masks[k], B.arch.tokens)
                     n = rows.shape[0]
                     keep = torch.nonzero((torch.arange(n, device=rows.device) + offset) % stride == 0).flatten()
-                    out[side][l].append(rows[keep].float().cpu())
+                    kept.append(rows[keep].float().cpu())
+                    offset += n
                     if l < arch.layers:
-                        h = block(p, arch, l, h, mask=mask)
-            offset += n or 0
+                        hs[k] = block(p, arch, l, hs[k], mask=masks[k])
+                out[side].append(torch.cat(kept))
+            del hs
         self.clock("forward", t0, c0)
-        return [torch.cat(x) for x in out[0]], [torch.cat(x) for x in out[1]]
+        return out
 
     def depth(self, progress: Progress) -> tuple[list[Optional[int]], dict]:
         la, lb = self.A.arch.layers, self.B.arch.layers
@@ -241,6 +247,13 @@ class Fit:
             S = block_similarity(*self.streams())
         mapping = similarity_depth(S)
         return mapping, depth_info("similarity", mapping, la, lb, S)
+
+
+def _on(params: Mapping[str, Tensor], device: torch.device) -> Mapping[str, Tensor]:
+    """The parameters on ``device``: on the CPU the mapping itself (a streamed model stays streamed)."""
+    if device.type == "cpu":
+        return params
+    return {k: params[k].to(device) for k in params}
 
 
 def _singular_values(C: Tensor) -> Tensor:
