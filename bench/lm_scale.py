@@ -16,12 +16,14 @@ the next-token loss on 32 sequences of 128 tokens vs one bare forward + backward
 same batch, 8 sequences per backward with the gradients accumulated), ``theseus`` (0.5B-shaped -> 1.5B-shaped,
 32 calibration sequences of 128 tokens). Seconds are
 wall and CPU (user + system of the process, all threads: the robust measure on a shared machine).
+``--stream`` loads both models streamed (``load_model(..., stream=True)``: read block by block from their
+safetensors files when a method asks for them) instead of resident.
 
 ``--scale S`` shrinks every width (head counts kept, head widths scaled, even), MLP width, vocabulary and
 layer count (at least 2) by S and the sequence length (at least 16): ``--scale 0.1`` runs in about a minute.
 
     python -m bench.lm_scale [--scale 1.0] [--rows load transfusion gradfix theseus] [--pairs qwen gpt2]
-                             [--threads N] [--dir DIR]
+                             [--threads N] [--dir DIR] [--stream]
 """
 from __future__ import annotations
 
@@ -98,7 +100,7 @@ def _texts(vocab: int, n: int, t: int, seed: int = 0):
     return TextTask("random-text", {"train": (batch, None), "val": (batch[:0], None), "test": (batch[:0], None)})
 
 
-def worker(row: str, a_dir: Path, b_dir: Path, scale: float) -> dict:
+def worker(row: str, a_dir: Path, b_dir: Path, scale: float, stream: bool = False) -> dict:
     """One row in this process: JSON-able seconds, peak and sizes, or ``skip`` with the reason."""
     from transport.methods import TransportInputs, get_method
     from transport.sources import load_model
@@ -108,13 +110,13 @@ def worker(row: str, a_dir: Path, b_dir: Path, scale: float) -> dict:
 
     base = _rss()
     t0, c0 = time.perf_counter(), cpu_seconds()
-    A = load_model(str(a_dir))
-    out = {"base_gib": base / 2**30, "model_gib": sum(v.numel() * v.element_size() for v in A.params.values()) / 2**30,
+    A = load_model(str(a_dir), stream=stream)
+    out = {"base_gib": base / 2**30, "model_gib": _nbytes(A.params) / 2**30, "stream": stream,
            "files_gib": sum(f.stat().st_size for f in a_dir.glob("*.safetensors")) / 2**30,
            "load_s": time.perf_counter() - t0, "load_cpu_s": cpu_seconds() - c0}
     if row != "load":
-        B = load_model(str(b_dir))
-        out["target_gib"] = sum(v.numel() * v.element_size() for v in B.params.values()) / 2**30
+        B = load_model(str(b_dir), stream=stream)
+        out["target_gib"] = _nbytes(B.params) / 2**30
         t = seq_len(scale)
         if row == "gradfix":
             from transport.core import losses
@@ -153,8 +155,17 @@ def worker(row: str, a_dir: Path, b_dir: Path, scale: float) -> dict:
     return out
 
 
+def _nbytes(params) -> int:
+    """Bytes of a model's parameters, resident or streamed (without reading a streamed one)."""
+    if hasattr(params, "nbytes"):
+        return params.nbytes()
+    return sum(v.numel() * v.element_size() for v in params.values())
+
+
 def _table(results: list[tuple[str, str, dict]], scale: float) -> None:
-    print(f"\nlanguage models at scale {scale} ({N_SEQ} sequences of {seq_len(scale)} tokens); load {load_line()}")
+    streamed = "streamed" if any(r.get("stream") for _, _, r in results) else "resident"
+    print(f"\nlanguage models at scale {scale} ({N_SEQ} sequences of {seq_len(scale)} tokens, models {streamed}); "
+          f"load {load_line()}")
     cols = ("row", "pair", "model GiB", "load s (cpu)", "prepare s (cpu)", "bare f+b s (cpu)", "peak GiB",
             "peak/model", "peak-base/model")
     print("  ".join(f"{c:>16}" if i else f"{c:<12}" for i, c in enumerate(cols)))
@@ -185,6 +196,8 @@ def main() -> None:
     ap.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--dir", default=None, help="keep the saved models here (reused when present)")
+    ap.add_argument("--stream", action="store_true", help="load the models streamed (read block by block from "
+                    "their safetensors files when asked for) instead of resident")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if not 0 < a.scale <= 1:
@@ -198,11 +211,11 @@ def main() -> None:
             print(json.dumps(make(name, a.scale, int(seed), Path(d))))
         else:
             da, db = rest.split("|")
-            print(json.dumps(worker(kind, Path(da), Path(db), a.scale)))
+            print(json.dumps(worker(kind, Path(da), Path(db), a.scale, a.stream)))
         return
     tmp = None if a.dir else tempfile.TemporaryDirectory(prefix="lm_scale-")
     root = Path(a.dir or tmp.name) / f"scale-{a.scale:g}"
-    common = ["--scale", repr(a.scale), "--threads", str(a.threads)]
+    common = ["--scale", repr(a.scale), "--threads", str(a.threads), *(["--stream"] if a.stream else [])]
     results = []
     try:
         for pair in a.pairs:
