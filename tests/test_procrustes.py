@@ -313,3 +313,24 @@ def test_numerics_hold_with_1_and_2_threads(threads):
                        cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     assert f"torch threads: {threads} (pinned)" in p.stdout, p.stdout[-2000:]
     assert p.returncode == 0, p.stdout[-4000:]
+
+
+@pytest.mark.parametrize("mode", ["eigh", "eigh32"])
+@pytest.mark.parametrize("shape", [(48, 80), (80, 48)])
+def test_a_known_rank_bound_gives_the_same_polar_factor(mode, shape):
+    """C from n < min(d_a, d_b) rows has rank <= n: leaving the directions beyond n out from the start (what
+    Theseus does with its calibration row count) gives the factor the full computation gives."""
+    g = torch.Generator().manual_seed(3)
+    n = 30
+    xa, xb = torch.randn(n, shape[0], generator=g, dtype=torch.float64), torch.randn(n, shape[1], generator=g,
+                                                                                     dtype=torch.float64)
+    C = xa.t() @ xb
+    T, S = polar(C, mode)
+    for rank in (n, n + 5):
+        Tr, Sr = polar(C, mode, rank=rank)
+        assert torch.equal(Sr, S)
+        assert float((Tr.double() - T.double()).abs().max()) < (1e-5 if mode == "eigh32" else 1e-10)
+        assert eye_err(Tr @ Tr.t() if shape[0] <= shape[1] else Tr.t() @ Tr) < orth_tol(mode, min(shape))
+    with pytest.raises(AssertionError):  # a bound below the true rank throws determined directions away
+        Tl, _ = polar(C, mode, rank=n - 10)
+        assert float((Tl.double() - T.double()).abs().max()) < 1e-3

@@ -259,16 +259,16 @@ def resolve_arch(path: str | os.PathLike, md: Mapping[str, str], arch: Optional[
 def load_file_model(path: str, arch: Optional[Arch], trust_pickle: bool = False, stream: bool = False) -> Model:
     """A checkpoint file -> Model: its tower (wherever the file keeps it), the head it carries, and the
     zero-shot heads of a text tower it holds too (an open_clip CLIP dict). A language model's safetensors file
-    streams (one tensor at a time); with ``arch`` given, the model gets that architecture's tokenizer (the
+    is read one tensor at a time; with ``stream`` any safetensors file stays in its file (see :func:`load_model`); with ``arch`` given, the model gets that architecture's tokenizer (the
     Hugging Face directory it names, or open_clip's own)."""
     given = arch
     sd, md = read_checkpoint(path, trust_pickle, lazy=True)
     arch = resolve_arch(path, md, arch, sd)
     fam = family_of(arch)
-    if not getattr(fam, "streams", False) and isinstance(sd, LazyWeights):
+    if not (stream or getattr(fam, "streams", False)) and isinstance(sd, LazyWeights):
         sd, md = read_checkpoint(path, trust_pickle)
     head = _head_from_state(sd, md, str(path))
-    streams = stream and getattr(fam, "streams", False) and isinstance(sd, LazyWeights)
+    streams = stream and isinstance(sd, LazyWeights)
     params = (fam.streamed(sd, arch, str(path)) if streams else
               {k: v.float() for k, v in to_canonical(sd, arch, what=str(path)).items()})
     zero_shot = fam.file_zero_shot(sd, arch, str(path))

@@ -20,6 +20,7 @@ from transport.core.arch import Arch
 from transport.core.heads import PROMPT_TEMPLATES, Classifier, ZeroShotHeads, zero_shot_classifier
 from transport.core.model import Model
 from transport.errors import TransportError
+from transport.files import LazyWeights
 from transport.families.base import HEAD_PREFIXES, Family
 
 Tensor = torch.Tensor
@@ -50,6 +51,8 @@ class OpenClipFamily(Family):
     def tower(self, sd: Mapping[str, Tensor], arch: Arch) -> dict[str, Tensor]:
         p = self.tower_prefix(sd, arch)
         if p:
+            if isinstance(sd, LazyWeights):  # nothing read: the tower's tensors under their own names
+                return sd.subset(lambda k: k.startswith(p)).renamed(lambda k: k[len(p):])
             return {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
         return super().tower(sd, arch)
 
@@ -67,7 +70,7 @@ class OpenClipFamily(Family):
         if not p.endswith("visual."):
             return {}
         base = p[: -len("visual.")]
-        text = {k[len(base):]: v for k, v in sd.items() if k.startswith(base) and not k.startswith(p)
+        text = {k[len(base):]: sd[k] for k in sd if k.startswith(base) and not k.startswith(p)  # only these read
                 and not k[len(base):].startswith(HEAD_PREFIXES)}
         return text if "token_embedding.weight" in text else {}
 

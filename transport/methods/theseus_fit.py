@@ -110,7 +110,7 @@ class Fit:
                     self._store(f"{s}:{layer}", cc, T[s], _singular_values(C[s]), isometry=False)
                 continue
             cc = self.acc.pop(space)
-            T, S = polar(cc.target_matrix(o["center"], o["whiten"], o["eps"]), o["polar"])
+            T, S = polar(cc.target_matrix(o["center"], o["whiten"], o["eps"]), o["polar"], rank=cc.n)
             self._store(space, cc, T, S)
         self.clock("svd", t0, c0)
 
