@@ -89,3 +89,15 @@ def test_theseus_on_streamed_models_gives_the_same_maps_reading_each_block_once_
 def test_keep_must_be_positive():
     with pytest.raises(ValueError):
         StreamedParams({}, lambda k: torch.zeros(0), "x", keep=0)
+
+
+def test_an_open_clip_tower_file_streams_too(tmp_path):
+    from transport.families.open_clip import tiny_arch
+    from transport.sources import init_params
+
+    arch = tiny_arch(width=32, layers=3, heads=4, image_size=8, patch_size=2, output_dim=16, name="zoo:test-tiny")
+    path = save_model(Model(arch, init_params(arch, 4), "tiny"), tmp_path / "tower.safetensors")
+    resident, streamed = load_model(str(path)), load_model(str(path), stream=True)
+    assert isinstance(streamed.params, StreamedParams) and streamed.params.reads == 0
+    assert list(streamed.params) == list(resident.params)
+    assert all(torch.equal(streamed.params[k], resident.params[k]) for k in resident.params)

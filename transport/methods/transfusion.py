@@ -42,6 +42,7 @@ from transport.core.symmetry import (
     residual_names,
     unflatten,
 )
+from transport.core.streamed import resident
 from transport.core.task_vector import TaskVector
 from transport.errors import TransportError
 from transport.files import read_safetensors, write_safetensors
@@ -404,7 +405,8 @@ def prepare(inputs: TransportInputs, options: dict, progress: Progress = no_prog
             raise TransportError("transfusion: matching 'activation' needs unlabelled images: give a task "
                                  "(--task or --data)")
         calib = inputs.task.calibration(max(1, int(opts["calibration"])), int(opts["seed"]))
-    return align(inputs.source.params, inputs.target.params, b, opts["matching"], int(opts["max_iter"]),
+    # weight matching reads every tensor in every sweep: a streamed model is read into memory once here
+    return align(resident(inputs.source.params), resident(inputs.target.params), b, opts["matching"], int(opts["max_iter"]),
                  int(opts["seed"]), inputs.device, calib, True, progress, opts["within"], int(opts["cache_mib"]))
 
 
