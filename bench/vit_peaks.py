@@ -20,17 +20,10 @@ from pathlib import Path
 import torch
 
 from bench.common import cpu_seconds, load_line, peak_bytes, random_model, run_child
+from bench.lm_scale import _nbytes, _rss
 
 IMAGES = 32  # Theseus's calibration images
 SHOTS, CLASSES = 2, 10  # GradFix's labelled samples: 2 per class
-
-
-def _rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def make(arch_name: str, seed: int, path: Path) -> None:
@@ -62,7 +55,7 @@ def worker(method: str, a: Path, b: Path) -> dict:
 
     base = _rss()
     A, B = load_model(str(a), stream=True), load_model(str(b), stream=True)
-    model = A.params.nbytes() if hasattr(A.params, "nbytes") else sum(v.numel() * 4 for v in A.params.values())
+    model = _nbytes(A.params)
     m = get_method(method)
     if method == "gradfix":
         inputs, options = TransportInputs(A, B, _task(SHOTS * CLASSES, B.arch.image_size), SHOTS, 0), {}

@@ -11,6 +11,7 @@ reading a byte; each tensor's dtype and values are checked as it is read (one li
 """
 from __future__ import annotations
 
+import math
 import threading
 import weakref
 from collections import OrderedDict
@@ -61,13 +62,7 @@ class StreamedParams(Mapping[str, Tensor]):
 
     def nbytes(self) -> int:
         """float32 bytes of every tensor (what a resident copy would take)."""
-        n = 0
-        for s in self._shapes.values():
-            k = 1
-            for d in s:
-                k *= d
-            n += 4 * k
-        return n
+        return sum(4 * math.prod(s) for s in self._shapes.values())
 
     def held_bytes(self) -> int:
         with self._lock:
@@ -75,11 +70,6 @@ class StreamedParams(Mapping[str, Tensor]):
 
     def _freed(self, n: int) -> None:
         self.live_bytes -= n
-
-    def release(self) -> None:
-        """Drop every held tensor (the next access reads again)."""
-        with self._lock:
-            self._held.clear()
 
     def __getitem__(self, name: str) -> Tensor:
         if name not in self._shapes:
