@@ -25,6 +25,40 @@ from bench.lm_scale import _rss, _texts, make, seq_len
 N_SEQ = 32
 
 
+class HighWater:
+    """Samples the resident set every 5 ms in a thread; records (GiB, seconds, main thread's stack) each time it
+    exceeds the last mark by ``step_gib``."""
+
+    def __init__(self, step_gib: float, floor_gib: float = 0.0, depth: int = 7):
+        self.step, self.peak, self.depth = step_gib, floor_gib, depth
+        self.marks: list[tuple[float, float, str]] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._main = threading.main_thread().ident
+
+    def _sample(self) -> None:
+        t0 = time.perf_counter()
+        while not self._done.is_set():
+            r = _rss() / 2**30
+            if r > self.peak + self.step:
+                self.peak = r
+                frames = traceback.extract_stack(sys._current_frames()[self._main])[-self.depth:]
+                self.marks.append((r, time.perf_counter() - t0,
+                                   " <- ".join(f"{f.name}:{f.lineno}" for f in reversed(frames))))
+            time.sleep(0.005)
+
+    def start(self) -> "HighWater":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def lines(self) -> list[str]:
+        return [f"{gib:6.2f} GiB {at:7.1f} s  {where}" for gib, at, where in self.marks]
+
+
 def trace(method: str, scale: float, step_gib: float, directory: Path, threads: int = 2) -> dict:
     """Peak and high-water stacks of ``method``'s prepare on the scaled pair (models made once in ``directory``)."""
     from transport.methods import TransportInputs, get_method
@@ -37,33 +71,18 @@ def trace(method: str, scale: float, step_gib: float, directory: Path, threads: 
     base = _rss() / 2**30
     A, B = load_model(str(directory / "source")), load_model(str(directory / f"target-{target[0]}"))
     loaded = _rss() / 2**30
-    marks: list[tuple[float, float, str]] = []
-    peak = [loaded]
-    main, done = threading.main_thread().ident, threading.Event()
+    hw = HighWater(step_gib, loaded)
     t0 = time.perf_counter()
-
-    def sample() -> None:
-        while not done.is_set():
-            r = _rss() / 2**30
-            if r > peak[0] + step_gib:
-                peak[0] = r
-                frames = traceback.extract_stack(sys._current_frames()[main])[-7:]
-                marks.append((r, time.perf_counter() - t0,
-                              " <- ".join(f"{f.name}:{f.lineno}" for f in reversed(frames))))
-            time.sleep(0.005)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+    hw.start()
     m = get_method(method)
     task = _texts(A.arch.vocab_size, N_SEQ, seq_len(scale)) if method == "theseus" else None
     options = {"calib_size": N_SEQ} if method == "theseus" else {}
     m.prepare(TransportInputs(A, B, task, seed=0), m.resolve(options))
     seconds = time.perf_counter() - t0
-    done.set()
-    sampler.join()
+    hw.stop()
     size = lambda M: sum(v.numel() * v.element_size() for v in M.params.values()) / 2**30  # noqa: E731
-    return {"base": base, "loaded": loaded, "peak": max(peak[0], loaded), "source_gib": size(A),
-            "target_gib": size(B), "seconds": seconds, "marks": marks}
+    return {"base": base, "loaded": loaded, "peak": max(hw.peak, loaded), "source_gib": size(A),
+            "target_gib": size(B), "seconds": seconds, "marks": hw.marks}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -81,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
           f"after imports {r['base']:.2f}, after loading {r['loaded']:.2f}, peak {r['peak']:.2f} GiB; "
           f"prepare {r['seconds']:.1f} s")
     for gib, at, where in r["marks"]:
-        print(f"{gib:6.2f} GiB {at:7.1f} s  {where}")
+        print(f"{gib:6.2f} GiB {at:7.1f} s  {where}")  # same format as HighWater.lines
 
 
 if __name__ == "__main__":

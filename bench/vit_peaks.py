@@ -8,6 +8,7 @@ every tensor). Each row runs in a fresh process; peak is its VmHWM (imports and 
 ``base`` the resident set after the imports.
 
     python -m bench.vit_peaks [--arch ViT-L-14] [--methods transfusion gradfix theseus] [--threads 2] [--dir DIR]
+                              [--trace GIB]
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch
 
 from bench.common import cpu_seconds, load_line, peak_bytes, random_model, run_child
 from bench.lm_scale import _nbytes, _rss
+from bench.memory_trace import HighWater
 
 IMAGES = 32  # Theseus's calibration images
 SHOTS, CLASSES = 2, 10  # GradFix's labelled samples: 2 per class
@@ -49,11 +51,32 @@ def _task(n: int, size: int):
                 {"train": (x, y), "val": (x[:1], y[:1]), "test": (x[:1], y[:1])})
 
 
-def worker(method: str, a: Path, b: Path) -> dict:
+def held_bytes(obj, seen: set | None = None) -> int:
+    """Bytes of the tensors an alignment holds (its fields, dicts and lists walked; each storage counted once)."""
+    import dataclasses
+
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        key = obj.untyped_storage().data_ptr()
+        if key in seen:
+            return 0
+        seen.add(key)
+        return obj.untyped_storage().nbytes()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return sum(held_bytes(getattr(obj, f.name), seen) for f in dataclasses.fields(obj))
+    if isinstance(obj, dict):
+        return sum(held_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(held_bytes(v, seen) for v in obj)
+    return 0
+
+
+def worker(method: str, a: Path, b: Path, trace: float = 0.0) -> dict:
     from transport.methods import TransportInputs, get_method
     from transport.sources import load_model
 
     base = _rss()
+    hw = HighWater(trace, base / 2**30, depth=9).start() if trace > 0 else None
     A, B = load_model(str(a), stream=True), load_model(str(b), stream=True)
     model = _nbytes(A.params)
     m = get_method(method)
@@ -64,8 +87,11 @@ def worker(method: str, a: Path, b: Path) -> dict:
     else:
         inputs, options = TransportInputs(A, B, None, seed=0), {}
     t0, c0 = time.perf_counter(), cpu_seconds()
-    m.prepare(inputs, m.resolve(options))
-    return {"method": method, "prepare_s": time.perf_counter() - t0, "prepare_cpu_s": cpu_seconds() - c0,
+    al = m.prepare(inputs, m.resolve(options))
+    if hw is not None:
+        hw.stop()
+    return {"marks": hw.lines() if hw is not None else [], "method": method, "prepare_s": time.perf_counter() - t0, "prepare_cpu_s": cpu_seconds() - c0,
+            "alignment_gib": held_bytes(al) / 2**30,
             "peak_gib": peak_bytes("cpu") / 2**30, "base_gib": base / 2**30, "model_gib": model / 2**30}
 
 
@@ -76,6 +102,8 @@ def main() -> None:
                     choices=["transfusion", "gradfix", "theseus"])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--dir", default=None, help="keep the model files here (reused when present)")
+    ap.add_argument("--trace", type=float, default=0.0,
+                    help="also print the resident set's high-water marks every TRACE GiB, with the stack at each")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.threads:
@@ -88,7 +116,7 @@ def main() -> None:
             print(json.dumps({"made": path}))
         else:
             pa, pb = rest.split("|")
-            print(json.dumps(worker(kind, Path(pa), Path(pb))))
+            print(json.dumps(worker(kind, Path(pa), Path(pb), a.trace)))
         return
     tmp = None if a.dir else tempfile.TemporaryDirectory(prefix="vit_peaks-")
     root = Path(a.dir or tmp.name)
@@ -100,7 +128,10 @@ def main() -> None:
             run_child("bench.vit_peaks", ["--worker", f"make:{s}:{f}", *common])
         rows = []
         for method in a.methods:
-            r = run_child("bench.vit_peaks", ["--worker", f"{method}:{files[0]}|{files[1]}", *common])
+            r = run_child("bench.vit_peaks", ["--worker", f"{method}:{files[0]}|{files[1]}", *common,
+                                              "--trace", str(a.trace)])
+            for line in r.pop("marks"):
+                print(f"  {method}: {line}")
             print(json.dumps(r), flush=True)
             rows.append(r)
     finally:
@@ -108,11 +139,12 @@ def main() -> None:
             tmp.cleanup()
     print(f"\n{a.arch} towers read from safetensors (stream=True); load {load_line()}")
     print(f"{'method':<12}{'prepare s (cpu)':>20}{'model GiB':>11}{'base GiB':>10}{'peak GiB':>10}{'peak/model':>12}"
-          f"{'peak-base/model':>17}")
+          f"{'peak-base/model':>17}{'result GiB':>12}")
     for r in rows:
         m = r["model_gib"]
         print(f"{r['method']:<12}{r['prepare_s']:>11.1f} ({r['prepare_cpu_s']:.1f}){m:>11.3f}{r['base_gib']:>10.2f}"
-              f"{r['peak_gib']:>10.2f}{r['peak_gib'] / m:>12.2f}{(r['peak_gib'] - r['base_gib']) / m:>17.2f}")
+              f"{r['peak_gib']:>10.2f}{r['peak_gib'] / m:>12.2f}{(r['peak_gib'] - r['base_gib']) / m:>17.2f}"
+              f"{r['alignment_gib']:>12.3f}")
 
 
 if __name__ == "__main__":

@@ -278,6 +278,24 @@ def test_shots_come_from_the_train_split_only(task, prepared):
         prepare(inputs(model(1), bad_train), {})
 
 
+def test_one_bad_sample_among_side_by_side_workers_is_one_line(task):
+    """One sample per worker thread: a non-finite loss on one sample in the middle stops the vote with that one
+    line (the samples after it stop at their next fold; nothing hangs) and the thread setting is restored."""
+    target = model(1)
+    x, y = task.shots(1, 0)
+    loss_fn, pixels = loss_on(target, x)
+    pixels = pixels.clone()
+    pixels[4] = float("nan")
+    start = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(TransportError, match="^gradfix: the loss is not finite on the labelled samples"):
+            collect_votes(loss_fn, target.params, pixels, y, micro_batch=1)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(start)
+
+
 def test_prepare_uses_exactly_the_seeded_shots(task):
     target = model(1)
     al = prepare(inputs(target, task, shots=1, seed=5), {})

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,46 +186,111 @@ def collect_votes(loss_fn: LossFn, params: dict[str, Tensor], pixels: Tensor | T
     return Votes(counts, grad, n, loss_sum / n, b_used, no_grad)
 
 
+class _InOrder:
+    """Per tensor, the sample whose gradient it takes next: each tensor's sum and vote take the samples in
+    sample order whichever thread produced them (float sums depend on their order)."""
+
+    def __init__(self, names: list[str]):
+        self.next = dict.fromkeys(names, 0)
+        self.cv = threading.Condition()
+        self.failed = None  # the first sample that failed: later ones stop, earlier ones finish
+
+    def wait(self, name: str, i: int) -> None:
+        with self.cv:
+            while self.next[name] != i and (self.failed is None or self.failed > i):
+                self.cv.wait()
+            if self.failed is not None and self.failed < i:
+                raise _Aborted
+
+    def done(self, name: str, i: int) -> None:
+        with self.cv:
+            self.next[name] = i + 1
+            self.cv.notify_all()
+
+    def abort(self, i: int) -> None:
+        with self.cv:
+            self.failed = i if self.failed is None else min(self.failed, i)
+            self.cv.notify_all()
+
+
+class _Aborted(Exception):
+    """Another sample failed: this one stops without folding anything more."""
+
+
 def _side_by_side(loss_fn: LossFn, params: dict[str, Tensor], pixels: Tensor | TextBatch, labels: Tensor,
                   names: list[str], counts: dict[str, Tensor], gsum: dict[str, Tensor], cdtype: torch.dtype,
                   progress: Progress) -> float:
-    """One sample per worker thread, each on one torch thread, folded in sample order.
+    """One sample per worker thread, each on one torch thread; each gradient is folded as backward produces it.
 
     Samples run side by side instead of splitting each operation over threads: no thread waits at a
     parallel region's barrier for a starved sibling when another process holds a core, and every sample's
-    gradient is computed by the same single-threaded kernels whatever the worker count, so the vote and the
-    mean gradient are byte-identical for any count.
+    gradient is computed by the same single-threaded kernels whatever the worker count. A tensor's gradient is
+    added into the sum and the vote by a hook the moment it is complete and then dropped, in sample order per
+    tensor (:class:`_InOrder`), so no sample's whole gradient is ever held (peak: the model, the sum and vote,
+    and each worker's activations) and the vote and the mean gradient are byte-identical for any worker count.
     """
     n, workers, start = len(labels), sample_workers(), torch.get_num_threads()
+    order = _InOrder(names)
 
-    def grads_of(i: int) -> tuple[dict[str, Tensor], Tensor]:
-        chunk = pixels[i:i + 1]
-        return one_sample_grads(loss_fn, params, chunk.trimmed() if isinstance(chunk, TextBatch) else chunk,
-                                labels[i:i + 1], names)
+    def fold_hook(name: str, i: int, folded: set[str]):
+        def fold(leaf: Tensor) -> None:
+            g, leaf.grad = leaf.grad, None
+            order.wait(name, i)
+            gsum[name].add_(g)
+            counts[name].sub_(g.sign_().to(cdtype))  # sum_n sign(-g_n)
+            order.done(name, i)
+            folded.add(name)
+        return fold
+
+    def sample(i: int) -> float:
+        try:
+            chunk = pixels[i:i + 1]
+            chunk = chunk.trimmed() if isinstance(chunk, TextBatch) else chunk
+            leaves, folded = {k: params[k].detach().requires_grad_(True) for k in names}, set()
+            for k, leaf in leaves.items():
+                leaf.register_post_accumulate_grad_hook(fold_hook(k, i, folded))
+            with torch.enable_grad():
+                loss = loss_fn({**params, **leaves}, chunk, labels[i:i + 1]).sum()
+                _check_loss(loss.detach(), pixels)
+                loss.backward()
+            for k in names:  # tensors this sample's loss does not reach take nothing, in their turn
+                if k not in folded:
+                    order.wait(k, i)
+                    order.done(k, i)
+            return float(loss.detach().double())
+        except _Aborted:
+            raise
+        except BaseException:
+            order.abort(i)
+            raise
 
     loss_sum = 0.0
     torch.set_num_threads(1)
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            pending = [pool.submit(grads_of, i) for i in range(min(workers, n))]
-            for i in range(n):
-                grads, losses = pending.pop(0).result()
-                if i + workers < n:
-                    pending.append(pool.submit(grads_of, i + workers))
-                loss_sum += _fold(grads, losses, pixels, names, counts, gsum, cdtype)
-                del grads
-                progress((i + 1) / n, f"gradfix: gradients of {i + 1}/{n} samples")
+            futures = [pool.submit(sample, i) for i in range(n)]
+            try:  # in sample order: the first failure is what is raised (later samples stop at it)
+                for i, f in enumerate(futures):
+                    loss_sum += f.result()
+                    progress((i + 1) / n, f"gradfix: gradients of {i + 1}/{n} samples")
+            finally:
+                for f in futures:
+                    f.cancel()
     finally:
         torch.set_num_threads(start)
     return loss_sum
 
 
-def _fold(grads: dict[str, Tensor], losses: Tensor, pixels: Tensor | TextBatch, names: list[str],
-          counts: dict[str, Tensor], gsum: dict[str, Tensor], cdtype: torch.dtype) -> float:
-    """Add per-sample gradients [b, *shape] into the sum and their descent signs into the vote; the loss sum."""
+def _check_loss(losses: Tensor, pixels: Tensor | TextBatch) -> None:
     if not bool(torch.isfinite(losses).all()):
         raise TransportError("gradfix: the loss is not finite on the labelled samples (NaN/Inf in the "
                              f"{'texts' if isinstance(pixels, TextBatch) else 'images'} or the model)")
+
+
+def _fold(grads: dict[str, Tensor], losses: Tensor, pixels: Tensor | TextBatch, names: list[str],
+          counts: dict[str, Tensor], gsum: dict[str, Tensor], cdtype: torch.dtype) -> float:
+    """Add per-sample gradients [b, *shape] into the sum and their descent signs into the vote; the loss sum."""
+    _check_loss(losses, pixels)
     for k in names:  # one sample at a time, in place: the fewest passes over the per-sample gradients
         g = grads.pop(k)
         if 0 in g.stride():  # an expanded (broadcast) gradient cannot be overwritten in place
