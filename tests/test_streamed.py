@@ -101,3 +101,8 @@ def test_an_open_clip_tower_file_streams_too(tmp_path):
     assert isinstance(streamed.params, StreamedParams) and streamed.params.reads == 0
     assert list(streamed.params) == list(resident.params)
     assert all(torch.equal(streamed.params[k], resident.params[k]) for k in resident.params)
+    # q, k and v are parts of one stored in_proj, each read on its own: each keeps only its part, not the
+    # whole fused storage (three of which would be held for one in_proj)
+    for k in resident.params:
+        t = streamed.params[k]
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), k

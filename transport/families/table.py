@@ -138,8 +138,11 @@ class NameTable:
         return sd, entries
 
     @staticmethod
-    def _canonical(e: Entry, t: Tensor, fused: dict[str, list[tuple[int, str]]], arch: Arch, what: str) -> Tensor:
-        """The canonical tensor of entry ``e`` from its stored tensor ``t`` (bit-exact)."""
+    def _canonical(e: Entry, t: Tensor, fused: dict[str, list[tuple[int, str]]], arch: Arch, what: str,
+                   own: bool = False) -> Tensor:
+        """The canonical tensor of entry ``e`` from its stored tensor ``t`` (bit-exact). ``own``: ``t`` was read
+        for this call only, so a part of a fused tensor is copied out rather than keeping the whole fused storage
+        alive (q, k and v each read from one in_proj would hold three of them)."""
         if e.kind in ("fused", "fused_t"):
             sizes = fused[e.key]
             axis = 0 if e.kind == "fused" else 1
@@ -157,7 +160,10 @@ class NameTable:
             t = t[0] if t.dim() == 3 and t.shape[0] == 1 else t
         elif e.kind == "transpose":
             t = t.t()
-        return t.contiguous()
+        t = t.contiguous()
+        if own and t.untyped_storage().nbytes() > t.numel() * t.element_size():
+            t = t.clone()
+        return t
 
     def to_canonical(self, sd: Mapping[str, Tensor], arch: Arch, what: str = "checkpoint") -> dict[str, Tensor]:
         """Family-named tower state dict -> canonical tensors (validated: keys, shapes, dtypes, NaN/Inf).
@@ -165,10 +171,11 @@ class NameTable:
         ``sd`` may be a :class:`~transport.files.LazyWeights`: each tensor is then read when its entry needs it."""
         sd, entries = self._entries(sd, arch, what)
         fused = self._fused_sizes(entries, arch)
+        own = isinstance(sd, LazyWeights)
         out: dict[str, Tensor] = {}
         for e in entries:
             if e.kind != "tied":
-                out[e.canon] = self._canonical(e, sd[e.key], fused, arch, what)
+                out[e.canon] = self._canonical(e, sd[e.key], fused, arch, what, own)
         self._check_tied(sd, entries, out, what)
         check_params(out, arch, what)
         return out
@@ -196,7 +203,7 @@ class NameTable:
 
         def read(name: str) -> Tensor:
             e = by_canon[name]
-            return self._canonical(e, sd[e.key], fused, arch, what)
+            return self._canonical(e, sd[e.key], fused, arch, what, own=True)
 
         return StreamedParams(shapes, read, what, keep)
 
