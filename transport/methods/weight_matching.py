@@ -57,7 +57,8 @@ class _Var:
     name: str
     kind: str
     size: int
-    static: dict[str, Tensor]  # accumulator -> similarity from tensors with no other permuted axis
+    static: dict[str, Tensor]  # accumulator -> similarity from tensors with no other permuted axis (or its
+    # factors low_B, low_A: S_static = low_B low_A^T)
     parts: dict[str, list[_Part]]  # neighbour variable -> contributions whose other axis lives there
     S: Optional[Tensor] = None
     seen: dict[str, int] = field(default_factory=dict)  # neighbour versions S was built from
@@ -137,6 +138,21 @@ def matching_objective(theta_A: Mapping[str, Tensor], theta_B: Mapping[str, Tens
     return sum(_permuted_inner(k, theta_A[k], theta_B[k], perms, arch) for k in param_axes(arch))
 
 
+def _static_similarity(terms: list[tuple[Tensor, Tensor, str]], n: int, device: str) -> dict[str, Tensor]:
+    """The similarity of a residual/MLP variable from its tensors with no other permuted axis, sum_t B_t A_t^T.
+
+    Kept as the factors [n, k] of B and A when they have few columns (an MLP's input bias: k = 1, whose dense
+    [n, n] outer product would be 64 MB per ViT-L/14 layer), dense ("all") otherwise."""
+    k = sum(mb.shape[1] for mb, _, _ in terms)
+    if 2 * k < n:
+        return {"low_B": torch.cat([mb for mb, _, _ in terms], 1).to(device),
+                "low_A": torch.cat([ma for _, ma, _ in terms], 1).to(device)}
+    st = torch.zeros(n, n, device=device)
+    for mb, ma, _ in terms:
+        st += mb @ ma.t()
+    return {"all": st}
+
+
 class WeightMatcher:
     """Coordinate ascent on the weight-matching objective over residual, MLP and within-head permutations.
 
@@ -189,11 +205,8 @@ class WeightMatcher:
                 st_all = acc
             else:
                 st_all = {}
-                if static.get("all"):  # an MLP variable has none: no [n, n] zeros kept per layer
-                    st = torch.zeros(v.size, v.size, device=device)
-                    for mb, ma, _ in static["all"]:
-                        st += mb @ ma.t()
-                    st_all = {"all": st}
+                if static.get("all"):
+                    st_all = _static_similarity(static["all"], v.size, device)
                 self.perms[s] = torch.arange(v.size, device=device)
             self.version[s] = 0
             self.vars[s] = _Var(s, v.kind, v.size, st_all, parts)
@@ -250,7 +263,12 @@ class WeightMatcher:
             total = sum(self._index(r, p.role).numel() for r, parts in v.parts.items() for p in parts)
             incremental = 2 * moved < total
         if v.S is None or not incremental:
-            S = v.static["all"].clone() if "all" in v.static else torch.zeros(v.size, v.size, device=self.device)
+            if "all" in v.static:
+                S = v.static["all"].clone()
+            elif "low_B" in v.static:
+                S = v.static["low_B"] @ v.static["low_A"].t()
+            else:
+                S = torch.zeros(v.size, v.size, device=self.device)
             for r, parts in v.parts.items():
                 for p in parts:
                     q = self._index(r, p.role)
