@@ -177,6 +177,7 @@ def _polar_eigh(C: Tensor, ref: Tensor, tol: float, rank: Optional[int] = None) 
     G = C @ C.mT
     G = 0.5 * (G + G.mT)
     lam, U = torch.linalg.eigh(G)
+    del G  # the large temporaries go as soon as they are used: a 4096-wide map's are 64 MB each
     lam, U = lam.flip(-1), U.flip(-1)  # descending
     S = torch.sqrt(lam.clamp_min(0)).to(torch.float64)
     d_a = C.shape[-2]
@@ -185,7 +186,8 @@ def _polar_eigh(C: Tensor, ref: Tensor, tol: float, rank: Optional[int] = None) 
     Q, R = torch.linalg.qr(W.mT)  # W^T = Q R, Q [B, d_b, r] orthonormal, Gram-Schmidt in order of S
     null = torch.diagonal(R, dim1=-2, dim2=-1).abs().to(torch.float64) <= tol * S[:, :1]
     null = torch.cat([null, null.new_ones(null.shape[0], d_a - r)], -1)
-    Q = Q * _signs(R).unsqueeze(-2)
+    Q.mul_(_signs(R).unsqueeze(-2))
+    del R
     rows = _rows_with(null)
     T = U @ Q.mT if len(rows) < C.shape[0] else torch.empty_like(C)
     for b in rows:  # undetermined directions follow the reference, after the determined ones
@@ -200,7 +202,11 @@ def _polar_eigh(C: Tensor, ref: Tensor, tol: float, rank: Optional[int] = None) 
         Ub = U[b][:, torch.cat([det, free])]
         Wb = torch.cat([W[b][det], Ub[:, k:].t() @ ref])
         Qb, Rb = torch.linalg.qr(Wb.t())
-        T[b] = Ub @ (Qb * _signs(Rb)).t()
+        del Wb
+        Qb.mul_(_signs(Rb))
+        del Rb
+        torch.matmul(Ub, Qb.t(), out=T[b])
+        del Ub, Qb
     return T, S
 
 

@@ -17,6 +17,7 @@ import torch
 from transport.core.arch import Arch
 from transport.core.forward import block, embed, norm
 from transport.core.layout import site_layer
+from transport.core.memory import release_freed
 from transport.core.procrustes import CrossCovariance, polar
 from transport.core.stems import model_inputs
 from transport.methods import Progress, TransportInputs
@@ -112,6 +113,8 @@ class Fit:
             cc = self.acc.pop(space)
             T, S = polar(cc.target_matrix(o["center"], o["whiten"], o["eps"]), o["polar"], rank=cc.n)
             self._store(space, cc, T, S)
+            del cc, T, S
+            release_freed()  # the polar factor's temporaries leave the resident set (the heap keeps them else)
         self.clock("svd", t0, c0)
 
     def pair(self, found_a: dict[str, Tensor], found_b: dict[str, Tensor], ci: int) -> None:
