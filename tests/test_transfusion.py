@@ -142,6 +142,11 @@ def test_planted_recovery(name, tmp_path):
     # the weight-matching objective reaches its maximum <B, B> = ||A||^2
     assert al.diagnostics()["objective_per_sweep"][-1] == pytest.approx(sum_sq(A), rel=1e-5)
     d = al.diagnostics()
+    # the chain order carries what one space learns along the whole chain within a sweep: Pi in at most
+    # three sweeps (the last one certifies it); a random order gets there too, in no fewer sweeps
+    rand = align(A, B, arch, seed=0, order="random")
+    assert rand.diagnostics()["order"] == "random" and all(perm_equal(rand.perms[s], p) for s, p in Pi.items())
+    assert d["order"] == "chain" and d["sweeps"] <= min(3, rand.diagnostics()["sweeps"]), rand.diagnostics()["sweeps"]
     for l, layer in enumerate(d["layers"]):
         sigma, rho = split_head_permutation(Pi[f"heads:{l}"], arch)
         assert layer["head_perm"] == sigma.tolist() and layer["within_head_perms"] == rho.tolist()
@@ -192,6 +197,7 @@ def test_planted_recovery_full_size_vit_b16(one_thread):
     bad = [s for s, p in Pi.items() if not perm_equal(al.perms[s], p)]
     assert not bad, bad
     d = al.diagnostics()
+    assert d["sweeps"] == 2  # found by the forward sweep, certified by the backward one (random order: 13)
     obj = d["objective_per_sweep"]
     assert all(b >= a for a, b in zip(obj, obj[1:])) and obj[-1] == pytest.approx(sum_sq(A), rel=1e-4)
     tau = rand_tau(arch, 1, scale=1e-3)
@@ -565,6 +571,7 @@ def test_option_errors_have_exact_messages():
              ({"max_iter": 2.5}, "transfusion: option max_iter must be an integer, got 2.5"),
              ({"seed": True}, "transfusion: option seed must be an integer, got True"),
              ({"within": "both"}, "transfusion: option within must be one of shared, separate, got 'both'"),
+             ({"order": "zigzag"}, "transfusion: option order must be one of chain, random, got 'zigzag'"),
              ({"matching": "activation"}, "transfusion: matching 'activation' needs unlabelled images: give a task "
                                           "(--task or --data)")]
     for opts, msg in cases:
@@ -576,13 +583,16 @@ def test_option_errors_have_exact_messages():
         assert str(e.value) == msg
     with pytest.raises(TransportError) as e:
         pipeline_prepare("transfusion", inputs, {"iters": 3}, use_cache=False)
-    assert str(e.value).startswith("transfusion: unknown option(s) iters (known: matching, max_iter, seed")
+    assert str(e.value).startswith("transfusion: unknown option(s) iters (known: matching, max_iter, order, seed")
     with pytest.raises(TransportError) as e:
         align(A.params, B.params, arch, matching="foo")
     assert str(e.value) == "transfusion: unknown matching 'foo' (use weight or activation)"
     with pytest.raises(TransportError) as e:
         align(A.params, B.params, arch, max_iter=-1)
     assert str(e.value) == "transfusion: max_iter must be >= 0, got -1"
+    with pytest.raises(TransportError) as e:
+        align(A.params, B.params, arch, order="zigzag")
+    assert str(e.value) == "transfusion: order must be one of chain, random, got 'zigzag'"
     with pytest.raises(TransportError) as e:
         align(A.params, B.params, arch, matching="activation")
     assert str(e.value) == "transfusion: activation matching needs calibration images (give a task)"

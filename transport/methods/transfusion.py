@@ -9,7 +9,8 @@ architecture; tau plays no part and, with the default weight matching, no data i
    inside the group by a small Hungarian of their q/o spectra (a query head never leaves its group);
 2. within-head orders, the residual permutations and the MLP permutations by weight matching
    (:mod:`transport.methods.weight_matching`): coordinate ascent on sum_t <W_B^t, pi(W_A^t)>, each
-   variable solved exactly by a linear assignment given all the others, in a seeded visiting order.
+   variable solved exactly by a linear assignment given all the others, sweeping the chain of spaces
+   forward and backward in turn (option ``order``; 'random': a seeded random order per sweep).
 
 ``apply`` returns alpha * pi(tau) in the target's canonical names: a pure gather, linear and norm-preserving.
 """
@@ -47,7 +48,7 @@ from transport.core.task_vector import TaskVector
 from transport.errors import TransportError
 from transport.files import read_safetensors, write_safetensors
 from transport.methods import MethodInfo, Option, Progress, TransportInputs, no_progress
-from transport.methods.weight_matching import WITHIN, MatchStats, WeightMatcher, matching_objective
+from transport.methods.weight_matching import ORDERS, WITHIN, MatchStats, WeightMatcher, matching_objective
 
 Tensor = torch.Tensor
 
@@ -56,7 +57,9 @@ SPEC = (
     Option("matching", "weight", "what the permutations match: weights (data-free) or activations on "
            "unlabelled images or texts", choices=MATCHINGS, flag=True),
     Option("max_iter", 100, "weight-matching sweeps at most", flag=True, minimum=0),
-    Option("seed", 0, "seed of the weight-matching visiting order and the calibration sample", minimum=0),
+    Option("order", "chain", "weight-matching visiting order: along the chain of spaces, forward and backward "
+           "in turn, or a seeded random order per sweep (Git Re-Basin's)", choices=ORDERS),
+    Option("seed", 0, "seed of the calibration sample and of the random visiting order", minimum=0),
     Option("calibration", 128, "calibration images (or texts) for activation matching", minimum=0),
     Option("within", "shared", "within-head order: one shared by q, k, v and o (the paper's) or separate "
            "q/k and v/o orders (the larger symmetry group)", choices=WITHIN),
@@ -343,12 +346,14 @@ def _diagnostics(arch: Arch, perms: Perms, matching: str, within: str, costs: di
 def align(theta_A: Mapping[str, Tensor], theta_B: Mapping[str, Tensor], arch: Arch, matching: str = "weight",
           max_iter: int = 100, seed: int = 0, device: str = "cpu", calibration: Optional[Tensor] = None,
           accelerate: bool = True, progress: Progress = no_progress, within: str = "shared",
-          cache_mib: int = -1) -> TransFusionAlignment:
+          cache_mib: int = -1, order: str = "chain") -> TransFusionAlignment:
     """All TransFusion permutations aligning theta_A to theta_B (canonical tensors of ``arch``)."""
     if matching not in MATCHINGS:
         raise TransportError(f"transfusion: unknown matching '{matching}' (use {' or '.join(MATCHINGS)})")
     if int(max_iter) < 0:
         raise TransportError(f"transfusion: max_iter must be >= 0, got {max_iter}")
+    if order not in ORDERS:
+        raise TransportError(f"transfusion: order must be one of {', '.join(ORDERS)}, got {order!r}")
     check_params(dict(theta_A), arch, "source pretrained model")
     check_params(dict(theta_B), arch, "target pretrained model")
     timings: dict[str, float] = {}
@@ -368,7 +373,7 @@ def align(theta_A: Mapping[str, Tensor], theta_B: Mapping[str, Tensor], arch: Ar
     if matching == "weight":
         wm = WeightMatcher(theta_A, theta_B, arch, groups, device, within,
                            None if int(cache_mib) < 0 else int(cache_mib) << 20)
-        stats = wm.run(max_iter, seed, accelerate, lambda f, m: progress(0.05 + 0.95 * f, m))
+        stats = wm.run(max_iter, seed, accelerate, lambda f, m: progress(0.05 + 0.95 * f, m), order)
         perms: Perms = {k: v.to("cpu") for k, v in wm.perms.items()}
         del wm
     else:
@@ -383,8 +388,10 @@ def align(theta_A: Mapping[str, Tensor], theta_B: Mapping[str, Tensor], arch: Ar
     timings.update(sweeps=t3 - t2, hungarian=stats.hungarian_s, similarity=stats.similarity_s)
     check_permutations(perms, arch, "transfusion result")
     progress(1.0, "transfusion: done")
-    al = TransFusionAlignment(arch, perms, _diagnostics(arch, perms, matching, within, costs, margins, stats,
-                                                        timings))
+    diag = _diagnostics(arch, perms, matching, within, costs, margins, stats, timings)
+    if matching == "weight":
+        diag["order"] = order
+    al = TransFusionAlignment(arch, perms, diag)
     al.stats = stats  # type: ignore[attr-defined]  (solver counters for benchmarks; not saved)
     return al
 
@@ -407,7 +414,8 @@ def prepare(inputs: TransportInputs, options: dict, progress: Progress = no_prog
         calib = inputs.task.calibration(max(1, int(opts["calibration"])), int(opts["seed"]))
     # weight matching reads every tensor in every sweep: a streamed model is read into memory once here
     return align(resident(inputs.source.params), resident(inputs.target.params), b, opts["matching"], int(opts["max_iter"]),
-                 int(opts["seed"]), inputs.device, calib, True, progress, opts["within"], int(opts["cache_mib"]))
+                 int(opts["seed"]), inputs.device, calib, True, progress, opts["within"], int(opts["cache_mib"]),
+                 opts["order"])
 
 
 def apply(alignment: TransFusionAlignment, tau: TaskVector, alpha: float = 1.0,
