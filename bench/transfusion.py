@@ -13,6 +13,7 @@ seconds: CPU seconds are the robust measure on a shared machine) and the spectra
 sweep count, solver counters, the final objective (9 digits) and peak memory.
 
     python -m bench.transfusion [--arch ViT-B-16 ViT-L-14] [--device cpu|cuda] [--threads N] [--baseline]
+                                [--order random chain]
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def _digest(perms: dict) -> str:
     return h.hexdigest()[:12]
 
 
-def worker(case: str, arch_name: str, device: str) -> dict:
+def worker(case: str, arch_name: str, device: str, order: str = "random") -> dict:
     from transport.methods.transfusion import align
     from transport.core.symmetry import apply_permutation, perm_equal, random_permutation
 
@@ -52,7 +53,8 @@ def worker(case: str, arch_name: str, device: str) -> dict:
     reset_peak(device)
     sync(device)
     t0, c0 = time.perf_counter(), cpu_seconds()
-    al = align(A.params, theta_B, A.arch, max_iter=100, seed=0, device=device, accelerate=case != "plain")
+    al = align(A.params, theta_B, A.arch, max_iter=100, seed=0, device=device, accelerate=case != "plain",
+               order=order)
     sync(device)
     wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     s, d = al.stats, al.diagnostics()
@@ -73,33 +75,36 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--baseline", action="store_true", help="also run the plain full-sweep loop (slow on CPU)")
+    ap.add_argument("--order", nargs="+", default=["random"], choices=["random", "chain"],
+                    help="weight-matching visiting orders to run (TransFusion option order)")
     ap.add_argument("--cases", nargs="+", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.worker:
-        case, arch = a.worker.split("@")
-        print(json.dumps(worker(case, arch, a.device)))
+        case, arch, order = a.worker.split("@")
+        print(json.dumps(worker(case, arch, a.device, order)))
         return
     cases = a.cases or (["indep"] + (["plain"] if a.baseline else []) + ["planted"])
     print(f"# TransFusion prepare (weight matching), device {a.device}, threads "
           f"{a.threads or torch.get_num_threads()}, torch {torch.__version__}")
     print(f"# load average at start: {load_line()}")
-    print("| arch | case | prepare s | cpu s | sweeps | solver s (cpu) | similarity s (cpu) | spectra + heads s "
+    print("| arch | case | order | prepare s | cpu s | sweeps | solver s (cpu) | similarity s (cpu) | spectra + heads s "
           "| solves (dense) | skipped solves / visits | objective | perms digest | peak GiB | recovered |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for arch in a.arch:
         for case in cases:
-            r = run_child("bench.transfusion", ["--worker", f"{case}@{arch}", "--device", a.device,
-                                                "--threads", str(a.threads)])
-            rec = {True: "exact", False: "NO"}.get(r.get("recovered"), "")
-            print(f"| {arch} | {case} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['n_sweeps']} | {r['hungarian']:.1f} "
-                  f"({r['solver_cpu']:.1f}) | {r['similarity']:.1f} ({r['similarity_cpu']:.1f}) | "
-                  f"{r['spectra'] + r['head_assignment']:.2f} | {r['solves']} ({r['dense_solves']}) | "
-                  f"{r['solves_skipped']} / {r['visits_skipped']} | {r['objective']:.9e} | {r['perms']} | "
-                  f"{r['peak_gib']:.2f} | {rec} |",
-                  flush=True)
+            for order in a.order:
+                r = run_child("bench.transfusion", ["--worker", f"{case}@{arch}@{order}", "--device", a.device,
+                                                    "--threads", str(a.threads)])
+                rec = {True: "exact", False: "NO"}.get(r.get("recovered"), "")
+                print(f"| {arch} | {case} | {order} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['n_sweeps']} | "
+                      f"{r['hungarian']:.1f} ({r['solver_cpu']:.1f}) | {r['similarity']:.1f} ({r['similarity_cpu']:.1f}) | "
+                      f"{r['spectra'] + r['head_assignment']:.2f} | {r['solves']} ({r['dense_solves']}) | "
+                      f"{r['solves_skipped']} / {r['visits_skipped']} | {r['objective']:.9e} | {r['perms']} | "
+                      f"{r['peak_gib']:.2f} | {rec} |",
+                      flush=True)
     print(f"# load average at end: {load_line()}")
     print("# prepare: wall seconds of align; cpu: process user+system seconds (all threads); solver / similarity: "
           "wall seconds in the sweeps' assignment solves / similarity builds, with their process CPU seconds; peak: "
