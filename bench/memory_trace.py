@@ -82,7 +82,7 @@ def trace(method: str, scale: float, step_gib: float, directory: Path, threads: 
     hw.stop()
     size = lambda M: sum(v.numel() * v.element_size() for v in M.params.values()) / 2**30  # noqa: E731
     return {"base": base, "loaded": loaded, "peak": max(hw.peak, loaded), "source_gib": size(A),
-            "target_gib": size(B), "seconds": seconds, "marks": hw.marks}
+            "target_gib": size(B), "seconds": seconds, "marks": hw.lines()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{a.method} at scale {a.scale:g}: models {r['source_gib']:.3f} + {r['target_gib']:.3f} GiB; resident "
           f"after imports {r['base']:.2f}, after loading {r['loaded']:.2f}, peak {r['peak']:.2f} GiB; "
           f"prepare {r['seconds']:.1f} s")
-    for gib, at, where in r["marks"]:
-        print(f"{gib:6.2f} GiB {at:7.1f} s  {where}")  # same format as HighWater.lines
+    for line in r["marks"]:
+        print(line)
 
 
 if __name__ == "__main__":

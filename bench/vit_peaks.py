@@ -88,10 +88,11 @@ def worker(method: str, a: Path, b: Path, trace: float = 0.0) -> dict:
         inputs, options = TransportInputs(A, B, None, seed=0), {}
     t0, c0 = time.perf_counter(), cpu_seconds()
     al = m.prepare(inputs, m.resolve(options))
+    seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     if hw is not None:
         hw.stop()
-    return {"marks": hw.lines() if hw is not None else [], "method": method, "prepare_s": time.perf_counter() - t0, "prepare_cpu_s": cpu_seconds() - c0,
-            "alignment_gib": held_bytes(al) / 2**30,
+    return {"marks": hw.lines() if hw is not None else [], "method": method, "prepare_s": seconds,
+            "prepare_cpu_s": cpu, "alignment_gib": held_bytes(al) / 2**30,
             "peak_gib": peak_bytes("cpu") / 2**30, "base_gib": base / 2**30, "model_gib": model / 2**30}
 
 
