@@ -35,7 +35,7 @@ Progress = Callable[[float, str], None]
 WITHIN = ("shared", "separate")
 #: visiting orders of a sweep: a fresh seeded random order per sweep (Git Re-Basin's), or along the chain of
 #: spaces (res:0, heads:0, res:0a, mlp:0, ...), forward and backward in turn
-ORDERS = ("random", "chain")
+ORDERS = ("chain", "random")
 
 
 def _no_progress(fraction: float, message: str) -> None:
@@ -398,7 +398,7 @@ class WeightMatcher:
         return gain
 
     def run(self, max_iter: int = 100, seed: int = 0, accelerate: bool = True,
-            progress: Progress = _no_progress, order: str = "random") -> MatchStats:
+            progress: Progress = _no_progress, order: str = "chain") -> MatchStats:
         """Sweeps until one changes nothing. ``order`` 'chain': odd sweeps walk the chain of spaces forward,
         even ones backward, so what one space learns reaches every other space in the same sweep (a planted
         permutation is found in one sweep and certified by the next; a seeded random order moves it about
