@@ -405,6 +405,41 @@ def test_deterministic_monotone_and_acceleration_keeps_the_result(unrelated, wid
     assert matching_objective(A, B, one.perms, arch) <= o_acc + 1e-9 * abs(o_acc)
 
 
+def test_static_similarity_factors_equal_the_dense_sum(unrelated, monkeypatch):
+    """A variable's bias-only similarity kept as factors (k < n/2 columns) is the dense sum it replaces, and
+    weight matching finds the same permutations and objective as with every static similarity dense."""
+    from transport.methods import weight_matching as wm
+
+    g = torch.Generator().manual_seed(0)
+    terms = [(torch.randn(40, 1, generator=g), torch.randn(40, 1, generator=g), "b"),
+             (torch.randn(40, 3, generator=g), torch.randn(40, 3, generator=g), "g")]
+    dense = sum(mb @ ma.t() for mb, ma, _ in terms)
+    low = wm._Static.build(terms, 40, "cpu")
+    assert low.dense is None and [t.shape for t in low.low] == [(40, 4), (40, 4)]
+    assert torch.allclose(low.matrix(40, "cpu"), dense, atol=1e-5)
+    wide = wm._Static.build(terms * 5, 40, "cpu")  # k = 20 = n / 2: dense
+    assert wide.low is None and torch.allclose(wide.matrix(40, "cpu"), 5 * dense, atol=1e-4)
+    m = low.matrix(40, "cpu")
+    m += 1  # a fresh matrix: the kept factors do not change
+    assert torch.allclose(low.matrix(40, "cpu"), dense, atol=1e-5)
+    assert wm._Static().matrix(3, "cpu").count_nonzero() == 0
+
+    arch, A, B, al = unrelated[64]
+    matcher = wm.WeightMatcher(A, B, arch, {l: al.perms[f"heads:{l}"] for l in range(arch.layers)})
+    assert any(v.static.low is not None for v in matcher.vars.values() if v.kind == "mlp")  # fc1's bias
+    build = wm._Static.build.__func__
+
+    def always_dense(cls, terms, n, device):
+        st = build(cls, terms, n, device)
+        return cls(dense=st.matrix(n, device)) if st.low is not None else st
+
+    monkeypatch.setattr(wm._Static, "build", classmethod(always_dense))
+    ref = align(A, B, arch, seed=0)
+    assert all(perm_equal(ref.perms[k], al.perms[k]) for k in al.perms)
+    assert ref.diagnostics()["objective_per_sweep"] == pytest.approx(al.diagnostics()["objective_per_sweep"],
+                                                                      rel=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------
 # 7. within-head matching always runs
 # ----------------------------------------------------------------------------------------------

@@ -61,8 +61,8 @@ class _Var:
     name: str
     kind: str
     size: int
-    static: dict[str, Tensor]  # accumulator -> similarity from tensors with no other permuted axis (or its
-    # factors low_B, low_A: S_static = low_B low_A^T)
+    static: "_Static"  # residual/MLP: the similarity from tensors with no other permuted axis
+    head_static: dict[str, Tensor]  # heads: accumulator -> the same, per group [G, d_h, d_h]
     parts: dict[str, list[_Part]]  # neighbour variable -> contributions whose other axis lives there
     S: Optional[Tensor] = None
     seen: dict[str, int] = field(default_factory=dict)  # neighbour versions S was built from
@@ -142,19 +142,35 @@ def matching_objective(theta_A: Mapping[str, Tensor], theta_B: Mapping[str, Tens
     return sum(_permuted_inner(k, theta_A[k], theta_B[k], perms, arch) for k in param_axes(arch))
 
 
-def _static_similarity(terms: list[tuple[Tensor, Tensor, str]], n: int, device: str) -> dict[str, Tensor]:
-    """The similarity of a residual/MLP variable from its tensors with no other permuted axis, sum_t B_t A_t^T.
+@dataclass
+class _Static:
+    """A residual/MLP variable's similarity from its tensors with no other permuted axis, sum_t B_t A_t^T.
 
     Kept as the factors [n, k] of B and A when they have few columns (an MLP's input bias: k = 1, whose dense
-    [n, n] outer product would be 64 MB per ViT-L/14 layer), dense ("all") otherwise."""
-    k = sum(mb.shape[1] for mb, _, _ in terms)
-    if 2 * k < n:
-        return {"low_B": torch.cat([mb for mb, _, _ in terms], 1).to(device),
-                "low_A": torch.cat([ma for _, ma, _ in terms], 1).to(device)}
-    st = torch.zeros(n, n, device=device)
-    for mb, ma, _ in terms:
-        st += mb @ ma.t()
-    return {"all": st}
+    [n, n] outer product would be 64 MB per ViT-L/14 layer), dense otherwise; neither when there is none."""
+    dense: Optional[Tensor] = None
+    low: Optional[tuple[Tensor, Tensor]] = None
+
+    @classmethod
+    def build(cls, terms: list[tuple[Tensor, Tensor, str]], n: int, device: str) -> "_Static":
+        if not terms:
+            return cls()
+        k = sum(mb.shape[1] for mb, _, _ in terms)
+        if 2 * k < n:
+            return cls(low=(torch.cat([mb for mb, _, _ in terms], 1).to(device),
+                            torch.cat([ma for _, ma, _ in terms], 1).to(device)))
+        st = torch.zeros(n, n, device=device)
+        for mb, ma, _ in terms:
+            st += mb @ ma.t()
+        return cls(dense=st)
+
+    def matrix(self, n: int, device: str) -> Tensor:
+        """A fresh [n, n] the caller may add to."""
+        if self.dense is not None:
+            return self.dense.clone()
+        if self.low is not None:
+            return self.low[0] @ self.low[1].t()
+        return torch.zeros(n, n, device=device)
 
 
 class WeightMatcher:
@@ -206,14 +222,12 @@ class WeightMatcher:
                     for mb, ma, role in lst:
                         st += self._head_block(mb, ma, role, self.perms[s])
                     acc[key] = st
-                st_all = acc
+                self.vars[s] = _Var(s, v.kind, v.size, _Static(), acc, parts)
             else:
-                st_all = {}
-                if static.get("all"):
-                    st_all = _static_similarity(static["all"], v.size, device)
                 self.perms[s] = torch.arange(v.size, device=device)
+                self.vars[s] = _Var(s, v.kind, v.size, _Static.build(static.get("all", []), v.size, device), {},
+                                    parts)
             self.version[s] = 0
-            self.vars[s] = _Var(s, v.kind, v.size, st_all, parts)
         self.stats = MatchStats()
         model_bytes = sum(t.numel() * t.element_size() for t in A.values())
         self.cache_budget = (max(CACHE_MIN_BYTES, int(CACHE_SHARE * model_bytes)) if cache_budget is None
@@ -245,7 +259,7 @@ class WeightMatcher:
     # -- similarity ---------------------------------------------------------------------------
     def _heads_similarity(self, v: _Var) -> dict[str, Tensor]:
         hp = self.perms[v.name]
-        S = {k: t.clone() for k, t in v.static.items()}
+        S = {k: t.clone() for k, t in v.head_static.items()}
         for r, parts in v.parts.items():
             for p in parts:
                 q = self._index(r, p.role)
@@ -267,12 +281,7 @@ class WeightMatcher:
             total = sum(self._index(r, p.role).numel() for r, parts in v.parts.items() for p in parts)
             incremental = 2 * moved < total
         if v.S is None or not incremental:
-            if "all" in v.static:
-                S = v.static["all"].clone()
-            elif "low_B" in v.static:
-                S = v.static["low_B"] @ v.static["low_A"].t()
-            else:
-                S = torch.zeros(v.size, v.size, device=self.device)
+            S = v.static.matrix(v.size, self.device)
             for r, parts in v.parts.items():
                 for p in parts:
                     q = self._index(r, p.role)
