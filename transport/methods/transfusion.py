@@ -60,7 +60,7 @@ SPEC = (
     Option("order", "chain", "weight-matching visiting order: along the chain of spaces, forward and backward in "
            "turn (planted permutations in 2-3 sweeps), or a seeded random order per sweep (Git Re-Basin's)",
            choices=ORDERS),
-    Option("seed", 0, "seed of the random visiting order and the calibration sample", minimum=0),
+    Option("seed", 0, "seed of the calibration sample and of the random visiting order (order=random)", minimum=0),
     Option("calibration", 128, "calibration images (or texts) for activation matching", minimum=0),
     Option("within", "shared", "within-head order: one shared by q, k, v and o (the paper's) or separate "
            "q/k and v/o orders (the larger symmetry group)", choices=WITHIN),

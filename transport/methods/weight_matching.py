@@ -1,8 +1,8 @@
 """Weight matching (Git Re-Basin style) over residual, MLP and within-head permutations, read off the axis table.
 
 Coordinate ascent on ``sum_t <W_B^t, pi(W_A^t)>``: each variable is solved exactly by a linear assignment
-given all the others, in a seeded random visiting order (or along the chain of spaces, forward and backward
-in turn), until a sweep brings no improvement. Heads keep the
+given all the others, along the chain of spaces, forward and backward in turn (or in Git Re-Basin's seeded
+random order per sweep), until a sweep brings no improvement. Heads keep the
 group (and query-in-group) order fixed by the spectral level; what is matched inside a heads space are the
 within-head orders: one shared by q, k, v and o (``within='shared'``, the paper's), or a q/k order and a
 v/o order (``within='separate'``, the larger symmetry group). Under rotary positions the q/k order stays
@@ -33,8 +33,8 @@ from transport.errors import TransportError
 Tensor = torch.Tensor
 Progress = Callable[[float, str], None]
 WITHIN = ("shared", "separate")
-#: visiting orders of a sweep: a fresh seeded random order per sweep (Git Re-Basin's), or along the chain of
-#: spaces (res:0, heads:0, res:0a, mlp:0, ...), forward and backward in turn
+#: visiting orders of a sweep: along the chain of spaces (res:0, heads:0, res:0a, mlp:0, ...), forward and
+#: backward in turn (the default), or a fresh seeded random order per sweep (Git Re-Basin's)
 ORDERS = ("chain", "random")
 
 
@@ -411,7 +411,7 @@ class WeightMatcher:
         """Sweeps until one changes nothing. ``order`` 'chain': odd sweeps walk the chain of spaces forward,
         even ones backward, so what one space learns reaches every other space in the same sweep (a planted
         permutation is found in one sweep and certified by the next; a seeded random order moves it about
-        two links per sweep: 13 sweeps on ViT-B/16). 'random': a seeded random order per sweep."""
+        two links per sweep: 13 sweeps on ViT-B/16). 'random': Git Re-Basin's seeded random order per sweep."""
         if order not in ORDERS:
             raise TransportError(f"transfusion: order must be one of {', '.join(ORDERS)}, got {order!r}")
         t0 = time.perf_counter()
