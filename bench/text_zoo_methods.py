@@ -19,7 +19,7 @@ METHODS = ("naive", "transfusion", "gradfix", "theseus")
 
 
 def run(root: Optional[str], pairs: Optional[list[str]], seeds: Optional[list[int]], tasks: Optional[list[str]] = None,
-        progress: bool = True) -> list[dict]:
+        progress: bool = True, options: Optional[dict[str, dict]] = None) -> list[dict]:
     from transport.core.vocab import to_target_vocabulary
     from transport.errors import TransportError
     from transport.methods import TransportInputs, check_compatible, get_method
@@ -51,7 +51,8 @@ def run(root: Optional[str], pairs: Optional[list[str]], seeds: Optional[list[in
                         row.setdefault("why_not", {})[m] = str(e)
                         continue
                     c0 = time.process_time()
-                    res = transfer(pre_t, ft, target, m, task, alpha_grid=grid, seed=seed, oracle=oracle)
+                    res = transfer(pre_t, ft, target, m, task, options=(options or {}).get(m), alpha_grid=grid,
+                                   seed=seed, oracle=oracle)
                     row["cpu_seconds"][m] = round(time.process_time() - c0, 2)
                     row[m] = res.accuracies[m]
                     for k in ("zero_shot_target", "oracle"):
@@ -95,8 +96,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--seeds", nargs="*", type=int, default=None)
     ap.add_argument("--tasks", nargs="*", default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--order", default=None, choices=["chain", "random"],
+                    help="TransFusion's weight-matching visiting order (default: the method's)")
     args = ap.parse_args(argv)
-    rows = run(args.root, args.pairs, args.seeds, args.tasks)
+    rows = run(args.root, args.pairs, args.seeds, args.tasks,
+               options={"transfusion": {"order": args.order}} if args.order else None)
     print(table(rows))
     if args.json:
         with open(args.json, "w") as f:

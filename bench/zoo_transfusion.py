@@ -23,6 +23,8 @@ import time
 from typing import Optional
 
 import torch
+from transport.methods.transfusion import OPTIONS
+from transport.methods.weight_matching import ORDERS
 from transport.sources import load_zoo_model
 from transport.zoo.builder import PRETRAIN_TASK, VARIANTS
 
@@ -51,7 +53,7 @@ def _hidden_shuffle_agreement(perms: dict, arch, shuffle: dict) -> dict[str, flo
 
 
 def run(root: Optional[str], pairs: list[str], seeds: Optional[list[int]], tasks: Optional[list[str]],
-        calibration: int = 128, progress: bool = True) -> tuple[list[dict], list[dict]]:
+        calibration: int = 128, progress: bool = True, order: str = OPTIONS["order"]) -> tuple[list[dict], list[dict]]:
     from transport import zoo
     from transport.data import digits_task
     from transport.core.evaluate import accuracy
@@ -73,7 +75,7 @@ def run(root: Optional[str], pairs: list[str], seeds: Optional[list[int]], tasks
             for matching in MATCHINGS:
                 t0 = time.perf_counter()
                 calib = digits.calibration(calibration, seed) if matching == "activation" else None
-                al = align(A.params, B.params, A.arch, matching=matching, seed=0, calibration=calib)
+                al = align(A.params, B.params, A.arch, matching=matching, seed=0, calibration=calib, order=order)
                 aligned[matching] = (al, time.perf_counter() - t0)
                 avg = {k: 0.5 * (B.params[k] + v) for k, v in apply_permutation(A.params, al.perms, A.arch).items()}
                 q = {"pair": key, "seed": seed, "matching": matching, "prepare_s": aligned[matching][1],
@@ -164,13 +166,15 @@ def main(argv=None) -> None:
     p.add_argument("--calibration", type=int, default=128, help="unlabelled images for activation matching")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
+    p.add_argument("--order", default=OPTIONS["order"], choices=list(ORDERS),
+                   help="weight matching's visiting order (TransFusion option order)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from transport import zoo
 
     require_zoo(args.root)
     t0 = time.perf_counter()
-    rows, quality = run(args.root, args.pairs, args.seeds, args.tasks, args.calibration)
+    rows, quality = run(args.root, args.pairs, args.seeds, args.tasks, args.calibration, order=args.order)
     info = zoo.build_info(args.root)
     print(f"# zoo variant {info.get('variant')}, seeds {info.get('seeds')}; alpha on val; "
           f"{time.perf_counter() - t0:.0f} s")
