@@ -33,6 +33,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -100,7 +101,8 @@ def _texts(vocab: int, n: int, t: int, seed: int = 0):
     return TextTask("random-text", {"train": (batch, None), "val": (batch[:0], None), "test": (batch[:0], None)})
 
 
-def worker(row: str, a_dir: Path, b_dir: Path, scale: float, stream: bool = False) -> dict:
+def worker(row: str, a_dir: Path, b_dir: Path, scale: float, stream: bool = False,
+           order: Optional[str] = None) -> dict:
     """One row in this process: JSON-able seconds, peak and sizes, or ``skip`` with the reason."""
     from transport.methods import TransportInputs, get_method
     from transport.sources import load_model
@@ -142,11 +144,13 @@ def worker(row: str, a_dir: Path, b_dir: Path, scale: float, stream: bool = Fals
             inputs = TransportInputs(A, B, _texts(A.arch.vocab_size, N_SEQ, t), seed=0)
             options = {"calib_size": N_SEQ}
         else:
-            inputs, options = TransportInputs(A, B, None, seed=0), {}
+            inputs, options = TransportInputs(A, B, None, seed=0), ({"order": order} if order else {})
         method = get_method(row)
         t1, c1 = time.perf_counter(), cpu_seconds()
         alignment = method.prepare(inputs, method.resolve(options))
         out["prepare_s"], out["prepare_cpu_s"] = time.perf_counter() - t1, cpu_seconds() - c1
+        if row == "transfusion":
+            out["sweeps"], out["order"] = alignment.diagnostics()["sweeps"], alignment.diagnostics()["order"]
         if row == "theseus":
             out["depth_map"] = alignment.diagnostics().get("depth", {}).get("map")
             out["phases"] = {k: [round(v, 1), round(alignment.info["cpu_timings"].get(k, 0.0), 1)]
@@ -198,6 +202,8 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="keep the saved models here (reused when present)")
     ap.add_argument("--stream", action="store_true", help="load the models streamed (read block by block from "
                     "their safetensors files when asked for) instead of resident")
+    ap.add_argument("--order", default=None, choices=["random", "chain"],
+                    help="TransFusion's weight-matching visiting order (default: the method's)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if not 0 < a.scale <= 1:
@@ -211,11 +217,12 @@ def main() -> None:
             print(json.dumps(make(name, a.scale, int(seed), Path(d))))
         else:
             da, db = rest.split("|")
-            print(json.dumps(worker(kind, Path(da), Path(db), a.scale, a.stream)))
+            print(json.dumps(worker(kind, Path(da), Path(db), a.scale, a.stream, a.order)))
         return
     tmp = None if a.dir else tempfile.TemporaryDirectory(prefix="lm_scale-")
     root = Path(a.dir or tmp.name) / f"scale-{a.scale:g}"
-    common = ["--scale", repr(a.scale), "--threads", str(a.threads), *(["--stream"] if a.stream else [])]
+    common = ["--scale", repr(a.scale), "--threads", str(a.threads), *(["--stream"] if a.stream else []),
+              *(["--order", a.order] if a.order else [])]
     results = []
     try:
         for pair in a.pairs:

@@ -96,7 +96,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--seeds", nargs="*", type=int, default=None)
     ap.add_argument("--tasks", nargs="*", default=None)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--order", default=None, choices=["chain", "random"],
+    ap.add_argument("--order", default=None, choices=["random", "chain"],
                     help="TransFusion's weight-matching visiting order (default: the method's)")
     args = ap.parse_args(argv)
     rows = run(args.root, args.pairs, args.seeds, args.tasks,

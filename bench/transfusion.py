@@ -13,7 +13,7 @@ seconds: CPU seconds are the robust measure on a shared machine) and the spectra
 sweep count, solver counters, the final objective (9 digits) and peak memory.
 
     python -m bench.transfusion [--arch ViT-B-16 ViT-L-14] [--device cpu|cuda] [--threads N] [--baseline]
-                                [--order chain random]
+                                [--order random chain]
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def _digest(perms: dict) -> str:
     return h.hexdigest()[:12]
 
 
-def worker(case: str, arch_name: str, device: str, order: str = "chain") -> dict:
+def worker(case: str, arch_name: str, device: str, order: str = "random") -> dict:
     from transport.methods.transfusion import align
     from transport.core.symmetry import apply_permutation, perm_equal, random_permutation
 
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--baseline", action="store_true", help="also run the plain full-sweep loop (slow on CPU)")
-    ap.add_argument("--order", nargs="+", default=["chain"], choices=["chain", "random"],
+    ap.add_argument("--order", nargs="+", default=["random"], choices=["random", "chain"],
                     help="weight-matching visiting orders to run (TransFusion option order)")
     ap.add_argument("--cases", nargs="+", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)

@@ -9,8 +9,8 @@ architecture; tau plays no part and, with the default weight matching, no data i
    inside the group by a small Hungarian of their q/o spectra (a query head never leaves its group);
 2. within-head orders, the residual permutations and the MLP permutations by weight matching
    (:mod:`transport.methods.weight_matching`): coordinate ascent on sum_t <W_B^t, pi(W_A^t)>, each
-   variable solved exactly by a linear assignment given all the others, visiting the chain of spaces
-   forward and backward in turn (option ``order``; 'random': Git Re-Basin's seeded random order per sweep).
+   variable solved exactly by a linear assignment given all the others, in a seeded random visiting order
+   per sweep (option ``order``; 'chain': the chain of spaces forward and backward in turn).
 
 ``apply`` returns alpha * pi(tau) in the target's canonical names: a pure gather, linear and norm-preserving.
 """
@@ -57,10 +57,10 @@ SPEC = (
     Option("matching", "weight", "what the permutations match: weights (data-free) or activations on "
            "unlabelled images or texts", choices=MATCHINGS, flag=True),
     Option("max_iter", 100, "weight-matching sweeps at most", flag=True, minimum=0),
-    Option("order", "chain", "weight-matching visiting order: along the chain of spaces, forward and backward in "
-           "turn (planted permutations in 2-3 sweeps), or a seeded random order per sweep (Git Re-Basin's)",
+    Option("order", "random", "weight-matching visiting order: a seeded random order per sweep (Git Re-Basin's), "
+           "or along the chain of spaces, forward and backward in turn (planted permutations in 2-3 sweeps)",
            choices=ORDERS),
-    Option("seed", 0, "seed of the calibration sample and of the random visiting order (order=random)", minimum=0),
+    Option("seed", 0, "seed of the random visiting order and the calibration sample", minimum=0),
     Option("calibration", 128, "calibration images (or texts) for activation matching", minimum=0),
     Option("within", "shared", "within-head order: one shared by q, k, v and o (the paper's) or separate "
            "q/k and v/o orders (the larger symmetry group)", choices=WITHIN),
@@ -347,7 +347,7 @@ def _diagnostics(arch: Arch, perms: Perms, matching: str, within: str, costs: di
 def align(theta_A: Mapping[str, Tensor], theta_B: Mapping[str, Tensor], arch: Arch, matching: str = "weight",
           max_iter: int = 100, seed: int = 0, device: str = "cpu", calibration: Optional[Tensor] = None,
           accelerate: bool = True, progress: Progress = no_progress, within: str = "shared",
-          cache_mib: int = -1, order: str = "chain") -> TransFusionAlignment:
+          cache_mib: int = -1, order: str = "random") -> TransFusionAlignment:
     """All TransFusion permutations aligning theta_A to theta_B (canonical tensors of ``arch``)."""
     if matching not in MATCHINGS:
         raise TransportError(f"transfusion: unknown matching '{matching}' (use {' or '.join(MATCHINGS)})")

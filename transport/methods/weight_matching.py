@@ -1,8 +1,8 @@
 """Weight matching (Git Re-Basin style) over residual, MLP and within-head permutations, read off the axis table.
 
 Coordinate ascent on ``sum_t <W_B^t, pi(W_A^t)>``: each variable is solved exactly by a linear assignment
-given all the others, along the chain of spaces, forward and backward in turn (or in Git Re-Basin's seeded
-random order per sweep), until a sweep brings no improvement. Heads keep the
+given all the others, in Git Re-Basin's seeded random visiting order (or along the chain of spaces, forward
+and backward in turn), until a sweep brings no improvement. Heads keep the
 group (and query-in-group) order fixed by the spectral level; what is matched inside a heads space are the
 within-head orders: one shared by q, k, v and o (``within='shared'``, the paper's), or a q/k order and a
 v/o order (``within='separate'``, the larger symmetry group). Under rotary positions the q/k order stays
@@ -33,9 +33,9 @@ from transport.errors import TransportError
 Tensor = torch.Tensor
 Progress = Callable[[float, str], None]
 WITHIN = ("shared", "separate")
-#: visiting orders of a sweep: along the chain of spaces (res:0, heads:0, res:0a, mlp:0, ...), forward and
-#: backward in turn (the default), or a fresh seeded random order per sweep (Git Re-Basin's)
-ORDERS = ("chain", "random")
+#: visiting orders of a sweep: a fresh seeded random order per sweep (Git Re-Basin's, the default), or along
+#: the chain of spaces (res:0, heads:0, res:0a, mlp:0, ...), forward and backward in turn
+ORDERS = ("random", "chain")
 
 
 def _no_progress(fraction: float, message: str) -> None:
@@ -407,7 +407,7 @@ class WeightMatcher:
         return gain
 
     def run(self, max_iter: int = 100, seed: int = 0, accelerate: bool = True,
-            progress: Progress = _no_progress, order: str = "chain") -> MatchStats:
+            progress: Progress = _no_progress, order: str = "random") -> MatchStats:
         """Sweeps until one changes nothing. ``order`` 'chain': odd sweeps walk the chain of spaces forward,
         even ones backward, so what one space learns reaches every other space in the same sweep (a planted
         permutation is found in one sweep and certified by the next; a seeded random order moves it about
