@@ -23,7 +23,7 @@ safetensors files when a method asks for them) instead of resident.
 layer count (at least 2) by S and the sequence length (at least 16): ``--scale 0.1`` runs in about a minute.
 
     python -m bench.lm_scale [--scale 1.0] [--rows load transfusion gradfix theseus] [--pairs qwen gpt2]
-                             [--threads N] [--dir DIR] [--stream]
+                             [--threads N] [--dir DIR] [--stream] [--order random|chain]
 """
 from __future__ import annotations
 
