@@ -37,6 +37,8 @@ from typing import Optional
 
 import torch
 
+from transport.methods.weight_matching import ORDERS
+
 from bench.common import cpu_seconds, load_line, peak_bytes, run_child
 
 SHAPES = {  # name: (model_type, layers, width, heads, kv_heads, head_dim, mlp_width, vocab, context)
@@ -202,7 +204,7 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="keep the saved models here (reused when present)")
     ap.add_argument("--stream", action="store_true", help="load the models streamed (read block by block from "
                     "their safetensors files when asked for) instead of resident")
-    ap.add_argument("--order", default=None, choices=["random", "chain"],
+    ap.add_argument("--order", default=None, choices=ORDERS,
                     help="TransFusion's weight-matching visiting order (default: the method's)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()

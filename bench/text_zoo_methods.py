@@ -90,13 +90,15 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from transport.methods.weight_matching import ORDERS
+
     ap = argparse.ArgumentParser(prog="python -m bench.text_zoo_methods", description=__doc__.split("\n")[0])
     ap.add_argument("--root", default=None)
     ap.add_argument("--pairs", nargs="*", default=None)
     ap.add_argument("--seeds", nargs="*", type=int, default=None)
     ap.add_argument("--tasks", nargs="*", default=None)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--order", default=None, choices=["random", "chain"],
+    ap.add_argument("--order", default=None, choices=ORDERS,
                     help="TransFusion's weight-matching visiting order (default: the method's)")
     args = ap.parse_args(argv)
     rows = run(args.root, args.pairs, args.seeds, args.tasks,

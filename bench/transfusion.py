@@ -23,6 +23,8 @@ import time
 
 import torch
 
+from transport.methods.transfusion import OPTIONS
+from transport.methods.weight_matching import ORDERS
 from bench.common import cpu_seconds, load_line, peak_bytes, random_model, reset_peak, run_child, sync
 
 
@@ -40,7 +42,7 @@ def _digest(perms: dict) -> str:
     return h.hexdigest()[:12]
 
 
-def worker(case: str, arch_name: str, device: str, order: str = "random") -> dict:
+def worker(case: str, arch_name: str, device: str, order: str = OPTIONS["order"]) -> dict:
     from transport.methods.transfusion import align
     from transport.core.symmetry import apply_permutation, perm_equal, random_permutation
 
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--baseline", action="store_true", help="also run the plain full-sweep loop (slow on CPU)")
-    ap.add_argument("--order", nargs="+", default=["random"], choices=["random", "chain"],
+    ap.add_argument("--order", nargs="+", default=[OPTIONS["order"]], choices=ORDERS,
                     help="weight-matching visiting orders to run (TransFusion option order)")
     ap.add_argument("--cases", nargs="+", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)

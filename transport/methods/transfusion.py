@@ -48,7 +48,8 @@ from transport.core.task_vector import TaskVector
 from transport.errors import TransportError
 from transport.files import read_safetensors, write_safetensors
 from transport.methods import MethodInfo, Option, Progress, TransportInputs, no_progress
-from transport.methods.weight_matching import ORDERS, WITHIN, MatchStats, WeightMatcher, matching_objective
+from transport.methods.weight_matching import (ORDERS, WITHIN, MatchStats, WeightMatcher, check_order,
+                                               matching_objective)
 
 Tensor = torch.Tensor
 
@@ -353,8 +354,7 @@ def align(theta_A: Mapping[str, Tensor], theta_B: Mapping[str, Tensor], arch: Ar
         raise TransportError(f"transfusion: unknown matching '{matching}' (use {' or '.join(MATCHINGS)})")
     if int(max_iter) < 0:
         raise TransportError(f"transfusion: max_iter must be >= 0, got {max_iter}")
-    if order not in ORDERS:
-        raise TransportError(f"transfusion: order must be one of {', '.join(ORDERS)}, got {order!r}")
+    check_order(order)
     check_params(dict(theta_A), arch, "source pretrained model")
     check_params(dict(theta_B), arch, "target pretrained model")
     timings: dict[str, float] = {}

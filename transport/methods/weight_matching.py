@@ -38,6 +38,11 @@ WITHIN = ("shared", "separate")
 ORDERS = ("random", "chain")
 
 
+def check_order(order: str) -> None:
+    if order not in ORDERS:
+        raise TransportError(f"transfusion: order must be one of {', '.join(ORDERS)}, got {order!r}")
+
+
 def _no_progress(fraction: float, message: str) -> None:
     return None
 
@@ -412,8 +417,7 @@ class WeightMatcher:
         even ones backward, so what one space learns reaches every other space in the same sweep (a planted
         permutation is found in one sweep and certified by the next; a seeded random order moves it about
         two links per sweep: 13 sweeps on ViT-B/16). 'random': Git Re-Basin's seeded random order per sweep."""
-        if order not in ORDERS:
-            raise TransportError(f"transfusion: order must be one of {', '.join(ORDERS)}, got {order!r}")
+        check_order(order)
         t0 = time.perf_counter()
         obj = self.objective()
         obj += self.within_heads()
@@ -439,4 +443,4 @@ class WeightMatcher:
         return self.stats
 
 
-__all__ = ["WeightMatcher", "MatchStats", "WITHIN", "ORDERS", "matching_objective", "lap_max"]
+__all__ = ["WeightMatcher", "MatchStats", "WITHIN", "ORDERS", "check_order", "matching_objective", "lap_max"]
