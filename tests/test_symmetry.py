@@ -210,7 +210,7 @@ def test_sliced_objective_equals_the_whole_tensor_objective(monkeypatch):
     Pi = random_permutation(arch, seed=3, kinds=("res", "mlp", "heads", "query", "within_vo"))
     whole = wm.matching_objective(A, B, Pi, arch)
     direct = sum(float((apply_permutation({k: A[k]}, Pi, arch)[k].double() * B[k].double()).sum()) for k in A)
-    assert whole == direct
+    assert abs(whole - direct) <= 1e-12 * abs(direct) and whole != 0.0
     monkeypatch.setattr(wm, "INNER_WHOLE", 148)  # every tensor over 148 entries goes slice by slice
     monkeypatch.setattr(wm, "INNER_SLICE", 37)
     sliced = wm.matching_objective(A, B, Pi, arch)

@@ -49,7 +49,9 @@ def _no_progress(fraction: float, message: str) -> None:
 
 @dataclass
 class _Part:
-    """One (tensor, axis) contribution to a variable's similarity, as [n, R * n_r] matrices of B and A.
+    """One (tensor, axis) contribution to a variable's similarity: B as an [n, R * n_r] matrix, A as the same
+    (a heads variable) or as its transpose [R * n_r, n] (residual/MLP: the neighbour's permutation then
+    gathers contiguous rows of A rather than strided columns).
 
     ``role``: the role of the tensor's OTHER permuted axis (which index of that neighbour applies).
     ``own``: for a heads variable, the role of this tensor's heads axis."""
@@ -73,7 +75,7 @@ class _Var:
     seen: dict[str, int] = field(default_factory=dict)  # neighbour versions S was built from
     used: dict[str, Perm] = field(default_factory=dict)  # neighbour perms S was built from
     duals: Optional[Tensor] = None  # column potentials certifying the last solve (warm start of the next)
-    cached: Optional[bool] = None  # keeps S between visits (decided at the first visit, within the budget)
+    cached: Optional[bool] = None  # keeps S between visits (planned within the budget before the first sweep)
 
 
 @dataclass
@@ -100,6 +102,12 @@ def _mat(t: Tensor, axis: int, other: Optional[int]) -> Tensor:
     return t.permute(order).reshape(t.shape[axis], -1)
 
 
+def _mat_t(t: Tensor, axis: int, other: int) -> Tensor:
+    """``_mat(t, axis, other).t()`` as a contiguous [-1, n] (a view of t when its layout already is)."""
+    rest = [i for i in range(t.dim()) if i != axis and i != other]
+    return t.permute(rest + [other, axis]).reshape(-1, t.shape[axis])
+
+
 def _cols(q: Tensor, idx: Tensor, tiles: int) -> Tensor:
     """Column indices (over all tiles) of units ``idx`` mapped through ``q``."""
     n = q.numel()
@@ -121,13 +129,18 @@ INNER_WHOLE = 1 << 24
 INNER_SLICE = 1 << 20
 
 
+def _dot64(a: Tensor, b: Tensor) -> float:
+    """<a, b> in float64 (products of float32 entries are exact there; only the summation rounds)."""
+    return float(torch.dot(a.reshape(-1).double(), b.reshape(-1).double()))
+
+
 def _permuted_inner(name: str, a: Tensor, b: Tensor, perms: Mapping[str, Perm], arch: Arch) -> float:
     """<b, pi(a)> accumulated in float64. A large tensor (an LLM's embedding: 136M entries at 0.5B) is
     permuted and multiplied in row slices, so neither its permuted copy nor its float64 copies exist whole
     (they would be 2.7 GB there)."""
     if a.numel() <= INNER_WHOLE or a.dim() < 2:
         pa = apply_permutation({name: a}, perms, arch)[name]
-        return float((pa.double() * b.to(pa.device).double()).sum())
+        return _dot64(pa, b.to(pa.device))
     idx = [axis_index(perms[ax.space], ax.role).to(a.device) if ax is not None and ax.space in perms else None
            for ax in param_axes(arch)[name].axes]
     rows = max(1, INNER_SLICE // (a.numel() // a.shape[0]))
@@ -137,7 +150,7 @@ def _permuted_inner(name: str, a: Tensor, b: Tensor, perms: Mapping[str, Perm], 
         for d, ix in enumerate(idx[1:], start=1):
             if ix is not None:
                 sl = sl.index_select(d, ix)
-        total += float((sl.double() * b[i:i + rows].to(sl.device).double()).sum())
+        total += _dot64(sl, b[i:i + rows].to(sl.device))
     return total
 
 
@@ -210,12 +223,13 @@ class WeightMatcher:
                 if len(others) > 1:
                     raise TransportError(f"{arch.name}: tensor {name} has more than two permuted axes")
                 o = others[0] if others else None
-                mb, ma = _mat(B[name], ax, o), _mat(A[name], ax, o)
+                mb = _mat(B[name], ax, o)
                 if o is None:
-                    static.setdefault(self._acc(role), []).append((mb, ma, role))
+                    static.setdefault(self._acc(role), []).append((mb, _mat(A[name], ax, o), role))
                 else:
                     nb = axes[o].space
                     n_other = B[name].shape[o]
+                    ma = _mat(A[name], ax, o) if v.kind == "heads" else _mat_t(A[name], ax, o)
                     parts.setdefault(nb, []).append(_Part(mb, ma, mb.shape[1] // n_other, axes[o].role, role))
             if v.kind == "heads":
                 hp = groups[v.layer].to(device)
@@ -284,14 +298,14 @@ class WeightMatcher:
             moved = sum(int((self._index(r, p.role) != axis_index(v.used[r], p.role)).sum())
                         for r, parts in v.parts.items() for p in parts)
             total = sum(self._index(r, p.role).numel() for r, parts in v.parts.items() for p in parts)
-            incremental = 2 * moved < total
+            incremental = 4 * moved < 3 * total
         if v.S is None or not incremental:
             S = v.static.matrix(v.size, self.device)
             for r, parts in v.parts.items():
                 for p in parts:
                     q = self._index(r, p.role)
                     cols = _cols(q, torch.arange(q.numel(), device=q.device), p.tiles)
-                    S.addmm_(p.B, p.A[:, cols].t())
+                    S.addmm_(p.B, p.A.index_select(0, cols))
             return S
         S = v.S
         for r, parts in v.parts.items():
@@ -303,20 +317,30 @@ class WeightMatcher:
                 n = q.numel()
                 own = (torch.arange(p.tiles, device=q.device)[:, None] * n + moved[None, :]).reshape(-1)
                 new_c, old_c = _cols(q, moved, p.tiles), _cols(old, moved, p.tiles)
-                S.addmm_(p.B[:, own], (p.A[:, new_c] - p.A[:, old_c]).t())
+                S.addmm_(p.B[:, own], p.A.index_select(0, new_c) - p.A.index_select(0, old_c))
         return S
 
     # -- one variable -------------------------------------------------------------------------
-    def _may_cache(self, v: _Var, S: Tensor) -> bool:
-        """Whether v keeps its similarity for incremental updates: first come, first served within the budget
-        (so a 0.5B LLM's 24 MLP similarities, 2.3 GB, do not all stay resident; the others are rebuilt)."""
-        if v.cached is None:
-            size = S.numel() * S.element_size()
+    def _plan_cache(self) -> None:
+        """Which residual/MLP similarities are kept between visits (the rest are rebuilt at each visit): within
+        the budget, those dearest to rebuild per byte first. A rebuild of an [n, n] similarity costs
+        2 n^2 k flops for its k neighbour columns and keeping it costs 4 n^2 bytes, so the order is by k: a
+        0.5B LLM's residual segments (k = 10624 over 3.2 MB each) before its MLPs (k = 2688 over 95 MB)."""
+        def columns(v: _Var) -> int:
+            return sum(p.B.shape[1] for parts in v.parts.values() for p in parts)
+
+        if any(v.cached is not None for v in self.vars.values()):
+            return
+        for v in sorted((v for v in self.vars.values() if v.kind != "heads"), key=lambda v: -columns(v)):
+            size = v.size * v.size * 4  # float32
             v.cached = self.cache_bytes + size <= self.cache_budget
             self.cache_bytes += size if v.cached else 0
             self.stats.cached += int(v.cached)
             self.stats.uncached += int(not v.cached)
-        return v.cached
+
+    def _may_cache(self, v: _Var, S: Tensor) -> bool:
+        """Whether v keeps its similarity for incremental updates (planned by :meth:`_plan_cache`)."""
+        return bool(v.cached)
 
     def _neighbours_changed(self, v: _Var) -> bool:
         return any(self.version[r] != v.seen.get(r, -1) for r in v.parts)
@@ -418,6 +442,8 @@ class WeightMatcher:
         permutation is found in one sweep and certified by the next; a seeded random order moves it about
         two links per sweep: 13 sweeps on ViT-B/16). 'random': Git Re-Basin's seeded random order per sweep."""
         check_order(order)
+        if accelerate:
+            self._plan_cache()
         t0 = time.perf_counter()
         obj = self.objective()
         obj += self.within_heads()
