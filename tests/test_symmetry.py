@@ -217,6 +217,41 @@ def test_sliced_objective_equals_the_whole_tensor_objective(monkeypatch):
     assert abs(sliced - whole) <= 1e-12 * abs(whole) and sliced != 0.0
 
 
+def test_similarity_cache_keeps_the_dearest_rebuilds_first_whatever_the_order(monkeypatch):
+    """With room for one wide MLP's similarity or for all the residual ones but not both, the residual
+    segments (each entry a sum over hundreds of neighbour columns, against an MLP's 192) are the ones kept,
+    in either visiting order, and the planted permutations still come back."""
+    import transport.methods.weight_matching as wm
+
+    arch = decoder(width=64, heads=8, mlp_width=192)
+    A = {k: v.float() for k, v in random_params(arch, seed=7).items()}
+    Pi = random_permutation(arch, seed=8, kinds=("res", "mlp", "heads", "query", "within_vo"))
+    B = apply_permutation(A, Pi, arch)
+    spec = permutation_spec(arch)
+    res_bytes = sum(4 * v.size ** 2 for v in spec.values() if v.kind == "res")
+    mlp_bytes = 4 * arch.mlp_width ** 2
+    monkeypatch.setattr(wm, "CACHE_SHARE", 0.0)
+    monkeypatch.setattr(wm, "CACHE_MIN_BYTES", res_bytes + mlp_bytes - 1)  # the default budget: one MLP fits alone
+    plans = {}
+    real = wm.WeightMatcher.run
+
+    def run(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        plans[kwargs.get("order", args[4] if len(args) > 4 else "random")] = {
+            s: v.cached for s, v in self.vars.items() if v.kind != "heads"}
+        return out
+
+    monkeypatch.setattr(wm.WeightMatcher, "run", run)
+    for order in wm.ORDERS:
+        al = align(A, B, arch, within="separate", order=order)
+        kept = plans[order]
+        assert all(kept[s] for s, v in spec.items() if v.kind == "res"), (order, kept)
+        assert not any(kept[s] for s, v in spec.items() if v.kind == "mlp"), (order, kept)
+        assert al.diagnostics()["similarity_cache"]["kept"] == sum(v.kind == "res" for v in spec.values())
+        for s, p in Pi.items():
+            assert perm_equal(al.perms[s], p), (order, s)
+
+
 def test_weight_matching_without_cached_similarities_finds_the_same_permutations(monkeypatch):
     """Above the memory budget a variable's similarity is rebuilt at each visit instead of updated: the same
     planted permutations come back, and the recorded objective is still the true one."""
