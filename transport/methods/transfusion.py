@@ -65,8 +65,9 @@ SPEC = (
     Option("calibration", 128, "calibration images (or texts) for activation matching", minimum=0),
     Option("within", "shared", "within-head order: one shared by q, k, v and o (the paper's) or separate "
            "q/k and v/o orders (the larger symmetry group)", choices=WITHIN),
-    Option("cache_mib", -1, "memory (MiB) weight matching keeps similarities in between visits; more is faster "
-           "on wide MLPs, same permutations (-1: a quarter of one model, at least 512)", minimum=-1),
+    Option("cache_mib", -1, "memory (MiB) weight matching keeps similarities in between visits (the dearest to "
+           "rebuild per byte first: residual segments, then MLPs); more is faster on wide MLPs, same permutations "
+           "(-1: a quarter of one model, at least 512)", minimum=-1),
 )
 OPTIONS = {o.name: o.default for o in SPEC}
 ROLES = ("q", "k", "v", "o")

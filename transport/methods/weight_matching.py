@@ -10,7 +10,8 @@ the identity.
 
 Accelerations that do not change the result: a variable whose neighbours did not change since it was
 last solved is not revisited (its similarity, hence its optimum, is unchanged); similarity matrices are
-updated by low-rank corrections when few neighbour units moved (rebuilt when most did); an assignment that
+updated by low-rank corrections unless most neighbour columns moved (rebuilt above three quarters), and the
+ones kept between visits, within a memory budget, are those dearest to rebuild per byte; an assignment that
 takes every row's maximum is optimal, so the solver is skipped for it; large assignments are solved exactly
 by :func:`transport.core.assignment.solve_assignment`, warm-started from the variable's previous permutation
 and potentials and certified on all edges.
