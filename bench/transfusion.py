@@ -72,7 +72,8 @@ def worker(case: str, arch_name: str, device: str, order: str = OPTIONS["order"]
            "visits_skipped": s.visits_skipped, "dense_solves": s.dense_solves,
            "solver_cpu": sum(k["solve_cpu"] for k in s.by_kind.values()),
            "similarity_cpu": sum(k["similarity_cpu"] for k in s.by_kind.values()),
-           "objective": d["objective_per_sweep"][-1], "perms": _digest(al.perms)}
+           "objective": d["objective_per_sweep"][-1], "perms": _digest(al.perms),
+           "kept": d["similarity_cache"]["kept"], "rebuilt": d["similarity_cache"]["rebuilt"]}
     if case == "planted":
         out["recovered"] = all(perm_equal(al.perms[k], planted[k]) for k in planted)
     elif case == "related":
@@ -105,8 +106,9 @@ def main(argv: list[str] | None = None) -> None:
           + (f", related: noise {a.noise:g} standard deviations" if "related" in cases else ""))
     print(f"# load average at start: {load_line()}")
     print("| arch | case | order | prepare s | cpu s | sweeps | solver s (cpu) | similarity s (cpu) | spectra + heads s "
-          "| solves (dense) | skipped solves / visits | objective | perms digest | peak GiB | recovered |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| solves (dense) | skipped solves / visits | similarities kept / rebuilt | objective | perms digest | peak GiB "
+          "| recovered |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for arch in a.arch:
         for case in cases:
             for order in a.order:
@@ -117,14 +119,17 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"| {arch} | {case} | {order} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['n_sweeps']} | "
                       f"{r['hungarian']:.1f} ({r['solver_cpu']:.1f}) | {r['similarity']:.1f} ({r['similarity_cpu']:.1f}) | "
                       f"{r['spectra'] + r['head_assignment']:.2f} | {r['solves']} ({r['dense_solves']}) | "
-                      f"{r['solves_skipped']} / {r['visits_skipped']} | {r['objective']:.9e} | {r['perms']} | "
+                      f"{r['solves_skipped']} / {r['visits_skipped']} | {r['kept']} / {r['rebuilt']} | "
+                      f"{r['objective']:.9e} | {r['perms']} | "
                       f"{r['peak_gib']:.2f} | {rec} |",
                       flush=True)
     print(f"# load average at end: {load_line()}")
     print("# prepare: wall seconds of align; cpu: process user+system seconds (all threads); solver / similarity: "
           "wall seconds in the sweeps' assignment solves / similarity builds, with their process CPU seconds; peak: "
           "peak RSS of the process (cpu) or peak allocated CUDA memory; objective: sum_t <W_B, pi(W_A)> at the end "
-          "(higher is better; the plain case is the loop the accelerated one must reproduce); perms digest: sha256 "
+          "(higher is better; the plain case is the loop the accelerated one must reproduce); similarities kept / "
+          "rebuilt: residual/MLP variables whose similarity stays between visits within the budget / is rebuilt at "
+          "each visit; perms digest: sha256 "
           "of all permutations (equal digests: identical permutations); recovered: planted, Pi found exactly; related, "
           "spaces whose permutation is Pi's")
 
