@@ -339,7 +339,7 @@ class WeightMatcher:
             self.stats.cached += int(v.cached)
             self.stats.uncached += int(not v.cached)
 
-    def _may_cache(self, v: _Var, S: Tensor) -> bool:
+    def _may_cache(self, v: _Var) -> bool:
         """Whether v keeps its similarity for incremental updates (planned by :meth:`_plan_cache`)."""
         return bool(v.cached)
 
@@ -357,7 +357,7 @@ class WeightMatcher:
             S_heads = self._heads_similarity(v)
         else:
             S = self._similarity(v, incremental=accelerate)
-            v.S = S if accelerate and self._may_cache(v, S) else None
+            v.S = S if accelerate and self._may_cache(v) else None
         v.seen = {r: self.version[r] for r in v.parts}
         v.used = {r: self.perms[r].clone() for r in v.parts}
         t1, c1 = time.perf_counter(), time.process_time()
