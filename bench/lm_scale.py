@@ -23,7 +23,7 @@ safetensors files when a method asks for them) instead of resident.
 layer count (at least 2) by S and the sequence length (at least 16): ``--scale 0.1`` runs in about a minute.
 
     python -m bench.lm_scale [--scale 1.0] [--rows load transfusion gradfix theseus] [--pairs qwen gpt2]
-                             [--threads N] [--dir DIR] [--stream] [--order random|chain]
+                             [--threads N] [--dir DIR] [--stream] [--order auto|random|chain]
 """
 from __future__ import annotations
 
@@ -152,7 +152,8 @@ def worker(row: str, a_dir: Path, b_dir: Path, scale: float, stream: bool = Fals
         alignment = method.prepare(inputs, method.resolve(options))
         out["prepare_s"], out["prepare_cpu_s"] = time.perf_counter() - t1, cpu_seconds() - c1
         if row == "transfusion":
-            out["sweeps"], out["order"] = alignment.diagnostics()["sweeps"], alignment.diagnostics()["order"]
+            d = alignment.diagnostics()
+            out["sweeps"], out["order"], out["confidence"] = d["sweeps"], d["order"], d.get("match_confidence")
         if row == "theseus":
             out["depth_map"] = alignment.diagnostics().get("depth", {}).get("map")
             out["phases"] = {k: [round(v, 1), round(alignment.info["cpu_timings"].get(k, 0.0), 1)]
@@ -188,6 +189,11 @@ def _table(results: list[tuple[str, str, dict]], scale: float) -> None:
         if "bare_s" in r:
             print(f"{'':<12}  {'':>16}  gradfix prepare / bare forward+backward: {r['prepare_cpu_s'] / r['bare_cpu_s']:.2f}x "
                   "CPU seconds")
+        if r.get("order"):
+            conf = r.get("confidence")
+            print(f"{'':<12}  {'':>16}  weight matching: {r['sweeps']} sweeps, {r['order']} order"
+                  + ("" if conf is None else f" (auto: first-space match confidence {conf['value']:.1f}, "
+                                             f"threshold {conf['threshold']:.1f})"))
         if r.get("phases"):
             print(f"{'':<12}  {'':>16}  phases, wall s (cpu s): "
                   + ", ".join(f"{k} {w:.1f} ({c:.1f})" for k, (w, c) in r["phases"].items()))

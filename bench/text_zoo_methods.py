@@ -3,7 +3,7 @@ addition, TransFusion, GradFix and Theseus (each through :func:`transport.pipeli
 options, alpha chosen on validation over the zoo's grid), the source fine-tuned and the oracle.
 
     python -m bench.text_zoo_methods [--root DIR] [--pairs control next ...] [--seeds 0] [--tasks codeprose]
-        [--json out.json] [--order random|chain]
+        [--json out.json] [--order auto|random|chain]
 
 A method that does not apply to a pair (shapes, depths) is '-'. Prints CPU seconds per method.
 """

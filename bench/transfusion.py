@@ -16,7 +16,7 @@ seconds: CPU seconds are the robust measure on a shared machine) and the spectra
 sweep count, solver counters, the final objective (9 digits) and peak memory.
 
     python -m bench.transfusion [--arch ViT-B-16 ViT-L-14] [--device cpu|cuda] [--threads N] [--baseline]
-                                [--order random chain] [--cases indep planted related] [--noise 0.5]
+                                [--order auto random chain] [--cases indep planted related] [--noise 0.5]
 """
 from __future__ import annotations
 
@@ -73,7 +73,8 @@ def worker(case: str, arch_name: str, device: str, order: str = OPTIONS["order"]
            "solver_cpu": sum(k["solve_cpu"] for k in s.by_kind.values()),
            "similarity_cpu": sum(k["similarity_cpu"] for k in s.by_kind.values()),
            "objective": d["objective_per_sweep"][-1], "perms": _digest(al.perms),
-           "kept": d["similarity_cache"]["kept"], "rebuilt": d["similarity_cache"]["rebuilt"]}
+           "kept": d["similarity_cache"]["kept"], "rebuilt": d["similarity_cache"]["rebuilt"],
+           "order": d["order"], "confidence": d.get("match_confidence")}
     if case == "planted":
         out["recovered"] = all(perm_equal(al.perms[k], planted[k]) for k in planted)
     elif case == "related":
@@ -116,7 +117,10 @@ def main(argv: list[str] | None = None) -> None:
                                                     "--threads", str(a.threads), "--noise", repr(a.noise)])
                 got = r.get("recovered")
                 rec = got if isinstance(got, str) else {True: "exact", False: "NO"}.get(got, "")
-                print(f"| {arch} | {case} | {order} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['n_sweeps']} | "
+                conf = r.get("confidence")
+                shown = order if conf is None else (f"{order}: {r['order']} ({conf['value']:.1f} "
+                                                    f"{'>' if r['order'] == 'chain' else '<='} {conf['threshold']:.1f})")
+                print(f"| {arch} | {case} | {shown} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['n_sweeps']} | "
                       f"{r['hungarian']:.1f} ({r['solver_cpu']:.1f}) | {r['similarity']:.1f} ({r['similarity_cpu']:.1f}) | "
                       f"{r['spectra'] + r['head_assignment']:.2f} | {r['solves']} ({r['dense_solves']}) | "
                       f"{r['solves_skipped']} / {r['visits_skipped']} | {r['kept']} / {r['rebuilt']} | "
@@ -131,7 +135,8 @@ def main(argv: list[str] | None = None) -> None:
           "rebuilt: residual/MLP variables whose similarity stays between visits within the budget / is rebuilt at "
           "each visit; perms digest: sha256 "
           "of all permutations (equal digests: identical permutations); recovered: planted, Pi found exactly; related, "
-          "spaces whose permutation is Pi's")
+          "spaces whose permutation is Pi's; order auto: the order it took (the first space's match confidence "
+          "against the threshold)")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ without alignment and B alone; and, where the hidden shuffle is known, the share
 (residual, heads, within-head, MLP) that the recovered permutation maps where the shuffle does.
 
     python -m bench.zoo_transfusion [--root ZOO_DIR] [--pairs control next indep] [--json out.json]
-                                    [--order random|chain]
+                                    [--order auto|random|chain]
 """
 from __future__ import annotations
 

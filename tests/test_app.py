@@ -121,11 +121,13 @@ def test_transport_page_runs_and_alpha_reapplies(app):
     pick_pair(at, "next")
     at.selectbox(key="tp-method").set_value("transfusion").run()
     order = at.selectbox(key="tp-transfusion-order")  # options are data: the declared choices, default first
-    assert (order.value, list(order.options)) == ("random", ["random", "chain"])
+    assert (order.value, list(order.options)) == ("auto", ["auto", "random", "chain"])
     press(at, "tp-run")
     ok(at)
     run = the_run(at, "transfusion")
-    assert run.prepared.options["order"] == "random" and run.prepared.alignment.diagnostics()["order"] == "random"
+    d = run.prepared.alignment.diagnostics()
+    assert run.prepared.options["order"] == "auto" and d["order_option"] == "auto"
+    assert d["order"] == ("chain" if d["match_confidence"]["value"] > d["match_confidence"]["threshold"] else "random")
     acc = run.result.accuracies
     assert metric(at, "transfusion (test)") == f"{100 * acc['transfusion']:.1f}%"
     table = at.dataframe[0].value

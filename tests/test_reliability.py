@@ -333,6 +333,38 @@ def test_one_flipped_value_in_a_cache_entry_is_caught(method, file, prefix, file
     assert third.cache_hit
 
 
+def test_an_alignment_of_other_code_is_never_served(files, tmp_path, monkeypatch):
+    import transport.cache as cache
+    from transport.methods import TransportInputs
+    from transport.pipeline import prepare
+
+    inputs = TransportInputs(load_model(str(files["A"])), load_model(str(files["B"])))
+    first = prepare("transfusion", inputs, cache_dir=tmp_path)
+    assert prepare("transfusion", inputs, cache_dir=tmp_path).cache_hit
+    monkeypatch.setattr(cache, "code_version", lambda: "an upgraded package")
+    upgraded = prepare("transfusion", inputs, cache_dir=tmp_path)
+    assert not upgraded.cache_hit and upgraded.key != first.key
+
+
+def test_the_code_version_follows_every_source_file_and_nothing_else(tmp_path):
+    from transport.cache import code_version
+
+    pkg = tmp_path / "pkg"
+    (pkg / "methods").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "methods" / "m.py").write_text("X = 1\n")
+    v0 = code_version.__wrapped__(pkg)
+    (pkg / "methods" / "notes.txt").write_text("not code")
+    (pkg / "methods" / "__pycache__").mkdir()
+    (pkg / "methods" / "__pycache__" / "m.cpython.pyc").write_bytes(b"\0")
+    assert code_version.__wrapped__(pkg) == v0
+    (pkg / "methods" / "m.py").write_text("X = 2\n")
+    v1 = code_version.__wrapped__(pkg)
+    assert v1 != v0
+    (pkg / "methods" / "m.py").rename(pkg / "n.py")  # same bytes, another module
+    assert code_version.__wrapped__(pkg) not in (v0, v1)
+
+
 # ----------------------------------------------------------------------------------------------
 # 4. pickles
 # ----------------------------------------------------------------------------------------------

@@ -143,10 +143,13 @@ def test_planted_recovery(name, tmp_path):
     assert al.diagnostics()["objective_per_sweep"][-1] == pytest.approx(sum_sq(A), rel=1e-5)
     d = al.diagnostics()
     # the chain order carries what one space learns along the whole chain within a sweep: Pi in at most
-    # three sweeps (the last one certifies it); the default random order gets there too, in no fewer sweeps
+    # three sweeps (the last one certifies it); the random order gets there too, in no fewer sweeps. At
+    # these widths (32-64 units, few embedding columns) 'auto' does not see a relabelling and takes random.
     chain = align(A, B, arch, seed=0, order="chain")
     assert chain.diagnostics()["order"] == "chain" and all(perm_equal(chain.perms[s], p) for s, p in Pi.items())
-    assert d["order"] == "random" and chain.diagnostics()["sweeps"] <= min(3, d["sweeps"]), d["sweeps"]
+    assert (d["order_option"], d["order"]) == ("auto", "random")
+    assert d["match_confidence"]["value"] <= d["match_confidence"]["threshold"]
+    assert chain.diagnostics()["sweeps"] <= min(3, d["sweeps"]), d["sweeps"]
     for l, layer in enumerate(d["layers"]):
         sigma, rho = split_head_permutation(Pi[f"heads:{l}"], arch)
         assert layer["head_perm"] == sigma.tolist() and layer["within_head_perms"] == rho.tolist()
@@ -193,10 +196,12 @@ def test_planted_recovery_full_size_vit_b16(one_thread):
     A = open_clip_params(arch, 0, perturb=0.0)
     Pi = random_permutation(arch, seed=5)
     B = apply_permutation(A, Pi, arch)
-    al = align(A, B, arch, seed=0, order="chain")
+    al = align(A, B, arch, seed=0)
     bad = [s for s, p in Pi.items() if not perm_equal(al.perms[s], p)]
     assert not bad, bad
     d = al.diagnostics()
+    # at full size the embeddings' space shows the relabelling on its own: 'auto' walks the chain
+    assert d["order"] == "chain" and d["match_confidence"]["value"] > d["match_confidence"]["threshold"]
     assert d["sweeps"] == 2  # found by the forward sweep, certified by the backward one (random order: 13)
     obj = d["objective_per_sweep"]
     assert all(b >= a for a, b in zip(obj, obj[1:])) and obj[-1] == pytest.approx(sum_sq(A), rel=1e-4)
@@ -209,6 +214,53 @@ def test_planted_recovery_full_size_vit_b16(one_thread):
     x = pixels(arch, n=2)
     f_A, f_B = encode(A, arch, x), features(B, arch, x, Pi)
     assert torch.allclose(f_B, f_A, atol=1e-4 * float(f_A.abs().max()), rtol=0)
+
+
+def _same_alignment(x, y) -> bool:
+    fx, fy = flatten(x.perms), flatten(y.perms)
+    return fx.keys() == fy.keys() and all(torch.equal(fx[k], fy[k]) for k in fx) and \
+        x.diagnostics()["objective_per_sweep"] == y.diagnostics()["objective_per_sweep"]
+
+
+def test_auto_order_walks_the_chain_for_a_relabelling_and_random_for_unrelated_models():
+    # 64 units, 8x8 patches: the embeddings' space has 210 columns of its own, enough to single out partners
+    arch = tiny_arch(64, layers=2, heads=4, image_size=32, patch_size=8)
+    A, C = open_clip_params(arch, 0, perturb=0.0), open_clip_params(arch, 1, perturb=0.0)
+    Pi = random_permutation(arch, seed=3, kinds=("res", "mlp", "heads", "within"))
+    B = apply_permutation(A, Pi, arch)
+    auto = align(A, B, arch, seed=0)
+    d = auto.diagnostics()
+    assert (d["order_option"], d["order"]) == ("auto", "chain")
+    assert d["match_confidence"]["value"] > 1.2 * d["match_confidence"]["threshold"]
+    assert all(perm_equal(auto.perms[s], p) for s, p in Pi.items()) and d["sweeps"] == 2
+    assert _same_alignment(auto, align(A, B, arch, seed=0, order="chain"))  # exactly the chain's run
+    unrelated = align(A, C, arch, seed=0)
+    d = unrelated.diagnostics()
+    assert (d["order_option"], d["order"]) == ("auto", "random")
+    assert d["match_confidence"]["value"] < 0.6 * d["match_confidence"]["threshold"]
+    assert _same_alignment(unrelated, align(A, C, arch, seed=0, order="random"))
+    # an explicit order is taken as given, with no confidence computed
+    assert "match_confidence" not in align(A, B, arch, seed=0, order="random").diagnostics()
+
+
+def test_match_confidence_separates_a_relabelling_from_unrelated_units():
+    from transport.methods.weight_matching import match_confidence, relabelling_threshold
+
+    g = torch.Generator().manual_seed(0)
+    n, k = 256, 512
+    X, Y = torch.randn(n, k, generator=g), torch.randn(n, k, generator=g)
+    related = X[torch.randperm(n, generator=g)] + 0.5 * torch.randn(n, k, generator=g)
+    t = relabelling_threshold(n)
+    assert t == pytest.approx(2 * (2 * np.log(n)) ** 0.5)
+    # unrelated: each row's best entry is the best of n near-Gaussian draws, about sqrt(2 ln n) = 3.3
+    assert 2.5 < match_confidence(Y @ X.T) < 0.6 * t
+    S = (related @ X.T).double()
+    assert match_confidence(S) > 2 * t
+    # a constant added to a column (a norm weight near one shared by every unit) cannot change the optimum,
+    # nor the confidence
+    shifted = S + 100 * torch.randn(1, n, generator=g).double()
+    assert match_confidence(shifted) == pytest.approx(match_confidence(S), rel=1e-9)
+    assert match_confidence(torch.zeros(n, n)) == 0.0  # nothing to go on: not a relabelling
 
 
 # ----------------------------------------------------------------------------------------------
@@ -606,7 +658,7 @@ def test_option_errors_have_exact_messages():
              ({"max_iter": 2.5}, "transfusion: option max_iter must be an integer, got 2.5"),
              ({"seed": True}, "transfusion: option seed must be an integer, got True"),
              ({"within": "both"}, "transfusion: option within must be one of shared, separate, got 'both'"),
-             ({"order": "zigzag"}, "transfusion: option order must be one of random, chain, got 'zigzag'"),
+             ({"order": "zigzag"}, "transfusion: option order must be one of auto, random, chain, got 'zigzag'"),
              ({"matching": "activation"}, "transfusion: matching 'activation' needs unlabelled images: give a task "
                                           "(--task or --data)")]
     for opts, msg in cases:
@@ -627,7 +679,7 @@ def test_option_errors_have_exact_messages():
     assert str(e.value) == "transfusion: max_iter must be >= 0, got -1"
     with pytest.raises(TransportError) as e:
         align(A.params, B.params, arch, order="zigzag")
-    assert str(e.value) == "transfusion: order must be one of random, chain, got 'zigzag'"
+    assert str(e.value) == "transfusion: order must be one of auto, random, chain, got 'zigzag'"
     with pytest.raises(TransportError) as e:
         align(A.params, B.params, arch, matching="activation")
     assert str(e.value) == "transfusion: activation matching needs calibration images (give a task)"

@@ -127,7 +127,15 @@ def test_permutation_distance_values():
 def test_objective_per_sweep_and_empty():
     fig = transfusion.objective_per_sweep({"objective_per_sweep": [1.0, 3.0, 3.5]})
     assert list(fig.data[0].x) == [1, 2, 3] and list(fig.data[0].y) == [1.0, 3.0, 3.5]
-    assert _xy(fig)[0] == "sweep"
+    assert _xy(fig)[0] == "sweep" and fig.layout.title.text == "Weight-matching objective per sweep"
+    # the title says which visiting order ran, and for 'auto' the confidence that chose it
+    auto = transfusion.objective_per_sweep({"objective_per_sweep": [1.0], "order": "chain", "order_option": "auto",
+                                            "match_confidence": {"value": 13.87, "threshold": 7.29}})
+    assert auto.layout.title.text == ("Weight-matching objective per sweep<br><sup>chain order (auto: match "
+                                      "confidence 13.9 > 7.3)</sup>")
+    fixed = transfusion.objective_per_sweep({"objective_per_sweep": [1.0], "order": "random",
+                                             "order_option": "random"})
+    assert fixed.layout.title.text == "Weight-matching objective per sweep<br><sup>random order</sup>"
     empty = transfusion.objective_per_sweep({"objective_per_sweep": []})
     assert len(empty.data) == 0 and "no sweeps" in empty.layout.annotations[0].text
     # activation matching solves once: no one-dot "per sweep" curve, a statement instead

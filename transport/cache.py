@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -57,10 +58,22 @@ def hash_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+@lru_cache(maxsize=None)
+def code_version(root: Path = Path(__file__).resolve().parent) -> str:
+    """sha256 over the package's Python sources (relative paths and bytes): any change to the code that
+    computes an alignment changes every key, so an upgrade never serves an alignment of the old code."""
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root).as_posix()).encode() + b"\0")
+        h.update(f.read_bytes())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
 def alignment_key(method: str, options: Mapping[str, Any], source_hash: str, target_hash: str,
                   data_hash: str | None = None, extra: Mapping[str, Any] | None = None) -> str:
     return hash_obj({"method": method, "options": dict(options), "source": source_hash, "target": target_hash,
-                     "data": data_hash, "extra": dict(extra or {})})[:32]
+                     "data": data_hash, "extra": dict(extra or {}), "code": code_version()})[:32]
 
 
 def _entry_files(d: Path) -> dict[str, str]:

@@ -196,8 +196,20 @@ def objective_per_sweep(diag: Mapping) -> go.Figure:
                                line=dict(color="#1f77b4"),
                                hovertemplate="sweep %{x}: %{y:.6g}<extra></extra>"))
     fig.update_xaxes(dtick=1 if len(obj) <= 30 else None)
-    return finish(fig, "Weight-matching objective per sweep", "sweep", "objective (sum of similarities)",
-                  height=320)
+    return finish(fig, "Weight-matching objective per sweep" + _order_note(diag), "sweep",
+                  "objective (sum of similarities)", height=320)
+
+
+def _order_note(diag: Mapping) -> str:
+    """A subtitle line: the visiting order, and for 'auto' the match confidence that chose it."""
+    order = diag.get("order")
+    if not order:
+        return ""
+    conf = diag.get("match_confidence")
+    if diag.get("order_option") != "auto" or not conf:
+        return f"<br><sup>{order} order</sup>"
+    sign = ">" if order == "chain" else "<="
+    return f"<br><sup>{order} order (auto: match confidence {conf['value']:.1f} {sign} {conf['threshold']:.1f})</sup>"
 
 
 #: the groups of units compared with a known shuffle, in drawing order

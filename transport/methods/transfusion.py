@@ -10,7 +10,8 @@ architecture; tau plays no part and, with the default weight matching, no data i
 2. within-head orders, the residual permutations and the MLP permutations by weight matching
    (:mod:`transport.methods.weight_matching`): coordinate ascent on sum_t <W_B^t, pi(W_A^t)>, each
    variable solved exactly by a linear assignment given all the others, in a seeded random visiting order
-   per sweep (option ``order``; 'chain': the chain of spaces forward and backward in turn).
+   per sweep (option ``order``; 'chain': the chain of spaces forward and backward in turn; 'auto', the
+   default: the chain when the pair looks like a relabelling, see :func:`weight_matching.match_confidence`).
 
 ``apply`` returns alpha * pi(tau) in the target's canonical names: a pure gather, linear and norm-preserving.
 """
@@ -58,8 +59,9 @@ SPEC = (
     Option("matching", "weight", "what the permutations match: weights (data-free) or activations on "
            "unlabelled images or texts", choices=MATCHINGS, flag=True),
     Option("max_iter", 100, "weight-matching sweeps at most", flag=True, minimum=0),
-    Option("order", "random", "weight-matching visiting order: a seeded random order per sweep (Git Re-Basin's), "
-           "or along the chain of spaces, forward and backward in turn (planted permutations in 2-3 sweeps)",
+    Option("order", "auto", "weight-matching visiting order: a seeded random order per sweep (Git Re-Basin's), "
+           "along the chain of spaces, forward and backward in turn (a relabelled pair in 2-3 sweeps), or auto: "
+           "the chain when the embeddings' units each match one partner far above the rest, else random",
            choices=ORDERS),
     Option("seed", 0, "seed of the random visiting order and the calibration sample", minimum=0),
     Option("calibration", 128, "calibration images (or texts) for activation matching", minimum=0),
@@ -349,7 +351,7 @@ def _diagnostics(arch: Arch, perms: Perms, matching: str, within: str, costs: di
 def align(theta_A: Mapping[str, Tensor], theta_B: Mapping[str, Tensor], arch: Arch, matching: str = "weight",
           max_iter: int = 100, seed: int = 0, device: str = "cpu", calibration: Optional[Tensor] = None,
           accelerate: bool = True, progress: Progress = no_progress, within: str = "shared",
-          cache_mib: int = -1, order: str = "random") -> TransFusionAlignment:
+          cache_mib: int = -1, order: str = "auto") -> TransFusionAlignment:
     """All TransFusion permutations aligning theta_A to theta_B (canonical tensors of ``arch``)."""
     if matching not in MATCHINGS:
         raise TransportError(f"transfusion: unknown matching '{matching}' (use {' or '.join(MATCHINGS)})")
@@ -392,7 +394,10 @@ def align(theta_A: Mapping[str, Tensor], theta_B: Mapping[str, Tensor], arch: Ar
     progress(1.0, "transfusion: done")
     diag = _diagnostics(arch, perms, matching, within, costs, margins, stats, timings)
     if matching == "weight":
-        diag["order"] = order
+        diag["order"] = stats.order
+        diag["order_option"] = order
+        if stats.confidence is not None:
+            diag["match_confidence"] = {"value": stats.confidence, "threshold": stats.threshold}
     al = TransFusionAlignment(arch, perms, diag)
     al.stats = stats  # type: ignore[attr-defined]  (solver counters for benchmarks; not saved)
     return al

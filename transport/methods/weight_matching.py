@@ -1,8 +1,9 @@
 """Weight matching (Git Re-Basin style) over residual, MLP and within-head permutations, read off the axis table.
 
 Coordinate ascent on ``sum_t <W_B^t, pi(W_A^t)>``: each variable is solved exactly by a linear assignment
-given all the others, in Git Re-Basin's seeded random visiting order (or along the chain of spaces, forward
-and backward in turn), until a sweep brings no improvement. Heads keep the
+given all the others, in Git Re-Basin's seeded random visiting order or along the chain of spaces, forward
+and backward in turn (``order='auto'`` takes the chain when the pair looks like a relabelling: the first
+space's units each have one partner standing far above the rest), until a sweep brings no improvement. Heads keep the
 group (and query-in-group) order fixed by the spectral level; what is matched inside a heads space are the
 within-head orders: one shared by q, k, v and o (``within='shared'``, the paper's), or a q/k order and a
 v/o order (``within='separate'``, the larger symmetry group). Under rotary positions the q/k order stays
@@ -18,6 +19,7 @@ and potentials and certified on all edges.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional
@@ -28,15 +30,36 @@ from transport.core.arch import Arch
 from transport.core.assignment import SPARSE_MIN, lap_max, solve_assignment
 from transport.core.layout import param_axes
 from transport.core.memory import release_freed
-from transport.core.symmetry import HeadPermutation, Perm, Perms, apply_permutation, axis_index, permutation_spec
+from transport.core.symmetry import (HeadPermutation, Perm, Perms, apply_permutation, axis_index, is_identity,
+                                     permutation_spec)
 from transport.errors import TransportError
 
 Tensor = torch.Tensor
 Progress = Callable[[float, str], None]
 WITHIN = ("shared", "separate")
-#: visiting orders of a sweep: a fresh seeded random order per sweep (Git Re-Basin's, the default), or along
-#: the chain of spaces (res:0, heads:0, res:0a, mlp:0, ...), forward and backward in turn
-ORDERS = ("random", "chain")
+#: visiting orders of a sweep: 'random', a fresh seeded random order per sweep (Git Re-Basin's); 'chain', along
+#: the chain of spaces (res:0, heads:0, res:0a, mlp:0, ...), forward and backward in turn; 'auto' (the
+#: default), the chain when the pair looks like a relabelling (:func:`match_confidence`), random otherwise
+ORDERS = ("auto", "random", "chain")
+#: 'auto' walks the chain when the first space's match confidence exceeds this many times the level of
+#: unrelated models, sqrt(2 ln n)
+RELABELLING_FACTOR = 2.0
+
+
+def match_confidence(S: Tensor) -> float:
+    """Median over the rows of an [n, n] similarity of how far each row's best entry stands above the row,
+    (max - mean) / std. Between unrelated random-init models a row is close to n independent Gaussian
+    entries, whose maximum sits near sqrt(2 ln n) standard deviations (3.0-3.2 measured for n = 768..896);
+    when one model is a relabelling of the other, even a noisy one, each unit's partner stands out (10-30)."""
+    S = S.double()
+    S = S - S.mean(0, keepdim=True)  # a constant per column cannot change the optimum: taken out, the rows'
+    z = (S.max(1).values - S.mean(1)) / S.std(1).clamp_min(1e-300)  # spread is what does
+    return float(z.median())
+
+
+def relabelling_threshold(n: int) -> float:
+    """The match confidence above which 'auto' takes a pair for a relabelling: RELABELLING_FACTOR sqrt(2 ln n)."""
+    return RELABELLING_FACTOR * math.sqrt(2.0 * math.log(max(2, n)))
 
 
 def check_order(order: str) -> None:
@@ -93,6 +116,10 @@ class MatchStats:
     cache_budget: int = 0  # bytes of similarities kept between visits at most
     cached: int = 0  # variables whose similarity is kept (updated incrementally) / rebuilt at each visit
     uncached: int = 0
+    order: str = ""  # the visiting order the sweeps used ('auto' resolved)
+    confidence: Optional[float] = None  # 'auto': the first space's match confidence, and its threshold
+    threshold: Optional[float] = None
+    choose_s: float = 0.0  # seconds 'auto' spent choosing
     by_kind: dict = field(default_factory=dict)  # kind -> counters and CPU seconds (benchmarks)
 
 
@@ -130,9 +157,16 @@ INNER_WHOLE = 1 << 24
 INNER_SLICE = 1 << 20
 
 
+#: entries per float64 slice of :func:`_dot64` (2 MB per float64 copy: the copies stay in cache and are reused)
+DOT_SLICE = 1 << 18
+
+
 def _dot64(a: Tensor, b: Tensor) -> float:
-    """<a, b> in float64 (products of float32 entries are exact there; only the summation rounds)."""
-    return float(torch.dot(a.reshape(-1).double(), b.reshape(-1).double()))
+    """<a, b> in float64 (products of float32 entries are exact there; only the summation rounds), summed over
+    slices of DOT_SLICE entries: a whole tensor's float64 copies would be fresh pages to fault in each time."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    return sum(float(torch.dot(a[i:i + DOT_SLICE].double(), b[i:i + DOT_SLICE].double()))
+               for i in range(0, a.numel(), DOT_SLICE))
 
 
 def _permuted_inner(name: str, a: Tensor, b: Tensor, perms: Mapping[str, Perm], arch: Arch) -> float:
@@ -158,6 +192,7 @@ def _permuted_inner(name: str, a: Tensor, b: Tensor, perms: Mapping[str, Perm], 
 def matching_objective(theta_A: Mapping[str, Tensor], theta_B: Mapping[str, Tensor], perms: Mapping[str, Perm],
                        arch: Arch) -> float:
     """sum_t <W_B^t, pi(W_A^t)>, the quantity weight matching maximises."""
+    perms = {s: p for s, p in perms.items() if not is_identity(p)}  # no gather along an axis that stays put
     return sum(_permuted_inner(k, theta_A[k], theta_B[k], perms, arch) for k in param_axes(arch))
 
 
@@ -183,13 +218,19 @@ class _Static:
             st += mb @ ma.t()
         return cls(dense=st)
 
-    def matrix(self, n: int, device: str) -> Tensor:
-        """A fresh [n, n] the caller may add to."""
+    def matrix(self, n: int, device: str, out: Optional[Tensor] = None) -> Tensor:
+        """An [n, n] the caller may add to: ``out`` overwritten when given (its memory reused), else fresh."""
+        if out is None:
+            if self.dense is not None:
+                return self.dense.clone()
+            if self.low is not None:
+                return self.low[0] @ self.low[1].t()
+            return torch.zeros(n, n, device=device)
         if self.dense is not None:
-            return self.dense.clone()
+            return out.copy_(self.dense)
         if self.low is not None:
-            return self.low[0] @ self.low[1].t()
-        return torch.zeros(n, n, device=device)
+            return torch.mm(self.low[0], self.low[1].t(), out=out)
+        return out.zero_()
 
 
 class WeightMatcher:
@@ -254,6 +295,7 @@ class WeightMatcher:
                              else int(cache_budget))
         self.stats.cache_budget = self.cache_budget
         self.cache_bytes = 0
+        self._scratch: Optional[Tensor] = None
 
     def _acc(self, role: str) -> str:
         """The similarity accumulator a heads-axis role feeds: one for all roles, or the q/k and v/o orders."""
@@ -301,12 +343,12 @@ class WeightMatcher:
             total = sum(self._index(r, p.role).numel() for r, parts in v.parts.items() for p in parts)
             incremental = 4 * moved < 3 * total
         if v.S is None or not incremental:
-            S = v.static.matrix(v.size, self.device)
+            S = v.static.matrix(v.size, self.device, v.S)  # a kept similarity's memory is reused
             for r, parts in v.parts.items():
                 for p in parts:
                     q = self._index(r, p.role)
                     cols = _cols(q, torch.arange(q.numel(), device=q.device), p.tiles)
-                    S.addmm_(p.B, p.A.index_select(0, cols))
+                    S.addmm_(p.B, torch.index_select(p.A, 0, cols, out=self._gather_buffer(p.A)))
             return S
         S = v.S
         for r, parts in v.parts.items():
@@ -320,6 +362,14 @@ class WeightMatcher:
                 new_c, old_c = _cols(q, moved, p.tiles), _cols(old, moved, p.tiles)
                 S.addmm_(p.B[:, own], p.A.index_select(0, new_c) - p.A.index_select(0, old_c))
         return S
+
+    def _gather_buffer(self, a: Tensor) -> Tensor:
+        """Scratch of a's shape and dtype for a row gather, from one buffer kept across visits (sized by the
+        largest gather so far): a fresh temporary of that size would be fresh pages to fault in at every visit."""
+        n = a.numel()
+        if self._scratch is None or self._scratch.numel() < n or self._scratch.dtype != a.dtype:
+            self._scratch = torch.empty(n, dtype=a.dtype, device=a.device)
+        return self._scratch[:n].view(a.shape)
 
     # -- one variable -------------------------------------------------------------------------
     def _plan_cache(self) -> None:
@@ -436,12 +486,24 @@ class WeightMatcher:
                 gain += self.visit(s, accelerate=False)
         return gain
 
+    def choose_order(self) -> str:
+        """'chain' when the first space of the chain (the embeddings' residual space) matches on its own, from
+        its tensors with no other permuted axis (embeddings, norms, biases), with a confidence no pair of
+        unrelated models reaches; else 'random'. 'auto' is exactly one of the two."""
+        t0 = time.perf_counter()
+        v = self.vars[next(iter(self.vars))]
+        S = v.static.matrix(v.size, self.device)
+        self.stats.confidence, self.stats.threshold = match_confidence(S), relabelling_threshold(v.size)
+        self.stats.choose_s = time.perf_counter() - t0
+        return "chain" if self.stats.confidence > self.stats.threshold else "random"
+
     def run(self, max_iter: int = 100, seed: int = 0, accelerate: bool = True,
-            progress: Progress = _no_progress, order: str = "random") -> MatchStats:
+            progress: Progress = _no_progress, order: str = "auto") -> MatchStats:
         """Sweeps until one changes nothing. ``order`` 'chain': odd sweeps walk the chain of spaces forward,
         even ones backward, so what one space learns reaches every other space in the same sweep (a planted
         permutation is found in one sweep and certified by the next; a seeded random order moves it about
-        two links per sweep: 13 sweeps on ViT-B/16). 'random': Git Re-Basin's seeded random order per sweep."""
+        two links per sweep: 13 sweeps on ViT-B/16). 'random': Git Re-Basin's seeded random order per sweep.
+        'auto': :meth:`choose_order` picks one of the two."""
         check_order(order)
         if accelerate:
             self._plan_cache()
@@ -449,6 +511,9 @@ class WeightMatcher:
         obj = self.objective()
         obj += self.within_heads()
         self.stats.objective.append(obj)
+        if order == "auto":
+            order = self.choose_order()
+        self.stats.order = order
         g = torch.Generator().manual_seed(int(seed))
         names = list(self.vars)  # chain order (permutation_spec's)
         for it in range(int(max_iter)):
@@ -463,11 +528,13 @@ class WeightMatcher:
             obj += gain
             self.stats.sweeps += 1
             self.stats.objective.append(obj)
-            progress(min(1.0, (it + 1) / max(1, max_iter)), f"weight matching: sweep {it + 1}, objective {obj:.6g}")
+            progress(min(1.0, (it + 1) / max(1, max_iter)), f"weight matching: sweep {it + 1} ({order} order), "
+                     f"objective {obj:.6g}")
             if before == self.version or gain <= 1e-12:
                 break
         self.stats.sweeps_s = time.perf_counter() - t0
         return self.stats
 
 
-__all__ = ["WeightMatcher", "MatchStats", "WITHIN", "ORDERS", "check_order", "matching_objective", "lap_max"]
+__all__ = ["WeightMatcher", "MatchStats", "WITHIN", "ORDERS", "RELABELLING_FACTOR", "check_order", "match_confidence",
+           "relabelling_threshold", "matching_objective", "lap_max"]
