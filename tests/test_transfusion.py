@@ -143,13 +143,16 @@ def test_planted_recovery(name, tmp_path):
     assert al.diagnostics()["objective_per_sweep"][-1] == pytest.approx(sum_sq(A), rel=1e-5)
     d = al.diagnostics()
     # the chain order carries what one space learns along the whole chain within a sweep: Pi in at most
-    # three sweeps (the last one certifies it); the random order gets there too, in no fewer sweeps. At
-    # these widths (32-64 units, few embedding columns) 'auto' does not see a relabelling and takes random.
+    # three sweeps (the last one certifies it); the random order gets there too, in no fewer sweeps; the
+    # default 'auto' runs exactly one of the two (random on the HF towers' 8-pixel images: too few
+    # embedding columns to show the relabelling on their own)
     chain = align(A, B, arch, seed=0, order="chain")
+    rand = align(A, B, arch, seed=0, order="random")
     assert chain.diagnostics()["order"] == "chain" and all(perm_equal(chain.perms[s], p) for s, p in Pi.items())
-    assert (d["order_option"], d["order"]) == ("auto", "random")
-    assert d["match_confidence"]["value"] <= d["match_confidence"]["threshold"]
-    assert chain.diagnostics()["sweeps"] <= min(3, d["sweeps"]), d["sweeps"]
+    assert all(perm_equal(rand.perms[s], p) for s, p in Pi.items())
+    assert chain.diagnostics()["sweeps"] <= min(3, rand.diagnostics()["sweeps"]), rand.diagnostics()["sweeps"]
+    assert d["order_option"] == "auto" and d["order"] == ("random" if name.startswith("hf_") else "chain")
+    assert _same_alignment(al, chain if d["order"] == "chain" else rand)
     for l, layer in enumerate(d["layers"]):
         sigma, rho = split_head_permutation(Pi[f"heads:{l}"], arch)
         assert layer["head_perm"] == sigma.tolist() and layer["within_head_perms"] == rho.tolist()
@@ -237,23 +240,23 @@ def test_auto_order_walks_the_chain_for_a_relabelling_and_random_for_unrelated_m
     unrelated = align(A, C, arch, seed=0)
     d = unrelated.diagnostics()
     assert (d["order_option"], d["order"]) == ("auto", "random")
-    assert d["match_confidence"]["value"] < 0.6 * d["match_confidence"]["threshold"]
+    assert d["match_confidence"]["value"] < 0.75 * d["match_confidence"]["threshold"]
     assert _same_alignment(unrelated, align(A, C, arch, seed=0, order="random"))
     # an explicit order is taken as given, with no confidence computed
     assert "match_confidence" not in align(A, B, arch, seed=0, order="random").diagnostics()
 
 
 def test_match_confidence_separates_a_relabelling_from_unrelated_units():
-    from transport.methods.weight_matching import match_confidence, relabelling_threshold
+    from transport.methods.weight_matching import RELABELLING_FACTOR, match_confidence, relabelling_threshold
 
     g = torch.Generator().manual_seed(0)
     n, k = 256, 512
     X, Y = torch.randn(n, k, generator=g), torch.randn(n, k, generator=g)
     related = X[torch.randperm(n, generator=g)] + 0.5 * torch.randn(n, k, generator=g)
     t = relabelling_threshold(n)
-    assert t == pytest.approx(2 * (2 * np.log(n)) ** 0.5)
+    assert t == pytest.approx(RELABELLING_FACTOR * (2 * np.log(n)) ** 0.5) and RELABELLING_FACTOR == 1.5
     # unrelated: each row's best entry is the best of n near-Gaussian draws, about sqrt(2 ln n) = 3.3
-    assert 2.5 < match_confidence(Y @ X.T) < 0.6 * t
+    assert 2.5 < match_confidence(Y @ X.T) < 0.8 * t
     S = (related @ X.T).double()
     assert match_confidence(S) > 2 * t
     # a constant added to a column (a norm weight near one shared by every unit) cannot change the optimum,
@@ -261,6 +264,9 @@ def test_match_confidence_separates_a_relabelling_from_unrelated_units():
     shifted = S + 100 * torch.randn(1, n, generator=g).double()
     assert match_confidence(shifted) == pytest.approx(match_confidence(S), rel=1e-9)
     assert match_confidence(torch.zeros(n, n)) == 0.0  # nothing to go on: not a relabelling
+    # the best entry is left out of its row's spread: with it, n = 64 could never exceed sqrt(64) = 8
+    X = torch.randn(64, 4096, generator=g)
+    assert match_confidence(X @ X.T) > 40
 
 
 # ----------------------------------------------------------------------------------------------
