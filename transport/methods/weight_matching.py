@@ -228,17 +228,11 @@ class _Static:
 
     def matrix(self, n: int, device: str, out: Optional[Tensor] = None) -> Tensor:
         """An [n, n] the caller may add to: ``out`` overwritten when given (its memory reused), else fresh."""
-        if out is None:
-            if self.dense is not None:
-                return self.dense.clone()
-            if self.low is not None:
-                return self.low[0] @ self.low[1].t()
-            return torch.zeros(n, n, device=device)
-        if self.dense is not None:
-            return out.copy_(self.dense)
         if self.low is not None:
             return torch.mm(self.low[0], self.low[1].t(), out=out)
-        return out.zero_()
+        if out is None:
+            return torch.zeros(n, n, device=device) if self.dense is None else self.dense.clone()
+        return out.zero_() if self.dense is None else out.copy_(self.dense)
 
 
 class WeightMatcher:
